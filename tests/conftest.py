@@ -1,0 +1,28 @@
+import os
+
+# Triton reads this when its kernels are decorated, so it must be set before any kernel module is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """tiny_model(family) -> a cached tiny model (built once per test session; tests must not modify weights)."""
+    from vlcache import tiny
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = tiny.build(family)
+        m = cache[family]
+        m.set_attn_implementation("sdpa")
+        return m
+
+    return get

@@ -1,0 +1,88 @@
+"""Bad input gets a clear error naming the problem, and leaves the model as it was."""
+
+import pytest
+import torch
+import transformers as T
+from transformers import DynamicCache
+from util import prompt_for
+
+import vlcache
+from vlcache import tiny
+from vlcache.policies import H2O, SnapKV
+
+
+class _FakeVLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = T.MllamaConfig()
+
+
+def test_unsupported_model_lists_families():
+    with pytest.raises(vlcache.UnsupportedModelError, match="Supported vision-language families: llava"):
+        with vlcache.compress(_FakeVLM(), SnapKV(budget=0.1)):
+            pass
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, -1, 0.0])
+def test_budget_out_of_range(tiny_model, budget):
+    model = tiny_model("llava")
+    with pytest.raises(ValueError, match="out of range"):
+        with vlcache.compress(model, "snapkv", budget=budget):
+            pass
+    assert "generate" not in model.__dict__  # nothing was attached
+
+
+def test_prompt_without_vision_tokens(tiny_model):
+    """Documented behaviour: a text-only prompt is compressed like text under `budget`; a vision-only budget
+    has nothing to act on and leaves the cache whole."""
+    model = tiny_model("llava")
+    ids = torch.tensor([[1] + tiny.text_ids("a question with no image in it at all")])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    n = ids.shape[1]
+    with vlcache.compress(model, SnapKV(budget=0.5, window=4)) as s:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert s.prefill_stats.layers[0].slots == n // 2
+    with vlcache.compress(model, SnapKV(vision_budget=0.1)) as s:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert s.prefill_stats.layers[0].slots == n
+
+
+def test_empty_prompt(tiny_model):
+    model = tiny_model("llava")
+    with vlcache.compress(model, SnapKV(budget=0.5)):
+        with pytest.raises(ValueError, match="empty prompt"):
+            model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+
+
+def test_nested_sessions(tiny_model):
+    model = tiny_model("llava")
+    with vlcache.compress(model, SnapKV(budget=0.5)):
+        with pytest.raises(RuntimeError, match="already inside"):
+            with vlcache.compress(model, H2O(budget=0.5)):
+                pass
+
+
+def test_unsupported_attention_implementation(tiny_model):
+    model = tiny_model("llava")
+    model.config.get_text_config()._attn_implementation_internal = "flex_attention"
+    try:
+        with pytest.raises(ValueError, match="sdpa"):
+            with vlcache.compress(model, SnapKV(budget=0.5)):
+                pass
+    finally:
+        model.config.get_text_config()._attn_implementation_internal = "sdpa"
+
+
+def test_foreign_cache_and_chunked_prefill(tiny_model):
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    with vlcache.compress(model, SnapKV(budget=0.5)):
+        with pytest.raises(ValueError, match="session.new_cache"):
+            model.generate(**inputs, past_key_values=DynamicCache(config=model.config), max_new_tokens=2)
+        with pytest.raises(ValueError, match="chunked prefill"):
+            model.generate(**inputs, prefill_chunk_size=8, max_new_tokens=2)
+
+
+def test_settings_next_to_a_policy_object(tiny_model):
+    with pytest.raises(ValueError, match="go into the policy"):
+        vlcache.attach(tiny_model("llava"), SnapKV(budget=0.5), window=8)

@@ -1,0 +1,303 @@
+"""vlcache inside Hugging Face `generate`, on tiny models of every family."""
+
+import contextlib
+
+import pytest
+import torch
+from transformers import DynamicCache
+from util import FAMILIES, prompt_for
+
+import vlcache
+from vlcache import tiny
+from vlcache.hf import CompressibleLayer, VLCache
+from vlcache.hf.model import decoder
+from vlcache.modality import layout_from_inputs
+from vlcache.policies import H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
+
+GREEDY = dict(do_sample=False)
+
+
+def _generate(model, inputs, policy=None, **kw):
+    if policy is None:
+        return model.generate(**inputs, **GREEDY, **kw)
+    with vlcache.compress(model, policy):
+        return model.generate(**inputs, **GREEDY, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_is_token_identical(tiny_model, family):
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    plain = _generate(model, inputs, max_new_tokens=12)
+    assert torch.equal(_generate(model, inputs, Full(), max_new_tokens=12), plain)
+    assert torch.equal(_generate(model, inputs, SnapKV(budget=1.0), max_new_tokens=12), plain)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "llava_onevision"])
+def test_keep_all_is_token_identical_under_eager(tiny_model, family):
+    model = tiny_model(family)
+    model.set_attn_implementation("eager")
+    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    plain = _generate(model, inputs, max_new_tokens=10)
+    assert torch.equal(_generate(model, inputs, Full(), max_new_tokens=10), plain)
+    with vlcache.compress(model, SnapKV(vision_budget=0.5)) as s:
+        model.generate(**inputs, max_new_tokens=4, **GREEDY)
+    assert s.prefill_stats.kv_ratio < 1.0
+    assert model.config.get_text_config()._attn_implementation == "eager"  # restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_vision_budget_gives_exact_cache_length(tiny_model, family):
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    counts = layout_from_inputs(model.config, inputs).counts()
+    n_text, n_vision = counts["text"], counts["image"] + counts["video"]
+    with vlcache.compress(model, SnapKV(vision_budget=0.5)) as session:
+        cache = session.new_cache()
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=1, **GREEDY)
+    layers = [layer for layer in cache.layers if isinstance(layer, CompressibleLayer)]
+    assert layers, "every family has at least one full-attention layer"
+    for layer in layers:
+        assert layer.physical_length == n_text + n_vision // 2
+        assert layer.keys.shape[2] == layer.values.shape[2] == layer.positions.shape[2]
+    # sliding-window layers (Gemma 3) are left alone
+    for layer in cache.layers:
+        if not isinstance(layer, CompressibleLayer):
+            assert layer.keys.shape[2] == min(layer.cumulative_length, layer.sliding_window - 1)
+
+
+def _positions_seen(model, inputs, policy, steps):
+    return _positions_during(
+        model, lambda: _generate(model, inputs, policy, max_new_tokens=steps, min_new_tokens=steps)
+    )[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_positions_match_uncompressed_run(tiny_model, family):
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    plain = _positions_seen(model, inputs, None, 6)
+    squeezed = _positions_seen(model, inputs, SnapKV(budget=0.3, window=4), 6)
+    assert len(plain) == len(squeezed) >= 6  # Gemma 3 calls its rotary embedding twice a step
+    for a, b in zip(plain, squeezed):
+        assert torch.equal(a, b)
+
+
+def _decode_position(model, logical):
+    if model.config.model_type.startswith("qwen"):  # M-RoPE: text positions shifted by the prompt's rope delta
+        return torch.full((3, 1, 1), logical) + model.model.rope_deltas.view(1, -1, 1)
+    return torch.tensor([[logical]])
+
+
+def _masked_reference_logits(model, inputs, keep, steps):
+    """Uncompressed HF run where the dropped prompt tokens are masked out of every full-attention layer."""
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+        logits = [out.logits[:, -1]]
+        n = keep.shape[0]
+        for s in range(steps):
+            tok = logits[-1].argmax(-1, keepdim=True)
+            cols = torch.cat([keep, torch.ones(s + 1, dtype=torch.bool)])[None, None, None, :]
+            mask = cols
+            if model.config.model_type == "gemma3":
+                mask = {"full_attention": cols, "sliding_attention": torch.ones_like(cols)}
+            out = model(
+                input_ids=tok,
+                past_key_values=cache,
+                attention_mask=mask,
+                position_ids=_decode_position(model, n + s),
+                use_cache=True,
+            )
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_masked_uncompressed_run(tiny_model, family):
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    steps = 4
+    # one random choice shared by all heads and layers, so a single 4-D mask can express it
+    with vlcache.compress(model, Random(vision_budget=0.5, shared=True, seed=3)) as session:
+        cache = session.new_cache()
+        out = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **GREEDY,
+        )
+    layer = next(layer for layer in cache.layers if isinstance(layer, CompressibleLayer))
+    n = inputs["input_ids"].shape[1]
+    kept = layer.positions[0, 0]
+    kept = kept[kept < n]
+    assert 0 < kept.numel() < n
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[kept] = True
+    ref = _masked_reference_logits(model, inputs, keep, steps - 1)
+    for got, want in zip(out.logits, ref):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+BATCH_POLICIES = [
+    Full(),
+    SnapKV(budget=0.5, window=4),
+    SnapKV(vision_budget=0.3, window=4),
+    PyramidKV(budget=0.5, window=4),
+    H2O(budget=0.4),
+    StreamingLLM(budget=0.3),
+    Random(budget=0.5),
+]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("policy", BATCH_POLICIES, ids=lambda p: f"{p.name}")
+def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
+    model = tiny_model(family)
+    rows = [["ab", tiny.IMAGE, "what is it?"], ["xyzw vv", tiny.IMAGE, "tell me more about it"]]
+    batch = _generate(model, tiny.make_inputs(model, rows).inputs, policy, max_new_tokens=10)
+    for b, row in enumerate(rows):
+        alone = _generate(model, tiny.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=10)
+        assert batch[b, -10:].tolist() == alone[0, -10:].tolist()
+
+
+@pytest.mark.parametrize("policy", [SnapKV(budget=0.3), H2O(budget=0.3), StreamingLLM(budget=32)], ids=lambda p: p.name)
+def test_long_generation(tiny_model, policy):
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    n = inputs["input_ids"].shape[1]
+    with vlcache.compress(model, policy) as session:
+        out = model.generate(**inputs, max_new_tokens=300, min_new_tokens=300, **GREEDY)
+    assert out.shape[1] == n + 300
+    final = session.stats
+    assert all(s.seen == n + 299 for s in final.layers)  # the last token is sampled, never cached
+    kept_after_prefill = session.prefill_stats.layers[0].slots
+    if policy.name == "snapkv":  # prefill only: grows by one per step
+        assert final.layers[0].slots == kept_after_prefill + 299
+    else:  # held at the budget while decoding
+        assert final.layers[0].slots == kept_after_prefill
+
+
+def test_h2o_cache_stays_at_budget_every_step(tiny_model):
+    model = tiny_model("qwen2_vl")
+    inputs = tiny.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    sizes = []
+    with vlcache.compress(model, H2O(budget=0.4)) as session:
+        cache = session.new_cache()
+        handle = model.register_forward_hook(
+            lambda *a: sizes.append([cache.physical_length(i) for i in cache.compressible()])
+        )
+        try:
+            model.generate(**inputs, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, **GREEDY)
+        finally:
+            handle.remove()
+    n = inputs["input_ids"].shape[1]
+    budget = int(0.4 * n)
+    assert all(s == [budget] * len(s) for s in sizes)
+
+
+def _positions_during(model, fn):
+    rotary = decoder(model).rotary_emb
+    log = []
+
+    def hook(mod, args, kwargs, out):
+        log.append(kwargs.get("position_ids", args[1] if len(args) > 1 else None).clone())
+
+    handle = rotary.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out = fn()
+    finally:
+        handle.remove()
+    return log, out
+
+
+def _two_turns(model, ex, policy):
+    """Generate, append a follow-up question, generate again on the same cache. Returns (positions, output)
+    of the second turn."""
+    follow = torch.tensor([tiny.text_ids(" and then?")])
+    with vlcache.compress(model, policy) if policy else contextlib.nullcontext() as session:
+        cache = session.new_cache() if session else DynamicCache(config=model.config)
+        first = model.generate(**ex.inputs, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, **GREEDY)
+        ids = torch.cat([first, follow], dim=1)
+        grown = ids.shape[1] - ex.inputs["input_ids"].shape[1]
+        # the images are already in the cache: the next turn sends token ids only, as a chat client would
+        mm = torch.cat([ex.inputs["mm_token_type_ids"], torch.zeros(1, grown, dtype=torch.int)], 1)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": mm}
+        return _positions_during(
+            model, lambda: model.generate(**inputs, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, **GREEDY)
+        )
+
+
+def test_second_turn_keeps_positions_and_keep_all_matches_plain(tiny_model):
+    model = tiny_model("qwen2_vl")
+    ex = tiny.make_inputs(model, prompt_for("qwen2_vl"))
+    plain_pos, plain_out = _two_turns(model, ex, None)
+    full_pos, full_out = _two_turns(model, ex, Full())
+    snap_pos, _ = _two_turns(model, ex, SnapKV(budget=0.3, window=4))
+    assert torch.equal(full_out, plain_out)
+    assert len(plain_pos) == len(full_pos) == len(snap_pos) == 5
+    for a, b, c in zip(plain_pos, full_pos, snap_pos):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert plain_pos[0].shape[-1] > 1  # the second turn's new tokens arrive as one multi-token forward
+
+
+def test_memory_really_shrinks(tiny_model):
+    model = tiny_model("llava_onevision")
+    inputs = tiny.make_inputs(model, prompt_for("llava_onevision")).inputs
+    with vlcache.compress(model, SnapKV(budget=0.25)) as session:
+        cache = session.new_cache()
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=1, **GREEDY)
+    n = inputs["input_ids"].shape[1]
+    stats = session.prefill_stats
+    per_token = stats.kv_bytes_full // (2 * n)  # 2 layers
+    assert stats.kv_bytes == 2 * int(0.25 * n) * per_token
+    assert cache.nbytes() == stats.kv_bytes
+    for layer in cache.layers:  # the tensors themselves are small, not views of the full ones
+        assert layer.keys.untyped_storage().nbytes() == layer.keys.numel() * layer.keys.element_size()
+
+
+def test_stats_report_modalities(tiny_model):
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    with vlcache.compress(model, SnapKV(vision_budget=0.25)):
+        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)
+    stats = vlcache.last_stats(model)
+    counts = layout_from_inputs(model.config, inputs).counts()
+    assert stats.prompt == counts
+    for layer in stats.layers:
+        assert layer.kept["text"] == counts["text"]
+        assert layer.kept["image"] == counts["image"] // 4
+        assert layer.kept["generated"] == 2
+    assert "saved" in stats.summary() and "layer" in stats.table()
+
+
+def test_model_is_restored_after_the_block(tiny_model):
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    plain = _generate(model, inputs, max_new_tokens=6)
+    with vlcache.compress(model, SnapKV(budget=0.2)):
+        pass
+    assert "generate" not in model.__dict__
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert torch.equal(_generate(model, inputs, max_new_tokens=6), plain)
+
+
+def test_vlcache_cache_outside_generate_with_manual_forward(tiny_model):
+    """A manual loop works too: the prompt forward compresses, decode forwards take explicit positions."""
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    n = inputs["input_ids"].shape[1]
+    with vlcache.compress(model, SnapKV(budget=0.5)) as session:
+        cache = session.new_cache()
+        with torch.no_grad():
+            out = model(**inputs, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            out2 = model(input_ids=tok, past_key_values=cache, position_ids=torch.tensor([[n]]), use_cache=True)
+    assert isinstance(cache, VLCache) and cache.prefilled
+    assert cache.physical_length(0) == int(0.5 * n) + 1
+    expect = _generate(model, inputs, SnapKV(budget=0.5), max_new_tokens=2)[0, -1]
+    assert out2.logits[0, -1].argmax() == expect

@@ -1,0 +1,72 @@
+"""vlcache's attention functions, registered with transformers' `AttentionInterface`.
+
+`vlcache_sdpa` and `vlcache_eager` run the stock sdpa / eager attention and, when the module belongs to a model
+inside `vlcache.compress`, hand the layer's queries and keys to the session (which scores and compresses) and
+build the per-layer mask of a compressed layer. A module outside any session gets the stock function untouched,
+so registering them changes nothing for other models.
+
+Masks: transformers builds one mask per forward, sized by the logical cache length. A compressed layer holds
+fewer (and per-layer different) entries, so its mask is rebuilt here from the cache's own slot bookkeeping:
+every old slot is in the past of the new rows, new slots follow the causal triangle, padding slots are hidden.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+NAMES = {"sdpa": "vlcache_sdpa", "eager": "vlcache_eager"}
+
+
+def _eager_of(module):
+    """The eager attention of the module's own modeling file (some add softcapping or sinks to Llama's)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def _attend(module, query, key, value, attention_mask, *, base: str, **kwargs):
+    stock = sdpa_attention_forward if base == "sdpa" else _eager_of(module)
+    session = getattr(module, "_vlcache_session", None)
+    if session is None or session.cache is None:
+        return stock(module, query, key, value, attention_mask, **kwargs)
+    return session.attend(module, query, key, value, attention_mask, stock, base == "eager", **kwargs)
+
+
+def register() -> None:
+    """Register the two implementations (idempotent; adds names, replaces nothing)."""
+    for base, name in NAMES.items():
+        AttentionInterface.register(name, partial(_attend, base=base))
+        AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)
+
+
+def layer_mask(
+    slot_valid: torch.Tensor, q_len: int, heads: int, dtype: torch.dtype, eager: bool
+) -> torch.Tensor | None:
+    """Mask for `q_len` new rows over a compressed layer's T slots (the new rows are its last q_len slots).
+
+    slot_valid [B, Hk, T]. Returns None when nothing needs masking (one new row, no padding); else a bool mask
+    [B, 1 or H, q, T] (sdpa) or an additive float mask (eager, which adds the mask to its scores). Several new
+    rows always get a mask: sdpa given none would treat them as a fresh causal prompt.
+    """
+    B, Hk, T = slot_valid.shape
+    all_valid = bool(slot_valid.all())
+    if q_len == 1 and all_valid:
+        return None
+    slots = torch.arange(T, device=slot_valid.device)
+    rows = torch.arange(T - q_len, T, device=slot_valid.device)
+    mask = (slots[None, :] <= rows[:, None])[None, None]  # [1, 1, q, T]
+    if not all_valid:
+        if bool((slot_valid == slot_valid[:, :1]).all()):
+            mask = mask & slot_valid[:, :1, None, :]
+        else:  # heads hold different slots: one mask per query head
+            mask = mask & slot_valid.repeat_interleave(heads // Hk, dim=1)[:, :, None, :]
+    if eager:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask

@@ -1,0 +1,194 @@
+"""A transformers `Cache` whose full-attention layers can shrink, each to its own length.
+
+Two lengths are kept apart:
+- logical (`get_seq_length()`): tokens seen, prompt plus generated. `generate` slices new input and Qwen-VL builds
+  M-RoPE positions from it, so it must never shrink;
+- physical (`physical_length(l)`): entries a layer holds. Masks are built from it (by vlcache's attention hook).
+
+Every slot remembers the original position of its token (`positions`, [B, Hk, T]), so evicting never changes the
+RoPE phase of what survives and stats can say which modality was kept. Sliding-window layers (Gemma 3) stay stock
+`DynamicSlidingWindowLayer`s: their masks come from a running count, so they are never pruned.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .. import kernels
+from ..modality import Layout
+from ..policies.base import Selection
+from ..stats import CompressionStats, LayerStats
+
+
+class CompressibleLayer(DynamicLayer):
+    """A `DynamicLayer` that can be compacted to any subset of its slots and remembers their positions."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.seen = 0  # logical tokens appended
+        self.positions: torch.Tensor | None = None  # [B, Hk, T] long; None while slots == positions (never compacted)
+        self.slot_state: dict[str, torch.Tensor] = {}  # per-slot policy tensors [B, Hk, T], kept aligned
+        self.state: dict = {}  # per-layer policy state for the request
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        new = key_states.shape[-2]
+        start, self.seen = self.seen, self.seen + new
+        if self.positions is not None:
+            B, H = key_states.shape[:2]
+            fresh = torch.arange(start, start + new, device=self.positions.device).expand(B, H, new)
+            self.positions = torch.cat([self.positions, fresh], dim=-1)
+        for name, t in self.slot_state.items():
+            self.slot_state[name] = torch.cat([t, t.new_zeros(*t.shape[:-1], new)], dim=-1)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    @property
+    def compacted(self) -> bool:
+        return self.positions is not None
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def slot_positions(self) -> torch.Tensor:
+        """[B, Hk, T] original position of every slot."""
+        if self.positions is not None:
+            return self.positions
+        B, H, T = self.keys.shape[:3]
+        return torch.arange(T, device=self.keys.device).expand(B, H, T)
+
+    def compact(self, sel: Selection) -> None:
+        """Keep the slots `sel.indices` [B, Hk, K] (ascending), with merged keys/values if the policy gave them."""
+        idx = sel.indices.to(self.keys.device)
+        if sel.keys is not None:
+            keys, values = sel.keys.to(self.keys.dtype), sel.values.to(self.values.dtype)
+        else:
+            keys, values = kernels.gather_kv(self.keys, self.values, idx)
+        self.positions = self.slot_positions().gather(-1, idx)
+        for name, t in self.slot_state.items():
+            self.slot_state[name] = t.gather(-1, idx)
+        # new tensors replace the old ones: the memory of evicted entries is freed once nothing else holds it
+        self.keys, self.values = keys.contiguous(), values.contiguous()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.compacted:
+            raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
+        super().crop(tokens_to_remove)
+        self.seen = self.physical_length
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen, self.positions, self.slot_state, self.state = 0, None, {}, {}
+
+    def _batch_op(self, fn) -> None:
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        self.slot_state = {k: fn(v) for k, v in self.slot_state.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._batch_op(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._batch_op(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._batch_op(lambda t: t[indices, ...])
+
+
+class VLCache(DynamicCache):
+    """The cache vlcache compresses. Build it with `session.new_cache()` (or let `generate` get one
+    automatically inside `vlcache.compress`); pass it back to `generate` for a chat's next turn."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        if self.layers:
+            # only plain full-attention layers become compressible; sliding/chunked ones keep their own logic
+            self.layers = [CompressibleLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
+        else:
+            self.layer_class_to_replicate = CompressibleLayer
+        self.layout: Layout | None = None
+        self.seq_valid: torch.Tensor | None = None  # [B, logical] False at padding
+        self.padded = False  # any padding at all (if not, slot validity needs no lookup)
+        self.prefilled = False
+        self.shared: dict = {}  # policy state shared by all layers of the request
+
+    # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
+
+    def begin(self, layout: Layout, valid: torch.Tensor) -> None:
+        """First forward on an empty cache: remember the prompt's layout and padding."""
+        if self.get_seq_length() > 0 or self.prefilled:
+            raise ValueError("this cache already holds tokens; pass a new cache (session.new_cache()) for a new prompt")
+        self.layout = layout
+        self.seq_valid = valid.bool()
+        self.padded = not bool(self.seq_valid.all())
+
+    def extend(self, valid: torch.Tensor) -> None:
+        """A later forward appends tokens; `valid` [B, q] marks which are real (not padding)."""
+        valid = valid.to(self.seq_valid.device).bool()
+        self.seq_valid = torch.cat([self.seq_valid, valid], dim=-1)
+        self.padded = self.padded or not bool(valid.all())
+
+    def compressible(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressibleLayer)]
+
+    def slot_valid(self, layer: CompressibleLayer) -> torch.Tensor:
+        """[B, Hk, T] whether each slot holds a real token (False at padding)."""
+        pos = layer.slot_positions()
+        if not self.padded:
+            return torch.ones(1, 1, 1, dtype=torch.bool, device=pos.device).expand(pos.shape)
+        sv = self.seq_valid.to(pos.device)
+        return sv.gather(1, pos.flatten(1)).view_as(pos)
+
+    def physical_length(self, layer_idx: int) -> int:
+        layer = self.layers[layer_idx]
+        return layer.physical_length if isinstance(layer, CompressibleLayer) else layer.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds now (keys and values of every layer)."""
+        return sum(
+            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for layer in self.layers
+            if getattr(layer, "keys", None) is not None
+        )
+
+    def stats(self, policy: str = "") -> CompressionStats:
+        """Tokens kept per layer and modality, and KV bytes, as of now."""
+        layout = self.layout
+        prompt = layout.counts() if layout is not None else {"text": 0, "image": 0, "video": 0}
+        out = CompressionStats(policy=policy, batch=0 if layout is None else layout.batch_size, prompt=prompt)
+        full = 0
+        for i, layer in enumerate(self.layers):
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            nbytes = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            if not isinstance(layer, CompressibleLayer):
+                full += nbytes
+                continue
+            B, H, T = layer.keys.shape[:3]
+            per_slot = nbytes // max(1, B * H * T)
+            full += B * H * layer.seen * per_slot
+            out.layers.append(LayerStats(i, layer.seen, T, self._kept_by_modality(layer), nbytes))
+        out.kv_bytes = self.nbytes()
+        out.kv_bytes_full = full
+        return out
+
+    def _kept_by_modality(self, layer: CompressibleLayer) -> dict[str, float]:
+        pos = layer.slot_positions()
+        H = pos.shape[1]
+        real = self.slot_valid(layer)
+        n = self.layout.length
+        in_prompt = pos < n
+        mod = self.layout.modality.to(pos.device).long().gather(1, pos.clamp(max=n - 1).flatten(1)).view_as(pos)
+        kept = {
+            name: float(((mod == m) & in_prompt & real).sum()) / H for m, name in enumerate(("text", "image", "video"))
+        }
+        kept["generated"] = float((~in_prompt & real).sum()) / H
+        return kept

@@ -1,0 +1,58 @@
+"""Finding what vlcache hooks in a Hugging Face model: the language model's attention modules and its config."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import NAMES
+
+
+def text_config(model):
+    return model.config.get_text_config(decoder=True)
+
+
+def decoder(model) -> torch.nn.Module:
+    """The language model (the part whose KV cache vlcache manages)."""
+    lm = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if lm is None or not hasattr(lm, "layers"):
+        raise ValueError(f"{type(model).__name__}: cannot find its language model's decoder layers")
+    return lm
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    mods = []
+    for layer in decoder(model).layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or getattr(attn, "layer_idx", None) is None:
+            raise ValueError(
+                f"{type(model).__name__}: decoder layer {type(layer).__name__} has no self_attn with a layer_idx; "
+                "vlcache needs transformers' AttentionInterface-based attention"
+            )
+        mods.append(attn)
+    return mods
+
+
+def current_implementation(model) -> str:
+    return text_config(model)._attn_implementation or "sdpa"
+
+
+def set_text_implementation(model, name: str) -> None:
+    """Select an attention implementation for the language model only (vision towers keep theirs)."""
+    if "text_config" in getattr(model.config, "sub_configs", {}):
+        model.set_attn_implementation({"text_config": name})
+    else:
+        model.set_attn_implementation(name)
+
+
+def vlcache_implementation(model) -> tuple[str, str]:
+    """(the model's current text attention, the vlcache implementation that wraps it)."""
+    current = current_implementation(model)
+    if current in NAMES.values():
+        raise RuntimeError("this model is already inside vlcache.compress(); nest sessions is not supported")
+    if current not in NAMES:
+        raise ValueError(
+            f"vlcache wraps 'sdpa' and 'eager' attention; this model uses {current!r}. "
+            "Load it with attn_implementation='sdpa' (the default) or call model.set_attn_implementation('sdpa')."
+        )
+    return current, NAMES[current]

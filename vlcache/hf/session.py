@@ -1,0 +1,195 @@
+"""A `Session` plugs a policy into a Hugging Face model for the time it is attached.
+
+Attaching (1) switches the language model's attention to vlcache's wrapper of the same kind (sdpa or eager),
+(2) puts forward hooks on the model: before a forward, it learns the prompt's modality layout (first forward on
+a cache) or the padding of the appended tokens; after it, it runs the policy's whole-model step and marks the
+prefill done, (3) makes `model.generate` hand a `VLCache` to generation when the caller passed none.
+Compression itself happens inside the attention call of each layer, right after its prefill attention: the
+layer's full keys are freed before the next layer runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..modality import family_for, layout_from_inputs
+from ..policies import Policy
+from ..policies.base import LayerView
+from ..stats import CompressionStats
+from .attention import layer_mask, register
+from .cache import CompressibleLayer, VLCache
+from .model import attention_modules, set_text_implementation, vlcache_implementation
+
+
+class Session:
+    """One policy attached to one model. Use through `vlcache.compress(...)` or `vlcache.attach(...)`."""
+
+    def __init__(self, model, policy: Policy, processor=None):
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a vlcache Policy, got {type(policy).__name__}")
+        self.model = model
+        self.policy = policy
+        self.family = family_for(model.config, processor)  # raises for unsupported families, before touching anything
+        self.cache: VLCache | None = None  # the cache of the forward in flight
+        self.prefill_stats: CompressionStats | None = None
+        self.stats: CompressionStats | None = None  # at the end of the last generate
+        self.last_cache: VLCache | None = None
+        self._handles = []
+        self._modules = []
+        self._original_impl = None
+        self._attached = False
+        self._appends = type(policy).on_append is not Policy.on_append
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def attach(self) -> Session:
+        if self._attached:
+            return self
+        if getattr(self.model, "_vlcache_session", None) is not None:
+            raise RuntimeError("this model is already inside vlcache.compress(); detach that session first")
+        register()
+        self._original_impl, impl = vlcache_implementation(self.model)
+        self._modules = attention_modules(self.model)
+        set_text_implementation(self.model, impl)
+        for m in self._modules:
+            m._vlcache_session = self
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        self._generate = self.model.generate
+        self.model.generate = self.generate
+        self.model._vlcache_session = self
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        if not self._attached:
+            return
+        for h in self._handles:
+            h.remove()
+        for m in self._modules:
+            m.__dict__.pop("_vlcache_session", None)
+        set_text_implementation(self.model, self._original_impl)
+        self.model.__dict__.pop("generate", None)
+        self.model.__dict__.pop("_vlcache_session", None)
+        self.model._vlcache_stats = self.stats or self.prefill_stats
+        self.cache = None
+        self._attached = False
+
+    def __enter__(self) -> Session:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def new_cache(self) -> VLCache:
+        """An empty cache for this model (pass it to generate to continue a conversation later)."""
+        return VLCache(self.model.config)
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if ids is not None and ids.shape[-1] == 0:
+            raise ValueError("empty prompt: input_ids has no tokens")
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            kwargs["past_key_values"] = cache = self.new_cache()
+        elif not isinstance(cache, VLCache):
+            raise ValueError("inside vlcache.compress, pass past_key_values=session.new_cache() (or no cache at all)")
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        if kwargs.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None):
+            raise ValueError(
+                "vlcache compresses after one prefill; chunked prefill (prefill_chunk_size) is not supported"
+            )
+        out = self._generate(*args, **kwargs)
+        self.last_cache = cache
+        self.stats = cache.stats(self.label())
+        self.model._vlcache_stats = self.stats
+        return out
+
+    def label(self) -> str:
+        p = self.policy
+        amounts = {
+            k: v
+            for k, v in (("budget", p.budget), ("vision", p.vision_budget), ("text", p.text_budget))
+            if v is not None
+        }
+        return p.name + (f"({', '.join(f'{k}={v}' for k, v in amounts.items())})" if amounts else "")
+
+    # ------------------------------------------------------------------ hooks
+
+    def _before(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, VLCache):
+            self.cache = None
+            return
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        B, q = ref.shape[0], ref.shape[1]
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+        if not cache.prefilled:
+            if ids is None:
+                raise ValueError("vlcache needs input_ids on the prompt's forward to tell vision tokens from text")
+            layout = layout_from_inputs(self.model.config, {**kwargs, "attention_mask": mask}, family=self.family)
+            cache.begin(layout, mask if mask is not None else torch.ones(B, q, dtype=torch.bool, device=ids.device))
+        else:
+            valid = mask[:, -q:] if mask is not None else torch.ones(B, q, dtype=torch.bool, device=ref.device)
+            cache.extend(valid)
+        self.cache = cache
+
+    def _after(self, module, args, kwargs, output):
+        cache = self.cache
+        if cache is not None and not cache.prefilled:
+            with torch.no_grad():
+                self._apply(cache, self.policy.after_prefill(cache.shared))
+            cache.prefilled = True
+            self.prefill_stats = cache.stats(self.label())
+        self.cache = None
+
+    # ------------------------------------------------------------------ per layer (called by the attention wrapper)
+
+    def attend(self, module, query, key, value, mask, stock, eager: bool, **kwargs):
+        cache = self.cache
+        li = module.layer_idx
+        layer = cache.layers[li]
+        if not isinstance(layer, CompressibleLayer):
+            return stock(module, query, key, value, mask, **kwargs)
+        q = query.shape[2]
+        if layer.compacted:
+            mask = layer_mask(cache.slot_valid(layer), q, query.shape[1], query.dtype, eager)
+        out = stock(module, query, key, value, mask, **kwargs)
+        if cache.prefilled and not self._appends:
+            return out
+        layers = cache.compressible()
+        scaling = kwargs.get("scaling")
+        view = LayerView(
+            layer=li,
+            depth=layers.index(li),
+            num_layers=len(layers),
+            query=query,
+            keys=layer.keys,
+            values=layer.values,
+            scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+            layout=cache.layout,
+            positions=layer.slot_positions(),
+            slot_valid=cache.slot_valid(layer),
+            new=q,
+            state=layer.state,
+            shared=cache.shared,
+            slot_state=layer.slot_state,
+        )
+        with torch.no_grad():
+            sels = self.policy.on_append(view) if cache.prefilled else self.policy.on_prefill(view)
+        self._apply(cache, sels)
+        return out
+
+    @staticmethod
+    def _apply(cache: VLCache, selections) -> None:
+        for li, sel in (selections or {}).items():
+            layer = cache.layers[li]
+            if not isinstance(layer, CompressibleLayer):
+                raise ValueError(f"policy selected entries of layer {li}, which is not compressible (sliding window)")
+            layer.compact(sel)

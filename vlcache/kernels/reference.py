@@ -1,0 +1,164 @@
+"""Plain PyTorch references for vlcache's hot paths (clarity first, fp32 accumulation).
+
+Every Triton kernel in this package has a function here with the same signature; tests compare the two, and the
+dispatcher (`vlcache.kernels`) uses these wherever Triton or CUDA is missing.
+
+Shapes: B batch, H query heads, Hk KV heads (H = g * Hk, query head h reads KV head h // g), R query rows,
+T keys, d head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionStats:
+    """Column statistics of softmax(q k^T * scale) over a set of query rows.
+
+    - `colsum`: [B, H, T] sum over rows of the attention probabilities each key receives.
+    - `colsq`: [B, H, T] sum over rows of squared probabilities (for the variance across rows), if asked.
+    - `density`: [B, H, R] per row, the number of keys with probability >= fraction * row max, if asked.
+    - `rows`: [B] number of query rows that counted (padding rows are skipped).
+    """
+
+    colsum: torch.Tensor
+    colsq: torch.Tensor | None
+    density: torch.Tensor | None
+    rows: torch.Tensor
+
+    def variance(self) -> torch.Tensor:
+        """Unbiased variance across rows of each key's probability, [B, H, T] (CAKE's temporal shift)."""
+        if self.colsq is None:
+            raise ValueError("variance needs attention_stats(..., with_sq=True)")
+        r = self.rows.to(self.colsum.dtype).view(-1, 1, 1)
+        mean = self.colsum / r.clamp(min=1)
+        return ((self.colsq - r * mean * mean) / (r - 1).clamp(min=1)).clamp(min=0)
+
+
+def _grouped(q: torch.Tensor, hk: int) -> torch.Tensor:
+    """[B, H, R, d] -> [B, Hk, g*R, d] so one matmul per KV head serves its whole query group (no repeat_kv copy)."""
+    B, H, R, d = q.shape
+    return q.reshape(B, hk, (H // hk) * R, d)
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[B, H, R, d] x [B, Hk, T, d] -> fp32 logits [B, H, R, T]."""
+    B, H, R, _ = q.shape
+    hk, T = k.shape[1], k.shape[2]
+    s = torch.matmul(_grouped(q, hk).float(), k.float().transpose(-1, -2)) * scale
+    return s.view(B, H, R, T)
+
+
+def _mask(q_pos: torch.Tensor, T: int, k_valid: torch.Tensor | None, hk: int, H: int) -> torch.Tensor:
+    """Visible keys [B, H or 1, R, T]: causal by slot (key j visible to row r iff j <= q_pos[r]) and not padding."""
+    keys = torch.arange(T, device=q_pos.device)
+    vis = keys.view(1, 1, 1, T) <= q_pos[:, None, :, None]  # [B, 1, R, T]
+    if k_valid is not None:
+        if k_valid.ndim == 2:
+            vis = vis & k_valid[:, None, None, :]
+        else:  # per KV head: expand to query heads
+            vis = vis & k_valid.repeat_interleave(H // hk, dim=1)[:, :, None, :]
+    return vis
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor,
+    k_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities of a few query rows over all keys, [B, H, R, T] fp32 (rows x keys, so only for
+    small R: an observation window or the post-vision question).
+
+    q: [B, H, R, d] post-RoPE queries. k: [B, Hk, T, d] post-RoPE keys. q_pos: [B, R] slot index of each row
+    (causal: row r sees keys 0..q_pos[r]). k_valid: [B, T] or [B, Hk, T], False for padding keys.
+    Rows that see no key at all (padding rows) come out as zeros.
+    """
+    s = _logits(q, k, scale)
+    vis = _mask(q_pos, k.shape[2], k_valid, k.shape[1], q.shape[1])
+    s = s.masked_fill(~vis, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor,
+    k_valid: torch.Tensor | None = None,
+    q_valid: torch.Tensor | None = None,
+    *,
+    with_sq: bool = False,
+    density_fraction: float | None = None,
+    chunk: int = 256,
+) -> AttentionStats:
+    """Column sums (and optionally squared sums and per-row density) of attention over query rows, computed in
+    row tiles of `chunk`: peak extra memory is B*H*chunk*T floats, never R x T for all rows at once.
+
+    Arguments as `attention_probs`, plus q_valid [B, R] (False rows are skipped) and:
+    - with_sq: also sum the squared probabilities (variance across rows).
+    - density_fraction: also count, per row, keys whose probability is >= fraction * the row's max (VL-Cache's
+      ThresholdFilter, p = 0.01).
+    """
+    B, H, R, _ = q.shape
+    T = k.shape[2]
+    colsum = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
+    colsq = torch.zeros_like(colsum) if with_sq else None
+    density = torch.zeros(B, H, R, dtype=torch.float32, device=q.device) if density_fraction is not None else None
+    for lo in range(0, R, chunk):
+        hi = min(R, lo + chunk)
+        p = attention_probs(q[:, :, lo:hi], k, scale, q_pos[:, lo:hi], k_valid)
+        if q_valid is not None:
+            p = p * q_valid[:, None, lo:hi, None]
+        colsum += p.sum(2)
+        if colsq is not None:
+            colsq += (p * p).sum(2)
+        if density is not None:
+            rowmax = p.amax(-1, keepdim=True)
+            density[:, :, lo:hi] = ((p >= density_fraction * rowmax) & (p > 0)).sum(-1).float()
+    rows = q_valid.sum(-1) if q_valid is not None else torch.full((B,), R, device=q.device)
+    return AttentionStats(colsum, colsq, density, rows)
+
+
+def group_reduce(x: torch.Tensor, hk: int, agg: str = "mean") -> torch.Tensor:
+    """[B, H, ...] per query head -> [B, Hk, ...] per KV head, aggregating each GQA group (mean, sum or max)."""
+    B, H = x.shape[:2]
+    g = x.view(B, hk, H // hk, *x.shape[2:])
+    if agg == "mean":
+        return g.mean(2)
+    if agg == "sum":
+        return g.sum(2)
+    if agg == "max":
+        return g.amax(2)
+    raise ValueError(f"agg must be 'mean', 'sum' or 'max', got {agg!r}")
+
+
+def pool1d(scores: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
+    """Smooth scores along the last dim (SnapKV's clustering): same length out, `kernel` odd, zero padding for avg
+    (as F.avg_pool1d with count_include_pad, which is what SnapKV uses)."""
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])
+    pad = kernel // 2
+    if kind == "avg":
+        y = F.avg_pool1d(x, kernel, stride=1, padding=pad)
+    elif kind == "max":
+        y = F.max_pool1d(x, kernel, stride=1, padding=pad)
+    else:
+        raise ValueError(f"pooling must be 'avg' or 'max', got {kind!r}")
+    return y.view(shape)
+
+
+def gather_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compaction: keep `index` [B, Hk, K] (sorted) of keys/values [B, Hk, T, d] -> [B, Hk, K, d] each."""
+    idx = index[..., None]
+    k = keys.gather(2, idx.expand(*index.shape, keys.shape[-1]))
+    v = values.gather(2, idx.expand(*index.shape, values.shape[-1]))
+    return k, v

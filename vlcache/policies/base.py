@@ -1,0 +1,300 @@
+"""What every policy shares: the view of one layer it is shown, the selection it returns, budgets and top-k.
+
+A policy is a dataclass of settings. The integration calls three hooks, each returning `{layer: Selection}` (or
+None for "keep everything"):
+
+- `on_prefill(view)`: in every layer, right after that layer's prefill attention (the common case: score the
+  prompt, keep the best, free the rest before the next layer runs);
+- `after_prefill(request)`: once all layers have seen the prompt (VL-Cache's global per-layer budgets);
+- `on_append(view)`: after every later forward (decode steps, a chat's next turn), for methods that keep the
+  cache at a budget while generating (H2O, StreamingLLM, Elastic Cache, CAKE).
+
+Policies see tensors and the `Layout` only, so they are testable without transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+
+from .. import kernels
+from ..modality import Layout
+from .budget import check_amount, resolve
+
+PROTECTABLE = ("markers", "question")
+
+
+@dataclass
+class Selection:
+    """What one layer keeps: `indices` [B, Hk, K] into its current slots, ascending. When `keys`/`values`
+    ([B, Hk, K, d]) are given they replace the gathered entries (merging policies)."""
+
+    indices: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+@dataclass
+class LayerView:
+    """One decoder layer as a policy sees it, right after an attention forward.
+
+    - query [B, H, q, d]: the post-RoPE queries of the rows this forward computed (the whole prompt at prefill).
+    - keys / values [B, Hk, T, d]: the layer's cache after appending them (post-RoPE keys, as HF stores them).
+    - positions [B, Hk, T]: the original sequence position of every slot. slot_valid [B, Hk, T]: False at padding.
+    - layer: index in the model (and in the cache); depth / num_layers: rank among the compressible layers
+      (sliding-window layers are left out), which is what layer-adaptive budgets are spread over.
+    - new: slots appended by this forward (the last `new` slots); the query rows are those slots.
+    - state: this layer's persistent dict for the request; shared: one dict shared by all layers of the request.
+    - slot_state: per-slot tensors [B, Hk, T] that the cache keeps aligned (gathered on compaction, zero-extended
+      on append), for scores that accumulate while decoding.
+    """
+
+    layer: int
+    depth: int
+    num_layers: int
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    scale: float
+    layout: Layout
+    positions: torch.Tensor
+    slot_valid: torch.Tensor
+    new: int
+    state: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
+    slot_state: dict = field(default_factory=dict)
+
+    @property
+    def slots(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    def query_slots(self, rows: slice | None = None) -> torch.Tensor:
+        """[B, R] slot index of the query rows (for causal masking)."""
+        B, T = self.keys.shape[0], self.slots
+        s = torch.arange(T - self.new, T, device=self.keys.device)
+        if rows is not None:
+            s = s[rows]
+        return s.expand(B, -1)
+
+    def query_valid(self, rows: slice | None = None) -> torch.Tensor:
+        """[B, R] False for query rows that are padding."""
+        v = self.slot_valid[:, 0, self.slots - self.new :]
+        return v if rows is None else v[:, rows]
+
+    def key_valid(self) -> torch.Tensor:
+        """[B, T] if every KV head holds the same slots' validity, else [B, Hk, T]."""
+        v = self.slot_valid
+        return v[:, 0] if bool((v == v[:, :1]).all()) else v
+
+    def prompt_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A prompt mask [B, n] moved to slot space [B, Hk, T]; slots of generated tokens are False."""
+        n = mask.shape[1]
+        pos = self.positions
+        inside = pos < n
+        return mask.gather(1, pos.clamp(max=n - 1).flatten(1)).view_as(pos) & inside
+
+    def probs(self, rows: slice) -> torch.Tensor:
+        """Attention probabilities of some of this forward's query rows, [B, H, R, T] fp32 (small R only)."""
+        return kernels.attention_probs(
+            self.query[:, :, rows], self.keys, self.scale, self.query_slots(rows), self.key_valid()
+        )
+
+    def stats(self, rows: slice | None = None, **kw) -> kernels.AttentionStats:
+        """Tiled attention column statistics over this forward's query rows (all of them by default)."""
+        q = self.query if rows is None else self.query[:, :, rows]
+        return kernels.attention_stats(
+            q, self.keys, self.scale, self.query_slots(rows), self.key_valid(), self.query_valid(rows), **kw
+        )
+
+
+@dataclass
+class Plan:
+    """Budget of one layer in slot space: `forced` [B, T] slots that are always kept, and pools of candidates
+    (mask [B, T], how many to keep per row [B]) among which the best-scoring are kept."""
+
+    forced: torch.Tensor
+    pools: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def kept(self) -> torch.Tensor:
+        """[B] slots kept per row."""
+        k = self.forced.sum(-1)
+        for _, n in self.pools:
+            k = k + n
+        return k
+
+
+@dataclass(kw_only=True)
+class Policy:
+    """Base of every policy. Budget settings shared by all:
+
+    - budget: kept per layer, a ratio of the prompt in (0, 1] or a token count >= 1.
+    - vision_budget / text_budget: separate amounts for vision tokens and text tokens, instead of `budget`;
+      a modality without an amount is kept whole.
+    - protect: token groups never evicted, from ("markers", "question"); () lets everything compete.
+    """
+
+    budget: float | int | None = None
+    vision_budget: float | int | None = None
+    text_budget: float | int | None = None
+    protect: tuple[str, ...] = PROTECTABLE
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs_budget: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_amount("budget", self.budget)
+        check_amount("vision_budget", self.vision_budget)
+        check_amount("text_budget", self.text_budget)
+        if self.needs_budget:
+            if self.budget is None and self.vision_budget is None and self.text_budget is None:
+                raise ValueError(f"{type(self).__name__} needs budget= (or vision_budget= / text_budget=)")
+            if self.budget is not None and (self.vision_budget is not None or self.text_budget is not None):
+                raise ValueError("give either budget= or per-modality vision_budget=/text_budget=, not both")
+        self.protect = tuple(self.protect)
+        bad = [p for p in self.protect if p not in PROTECTABLE]
+        if bad:
+            raise ValueError(f"protect={bad} not understood; choose from {PROTECTABLE}")
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_prefill(self, view: LayerView) -> dict[int, Selection] | None:
+        scores = self.score(view)
+        if scores is None:
+            return None
+        return {view.layer: self.select(self.plan(view), scores, view.slot_valid)}
+
+    def after_prefill(self, shared: dict) -> dict[int, Selection] | None:
+        return None
+
+    def on_append(self, view: LayerView) -> dict[int, Selection] | None:
+        return None
+
+    # ------------------------------------------------------------------ pieces subclasses override
+
+    def score(self, view: LayerView) -> torch.Tensor | None:
+        """[B, Hk, T] importance of every slot (higher is kept first), or None to keep everything."""
+        raise NotImplementedError
+
+    def always_keep(self, view: LayerView) -> torch.Tensor | None:
+        """[B, T] slots the method itself never evicts (its recent window, its sinks), or None."""
+        return None
+
+    # ------------------------------------------------------------------ budgets and selection
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def protected(self, layout: Layout) -> torch.Tensor:
+        """[B, n] the protected prompt tokens."""
+        out = torch.zeros_like(layout.valid)
+        if "markers" in self.protect:
+            out |= layout.marker
+        if "question" in self.protect:
+            out |= layout.question
+        return out
+
+    def total_budget(self, layout: Layout) -> torch.Tensor:
+        """[B] tokens kept per layer at weight 1: the resolved budget, or the sum of the per-modality amounts
+        (a modality without an amount counting whole)."""
+        valid = layout.valid
+        if self.budget is not None:
+            return resolve(self.budget, valid.sum(-1))
+        total = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+        for modality, amount in ((layout.vision & valid, self.vision_budget), (layout.text, self.text_budget)):
+            n = modality.sum(-1)
+            total = total + (n if amount is None else resolve(amount, n))
+        return total
+
+    def plan(self, view: LayerView) -> Plan:
+        """The prefill budget of this layer (slots == prompt positions at prefill)."""
+        layout = view.layout
+        valid = layout.valid
+        forced = self.protected(layout)
+        extra = self.always_keep(view)
+        if extra is not None:
+            forced = forced | extra
+        forced = forced & valid
+        if self.budget is not None:
+            pool = valid & ~forced
+            k = (resolve(self.budget, valid.sum(-1)) - forced.sum(-1)).clamp(min=0)
+            return Plan(forced, [(pool, torch.minimum(k, pool.sum(-1)))])
+        pools = []
+        for modality, amount in ((layout.vision & valid, self.vision_budget), (layout.text, self.text_budget)):
+            pool = modality & ~forced
+            if amount is None:
+                k = pool.sum(-1)
+            else:
+                k = (resolve(amount, modality.sum(-1)) - (forced & modality).sum(-1)).clamp(min=0)
+            pools.append((pool, torch.minimum(k, pool.sum(-1))))
+        return Plan(forced, pools)
+
+    @staticmethod
+    def select(plan: Plan, scores: torch.Tensor, slot_valid: torch.Tensor) -> Selection:
+        return Selection(select_indices(scores, plan.forced, plan.pools, slot_valid))
+
+    def growth_budget(self, view: LayerView, plan: Plan) -> torch.Tensor:
+        """[B] real tokens a decode-time method holds the cache at: what the prefill kept, or a token-count budget
+        larger than the prompt (then the cache first grows up to it). A ratio is fixed by the prompt length."""
+        kept = plan.kept()
+        if isinstance(self.budget, int):
+            kept = kept.clamp(min=self.budget)
+        return kept
+
+    def keep_at_budget(self, view: LayerView, budget: torch.Tensor, scores: torch.Tensor, forced: torch.Tensor):
+        """Decode-time eviction: if a row holds more than `budget` [B] real tokens, keep the `forced` slots
+        ([B, Hk, T]) and the best-scoring others, down to the budget."""
+        valid = view.slot_valid
+        if bool((valid[:, 0].sum(-1) <= budget).all()):
+            return None
+        forced = forced & valid
+        k = (budget.view(-1, 1) - forced.sum(-1)).clamp(min=0)  # [B, Hk]
+        return {view.layer: Selection(select_indices(scores, forced, [(valid & ~forced, k)], valid))}
+
+
+def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim, 0 = highest score; ties go to the lower position (stable)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank
+
+
+def select_indices(
+    scores: torch.Tensor,
+    forced: torch.Tensor,
+    pools: list[tuple[torch.Tensor, torch.Tensor]],
+    slot_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Kept slots [B, Hk, K], ascending: the forced slots plus the top-k of each pool by score, per KV head.
+
+    scores [B, Hk, T]; forced and pool masks [B, T] or [B, Hk, T]; k [B] or [B, Hk]; slot_valid [B, Hk, T]. Rows of a batch
+    may keep different numbers of real tokens; every row then holds K = the largest count, the shorter rows
+    filling up with their padding slots (masked in attention), then with their next-best tokens.
+    """
+    B, Hk, T = scores.shape
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
+
+    def per_head(m):
+        return m[:, None, :].expand(B, Hk, T) if m.ndim == 2 else m
+
+    keep = per_head(forced).clone()
+    for mask, k in pools:
+        m = per_head(mask)
+        rank = _rank_desc(s.masked_fill(~m, float("-inf")))
+        keep |= m & (rank < k.view(B, -1, 1))
+    counts = keep.sum(-1)  # [B, Hk], equal across heads of a row
+    K = int(counts.max()) if counts.numel() else 0
+    if K == T:
+        return torch.arange(T, device=scores.device).expand(B, Hk, T).contiguous()
+    # order: kept, then padding, then the rest by score; the first K of that order survive
+    group = torch.where(keep, 0, torch.where(slot_valid, 2, 1))
+    key = group * (T + 1) + _rank_desc(s)
+    idx = torch.topk(key, K, dim=-1, largest=False).indices
+    return idx.sort(dim=-1).values

@@ -1,0 +1,67 @@
+"""Budget amounts: a ratio of tokens (float in (0, 1]) or an absolute token count (int >= 1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Amount = float | int
+
+
+def check_amount(name: str, value, *, allow_none: bool = True):
+    """Validate a budget amount, raising ValueError that names the valid range."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} is required: a ratio in (0, 1] or a token count >= 1")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a ratio in (0, 1] (float) or a token count >= 1 (int), got {value!r}")
+    if isinstance(value, float):
+        if not (0.0 < value <= 1.0) or math.isnan(value):
+            raise ValueError(
+                f"{name}={value} is out of range: a ratio must be in (0, 1] (use an int for a token count)"
+            )
+    elif value < 1:
+        raise ValueError(f"{name}={value} is out of range: a token count must be >= 1")
+    return value
+
+
+def resolve(amount: Amount, n: torch.Tensor) -> torch.Tensor:
+    """Tokens to keep out of n (per row, [B] long): max(1, floor(ratio * n)) or min(count, n); 0 when n == 0."""
+    n = n.long()
+    if isinstance(amount, float):
+        k = torch.floor(amount * n.double()).long().clamp(min=1)
+    else:
+        k = torch.full_like(n, int(amount))
+    return torch.minimum(k, n)
+
+
+def apportion(total: int, weights: list[float], caps: list[int] | None = None) -> list[int]:
+    """Split `total` into integers proportional to `weights`, each at most its cap, summing exactly to
+    min(total, sum(caps)) (largest remainder; ties to the lower index). What cannot go to a capped entry is
+    spread over the others in proportion to their weights."""
+    m = len(weights)
+    caps = list(caps) if caps is not None else [total] * m
+    total = min(total, sum(caps))
+    out = [0] * m
+    free = [i for i in range(m) if caps[i] > 0]
+    left = total
+    while left > 0 and free:
+        w = [max(weights[i], 0.0) for i in free]
+        ws = sum(w)
+        share = [left * x / ws for x in w] if ws > 0 else [left / len(free)] * len(free)
+        give = [min(int(math.floor(s)), caps[i] - out[i]) for s, i in zip(share, free)]
+        rem = left - sum(give)
+        order = sorted(range(len(free)), key=lambda j: (-(share[j] - math.floor(share[j])), j))
+        for j in order:
+            if rem == 0:
+                break
+            if give[j] < caps[free[j]] - out[free[j]]:
+                give[j] += 1
+                rem -= 1
+        for j, i in enumerate(free):
+            out[i] += give[j]
+        left = total - sum(out)
+        free = [i for i in free if out[i] < caps[i]]
+    return out

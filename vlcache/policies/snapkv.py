@@ -1,0 +1,51 @@
+"""SnapKV (Li et al., NeurIPS 2024, arXiv 2404.14469): observation-window scoring with pooling."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from .base import LayerView, Policy
+from .h2o import last_real
+
+
+@dataclass(kw_only=True)
+class SnapKV(Policy):
+    """Scores each prompt token by the attention it gets from the last `window` prompt rows, smoothed along the
+    sequence so that neighbours of important tokens survive together; keeps the window plus the top scores.
+    Prefill only: the cache then grows by one entry per generated token.
+
+    - window (32): observation rows, also kept (at most the budget).
+    - kernel (5): pooling width along the sequence; 1 turns pooling off.
+    - pooling ("avg"): "avg" or "max".
+    - agg ("mean"): how the query heads of a GQA group combine into their KV head's score.
+    """
+
+    window: int = 32
+    kernel: int = 5
+    pooling: str = "avg"
+    agg: str = "mean"
+
+    name = "snapkv"
+    paper = "https://arxiv.org/abs/2404.14469"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    def always_keep(self, view: LayerView) -> torch.Tensor:
+        w = self.total_budget(view.layout).clamp(max=self.window)
+        return last_real(view.layout.valid, w)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        n = view.new
+        w = min(self.window, n)
+        s = view.probs(slice(n - w, None)).sum(2)  # [B, H, T]
+        prefix = kernels.pool1d(s[..., : n - w], self.kernel, self.pooling)
+        s = torch.cat([prefix, torch.full_like(s[..., n - w :], float("inf"))], dim=-1)
+        return kernels.group_reduce(s, view.kv_heads, self.agg)

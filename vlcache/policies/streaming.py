@@ -1,0 +1,49 @@
+"""StreamingLLM (Xiao et al., ICLR 2024, arXiv 2309.17453): attention sinks plus a recent window."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LayerView, Policy
+
+
+def first_real(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T] the first n real (non-padding) positions of each row."""
+    return valid & (valid.long().cumsum(-1) <= n)
+
+
+@dataclass(kw_only=True)
+class StreamingLLM(Policy):
+    """Keeps the first `sinks` tokens and the most recent ones up to the budget, needing no attention scores.
+
+    While decoding the cache stays at that size: as each token arrives the oldest non-sink entry leaves.
+    Keys keep their original positions (the paper's pos-shift re-rotation is for streams past the trained
+    context, which VLM prompts are not).
+
+    - sinks (4): leading tokens that are never evicted.
+    """
+
+    sinks: int = 4
+
+    name = "streamingllm"
+    paper = "https://arxiv.org/abs/2309.17453"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return view.positions.float()  # the most recent first
+
+    def always_keep(self, view: LayerView) -> torch.Tensor:
+        return first_real(view.layout.valid, self.sinks)
+
+    def on_prefill(self, view: LayerView):
+        plan = self.plan(view)
+        view.state["budget"] = self.growth_budget(view, plan)
+        return {view.layer: self.select(plan, self.score(view), view.slot_valid)}
+
+    def on_append(self, view: LayerView):
+        forced = view.prompt_mask(self.protected(view.layout) | self.always_keep(view))
+        return self.keep_at_budget(view, view.state["budget"], self.score(view), forced)
