@@ -9,7 +9,7 @@ from util import FAMILIES, prompt_for
 
 import vlcache
 from vlcache import tiny
-from vlcache.hf import CompressibleLayer, VLCache
+from vlcache.hf import CompressedCache, CompressibleLayer
 from vlcache.hf.model import decoder
 from vlcache.modality import layout_from_inputs
 from vlcache.policies import H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
@@ -297,7 +297,7 @@ def test_vlcache_cache_outside_generate_with_manual_forward(tiny_model):
             out = model(**inputs, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             out2 = model(input_ids=tok, past_key_values=cache, position_ids=torch.tensor([[n]]), use_cache=True)
-    assert isinstance(cache, VLCache) and cache.prefilled
+    assert isinstance(cache, CompressedCache) and cache.prefilled
     assert cache.physical_length(0) == int(0.5 * n) + 1
     expect = _generate(model, inputs, SnapKV(budget=0.5), max_new_tokens=2)[0, -1]
     assert out2.logits[0, -1].argmax() == expect

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from util import IMG_ID, MARK_ID, kept_indices, layout_from_ids, view_for
+from util import IMG_ID, MARK_ID, kept_indices, kept_positions, layout_from_ids, run_policy, view_for
 
 from vlcache.kernels import reference as ref
 from vlcache.policies import H2O, POLICIES, Full, PyramidKV, Random, SnapKV, StreamingLLM, make_policy
@@ -23,63 +23,86 @@ IDS = (
 )
 
 BUDGETED = [name for name, cls in POLICIES.items() if cls.needs_budget]
+LAYER_ADAPTIVE = {"pyramidkv", "vlcache", "cake"}  # per-layer budgets differ, their sum is fixed
+L = 3
 
 
 def _policy(name, **kw):
-    extra = {"window": 4} if name in ("snapkv", "pyramidkv") else {}
+    extra = {"window": 4} if name in ("snapkv", "pyramidkv", "cake") else {}
     return make_policy(name, **extra, **kw)
 
 
-# ----------------------------------------------------------------------------- the shared matrix
+def _sizes(cache):
+    return [cache.layers[i].physical_length for i in range(L)]
+
+
+# ----------------------------------------------------------------------------- the shared matrix: every policy
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_keep_all_is_identity(name):
     layout = layout_from_ids(IDS)
     policy = Full() if name == "full" else _policy(name, budget=1.0)
-    idx = kept_indices(policy, view_for(layout))
+    cache = run_policy(policy, layout, layers=L)
     n = len(IDS)
-    assert idx is None or torch.equal(idx, torch.arange(n).expand(1, 2, n))
+    g = torch.Generator().manual_seed(0)
+    for i in range(L):
+        assert torch.equal(kept_positions(cache, i), torch.arange(n).expand(1, 2, n))
+        torch.randn(1, 4, n, 8, generator=g)  # the q run_policy drew
+        assert torch.equal(cache.layers[i].keys, torch.randn(1, 2, n, 8, generator=g))  # untouched, not merged
+        torch.randn(1, 2, n, 8, generator=g)
 
 
 @pytest.mark.parametrize("name", BUDGETED)
 @pytest.mark.parametrize("budget", [0.25, 0.5, 17])
 def test_kept_count_equals_budget(name, budget):
     layout = layout_from_ids(IDS)
-    policy = _policy(name, budget=budget, protect=())
     n = len(IDS)
     want = min(budget, n) if isinstance(budget, int) else max(1, math.floor(budget * n))
-    if name == "pyramidkv":
-        L = 4
-        sizes = [kept_indices(policy, view_for(layout, layer=i, num_layers=L)).shape[-1] for i in range(L)]
+    sizes = _sizes(run_policy(_policy(name, budget=budget, protect=()), layout, layers=L))
+    if name in LAYER_ADAPTIVE:
         assert sum(sizes) == L * want
     else:
-        idx = kept_indices(policy, view_for(layout))
-        assert idx.shape == (1, 2, want)
-        assert (idx.diff(dim=-1) > 0).all()  # ascending, no duplicates
+        assert sizes == [want] * L
+    for i in range(L):
+        pos = kept_positions(run_policy(_policy(name, budget=budget, protect=()), layout, layers=L), i)
+        assert (pos.diff(dim=-1) > 0).all()  # ascending, no duplicates
 
 
 @pytest.mark.parametrize("name", BUDGETED)
 def test_protected_tokens_survive(name):
     layout = layout_from_ids(IDS)
-    policy = _policy(name, budget=0.1)  # 6 tokens: fewer than the protected ones
-    idx = kept_indices(policy, view_for(layout))
-    protected = (layout.marker | layout.question)[0].nonzero().flatten()
-    for h in range(2):
-        assert set(protected.tolist()) <= set(idx[0, h].tolist())
+    cache = run_policy(_policy(name, budget=0.1), layout, layers=L, decode=3)  # 6 tokens: fewer than protected
+    protected = set((layout.marker | layout.question)[0].nonzero().flatten().tolist())
+    for i in range(L):
+        for h in range(2):
+            assert protected <= set(kept_positions(cache, i)[0, h].tolist())
 
 
 @pytest.mark.parametrize("name", BUDGETED)
 def test_vision_budget_keeps_all_text(name):
     layout = layout_from_ids(IDS)
-    policy = _policy(name, vision_budget=0.25)
-    idx = kept_indices(policy, view_for(layout))
-    text = layout.text[0].nonzero().flatten().tolist()
-    n_vision = int(layout.vision.sum())
-    for h in range(2):
-        kept = set(idx[0, h].tolist())
-        assert set(text) <= kept
-        assert len(kept) - len(text) == math.floor(0.25 * n_vision)
+    cache = run_policy(_policy(name, vision_budget=0.25), layout, layers=L)
+    text = set(layout.text[0].nonzero().flatten().tolist())
+    vision = []
+    for i in range(L):
+        kept = kept_positions(cache, i)[0]
+        for h in range(2):
+            assert text <= set(kept[h].tolist())
+        vision.append(len(kept[0]) - len(text))
+    want = math.floor(0.25 * int(layout.vision.sum()))
+    assert sum(vision) == L * want if name in LAYER_ADAPTIVE else vision == [want] * L
+
+
+@pytest.mark.parametrize("name", BUDGETED)
+def test_frame_minimum_keeps_every_span(name):
+    layout = layout_from_ids(IDS)
+    cache = run_policy(_policy(name, vision_budget=2, frame_min=3), layout, layers=L)
+    for i in range(L):
+        for h in range(2):
+            kept = set(kept_positions(cache, i)[0, h].tolist())
+            for span in layout.samples[0].spans:
+                assert len(kept & set(range(span.start, span.end))) >= 3
 
 
 # ----------------------------------------------------------------------------- defining properties

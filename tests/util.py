@@ -30,7 +30,9 @@ def layout_from_ids(ids, mask=None):
     )
 
 
-def view_for(layout, q=None, k=None, v=None, *, heads=4, kv_heads=2, d=8, layer=0, depth=None, num_layers=1, seed=0):
+def view_for(
+    layout, q=None, k=None, v=None, *, heads=4, kv_heads=2, d=8, layer=0, depth=None, num_layers=1, seed=0, request=None
+):
     """A prefill LayerView over random (or given) post-RoPE q/k/v for `layout`."""
     B, n = layout.modality.shape
     g = torch.Generator().manual_seed(seed)
@@ -50,6 +52,7 @@ def view_for(layout, q=None, k=None, v=None, *, heads=4, kv_heads=2, d=8, layer=
         positions=torch.arange(n).expand(B, Hk, n),
         slot_valid=layout.valid[:, None, :].expand(B, Hk, n),
         new=n,
+        request=request,
     )
 
 
@@ -58,3 +61,56 @@ def kept_indices(policy, view):
     if sel is None:
         return None
     return sel[view.layer].indices
+
+
+def run_policy(policy, layout, *, layers=2, heads=4, kv_heads=2, d=8, seed=0, qkv=None, decode=0, on_layer=None):
+    """Drive `policy` through a real CompressedCache over hand-made tensors, as generate would: every layer's
+    prefill, the whole-model step, then `decode` single-token steps. `qkv[l]` gives (q, k, v) of layer l;
+    `on_layer(cache, l)` runs after each prefill layer. Returns the cache."""
+    import transformers as T
+
+    from vlcache.hf.cache import CompressedCache
+    from vlcache.hf.driver import Driver
+
+    cfg = T.LlamaConfig(
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        hidden_size=heads * d,
+        vocab_size=16,
+    )
+    cache = CompressedCache(cfg)
+    B, n = layout.modality.shape
+    cache.begin(layout, layout.valid)
+    driver = Driver(policy, heads)
+    g = torch.Generator().manual_seed(seed)
+    for li in range(layers):
+        if qkv is not None:
+            q, k, v = qkv[li]
+        else:
+            q, k, v = (
+                torch.randn(B, heads, n, d, generator=g),
+                torch.randn(B, kv_heads, n, d, generator=g),
+                torch.randn(B, kv_heads, n, d, generator=g),
+            )
+        cache.update(k, v, li)
+        driver.layer_forward(cache, li, q, d**-0.5)
+        if on_layer is not None:
+            on_layer(cache, li)
+    driver.finish_prefill(cache)
+    for _ in range(decode):
+        cache.extend(torch.ones(B, 1, dtype=torch.bool))
+        for li in range(layers):
+            q, k, v = (
+                torch.randn(B, heads, 1, d, generator=g),
+                torch.randn(B, kv_heads, 1, d, generator=g),
+                torch.randn(B, kv_heads, 1, d, generator=g),
+            )
+            cache.update(k, v, li)
+            driver.layer_forward(cache, li, q, d**-0.5)
+    return cache
+
+
+def kept_positions(cache, layer=0):
+    """[B, Hk, K] original positions held by a layer."""
+    return cache.layers[layer].slot_positions()

@@ -1,7 +1,7 @@
 """Everything that depends on transformers internals lives in this package: the cache subclass, the registered
 attention functions, the forward hooks and the model discovery. When transformers changes, look here."""
 
-from .cache import CompressibleLayer, VLCache
+from .cache import CompressedCache, CompressibleLayer
 from .session import Session
 
-__all__ = ["CompressibleLayer", "Session", "VLCache"]
+__all__ = ["CompressibleLayer", "Session", "CompressedCache"]

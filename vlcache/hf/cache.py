@@ -21,6 +21,8 @@ from ..modality import Layout
 from ..policies.base import Selection
 from ..stats import CompressionStats, LayerStats
 
+DEAD = -1  # position of a filler slot: kept for shape in a batch, never attended to
+
 
 class CompressibleLayer(DynamicLayer):
     """A `DynamicLayer` that can be compacted to any subset of its slots and remembers their positions."""
@@ -31,6 +33,7 @@ class CompressibleLayer(DynamicLayer):
         self.positions: torch.Tensor | None = None  # [B, Hk, T] long; None while slots == positions (never compacted)
         self.slot_state: dict[str, torch.Tensor] = {}  # per-slot policy tensors [B, Hk, T], kept aligned
         self.state: dict = {}  # per-layer policy state for the request
+        self.has_dead = False  # some slots hold filler (position DEAD), masked like padding
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
@@ -70,6 +73,9 @@ class CompressibleLayer(DynamicLayer):
         else:
             keys, values = kernels.gather_kv(self.keys, self.values, idx)
         self.positions = self.slot_positions().gather(-1, idx)
+        if sel.filler is not None:  # kept only so every row has the same length: dead from now on
+            self.positions = self.positions.masked_fill(sel.filler.to(idx.device), DEAD)
+            self.has_dead = True
         for name, t in self.slot_state.items():
             self.slot_state[name] = t.gather(-1, idx)
         # new tensors replace the old ones: the memory of evicted entries is freed once nothing else holds it
@@ -83,7 +89,7 @@ class CompressibleLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.positions, self.slot_state, self.state = 0, None, {}, {}
+        self.seen, self.positions, self.slot_state, self.state, self.has_dead = 0, None, {}, {}, False
 
     def _batch_op(self, fn) -> None:
         if self.positions is not None:
@@ -103,7 +109,7 @@ class CompressibleLayer(DynamicLayer):
         self._batch_op(lambda t: t[indices, ...])
 
 
-class VLCache(DynamicCache):
+class CompressedCache(DynamicCache):
     """The cache vlcache compresses. Build it with `session.new_cache()` (or let `generate` get one
     automatically inside `vlcache.compress`); pass it back to `generate` for a chat's next turn."""
 
@@ -119,6 +125,7 @@ class VLCache(DynamicCache):
         self.padded = False  # any padding at all (if not, slot validity needs no lookup)
         self.prefilled = False
         self.shared: dict = {}  # policy state shared by all layers of the request
+        self.request = None  # the policies.base.Request built by the session on first use
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 
@@ -142,10 +149,10 @@ class VLCache(DynamicCache):
     def slot_valid(self, layer: CompressibleLayer) -> torch.Tensor:
         """[B, Hk, T] whether each slot holds a real token (False at padding)."""
         pos = layer.slot_positions()
-        if not self.padded:
+        if not self.padded and not layer.has_dead:
             return torch.ones(1, 1, 1, dtype=torch.bool, device=pos.device).expand(pos.shape)
         sv = self.seq_valid.to(pos.device)
-        return sv.gather(1, pos.flatten(1)).view_as(pos)
+        return sv.gather(1, pos.clamp(min=0).flatten(1)).view_as(pos) & (pos != DEAD)
 
     def physical_length(self, layer_idx: int) -> int:
         layer = self.layers[layer_idx]
@@ -186,7 +193,7 @@ class VLCache(DynamicCache):
         real = self.slot_valid(layer)
         n = self.layout.length
         in_prompt = pos < n
-        mod = self.layout.modality.to(pos.device).long().gather(1, pos.clamp(max=n - 1).flatten(1)).view_as(pos)
+        mod = self.layout.modality.to(pos.device).long().gather(1, pos.clamp(0, n - 1).flatten(1)).view_as(pos)
         kept = {
             name: float(((mod == m) & in_prompt & real).sum()) / H for m, name in enumerate(("text", "image", "video"))
         }

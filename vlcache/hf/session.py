@@ -3,7 +3,7 @@
 Attaching (1) switches the language model's attention to vlcache's wrapper of the same kind (sdpa or eager),
 (2) puts forward hooks on the model: before a forward, it learns the prompt's modality layout (first forward on
 a cache) or the padding of the appended tokens; after it, it runs the policy's whole-model step and marks the
-prefill done, (3) makes `model.generate` hand a `VLCache` to generation when the caller passed none.
+prefill done, (3) makes `model.generate` hand a `CompressedCache` to generation when the caller passed none.
 Compression itself happens inside the attention call of each layer, right after its prefill attention: the
 layer's full keys are freed before the next layer runs.
 """
@@ -14,11 +14,11 @@ import torch
 
 from ..modality import family_for, layout_from_inputs
 from ..policies import Policy
-from ..policies.base import LayerView
 from ..stats import CompressionStats
 from .attention import layer_mask, register
-from .cache import CompressibleLayer, VLCache
-from .model import attention_modules, set_text_implementation, vlcache_implementation
+from .cache import CompressedCache, CompressibleLayer
+from .driver import Driver
+from .model import attention_modules, set_text_implementation, text_config, vlcache_implementation
 
 
 class Session:
@@ -30,15 +30,15 @@ class Session:
         self.model = model
         self.policy = policy
         self.family = family_for(model.config, processor)  # raises for unsupported families, before touching anything
-        self.cache: VLCache | None = None  # the cache of the forward in flight
+        self.cache: CompressedCache | None = None  # the cache of the forward in flight
         self.prefill_stats: CompressionStats | None = None
         self.stats: CompressionStats | None = None  # at the end of the last generate
-        self.last_cache: VLCache | None = None
+        self.last_cache: CompressedCache | None = None
         self._handles = []
         self._modules = []
         self._original_impl = None
         self._attached = False
-        self._appends = type(policy).on_append is not Policy.on_append
+        self.driver = Driver(policy, text_config(model).num_attention_heads)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,9 +83,9 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def new_cache(self) -> VLCache:
+    def new_cache(self) -> CompressedCache:
         """An empty cache for this model (pass it to generate to continue a conversation later)."""
-        return VLCache(self.model.config)
+        return CompressedCache(self.model.config)
 
     # ------------------------------------------------------------------ generate
 
@@ -96,7 +96,7 @@ class Session:
         cache = kwargs.get("past_key_values")
         if cache is None:
             kwargs["past_key_values"] = cache = self.new_cache()
-        elif not isinstance(cache, VLCache):
+        elif not isinstance(cache, CompressedCache):
             raise ValueError("inside vlcache.compress, pass past_key_values=session.new_cache() (or no cache at all)")
         gc = kwargs.get("generation_config") or self.model.generation_config
         if kwargs.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None):
@@ -122,7 +122,7 @@ class Session:
 
     def _before(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
-        if not isinstance(cache, VLCache):
+        if not isinstance(cache, CompressedCache):
             self.cache = None
             return
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
@@ -143,9 +143,7 @@ class Session:
     def _after(self, module, args, kwargs, output):
         cache = self.cache
         if cache is not None and not cache.prefilled:
-            with torch.no_grad():
-                self._apply(cache, self.policy.after_prefill(cache.shared))
-            cache.prefilled = True
+            self.driver.finish_prefill(cache)
             self.prefill_stats = cache.stats(self.label())
         self.cache = None
 
@@ -161,35 +159,5 @@ class Session:
         if layer.compacted:
             mask = layer_mask(cache.slot_valid(layer), q, query.shape[1], query.dtype, eager)
         out = stock(module, query, key, value, mask, **kwargs)
-        if cache.prefilled and not self._appends:
-            return out
-        layers = cache.compressible()
-        scaling = kwargs.get("scaling")
-        view = LayerView(
-            layer=li,
-            depth=layers.index(li),
-            num_layers=len(layers),
-            query=query,
-            keys=layer.keys,
-            values=layer.values,
-            scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-            layout=cache.layout,
-            positions=layer.slot_positions(),
-            slot_valid=cache.slot_valid(layer),
-            new=q,
-            state=layer.state,
-            shared=cache.shared,
-            slot_state=layer.slot_state,
-        )
-        with torch.no_grad():
-            sels = self.policy.on_append(view) if cache.prefilled else self.policy.on_prefill(view)
-        self._apply(cache, sels)
+        self.driver.layer_forward(cache, li, query, kwargs.get("scaling"))
         return out
-
-    @staticmethod
-    def _apply(cache: VLCache, selections) -> None:
-        for li, sel in (selections or {}).items():
-            layer = cache.layers[li]
-            if not isinstance(layer, CompressibleLayer):
-                raise ValueError(f"policy selected entries of layer {li}, which is not compressible (sliding window)")
-            layer.compact(sel)

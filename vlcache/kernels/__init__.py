@@ -26,4 +26,27 @@ def gather_kv(keys, values, index):
     return reference.gather_kv(keys, values, index)
 
 
-__all__ = ["AttentionStats", "attention_probs", "attention_stats", "backend", "gather_kv", "group_reduce", "pool1d"]
+def similarity_assign(keys, kept, *, chunk=1024, eps=1e-6):
+    return reference.similarity_assign(keys, kept, chunk=chunk, eps=eps)
+
+
+def position_assign(positions, anchors):
+    return reference.position_assign(positions, anchors)
+
+
+def merge_kv(keys, values, kept, merged, assign, mode="average", weight=None):
+    return reference.merge_kv(keys, values, kept, merged, assign, mode, weight)
+
+
+__all__ = [
+    "AttentionStats",
+    "attention_probs",
+    "attention_stats",
+    "backend",
+    "gather_kv",
+    "group_reduce",
+    "merge_kv",
+    "pool1d",
+    "position_assign",
+    "similarity_assign",
+]

@@ -142,7 +142,7 @@ def group_reduce(x: torch.Tensor, hk: int, agg: str = "mean") -> torch.Tensor:
 def pool1d(scores: torch.Tensor, kernel: int, kind: str = "avg") -> torch.Tensor:
     """Smooth scores along the last dim (SnapKV's clustering): same length out, `kernel` odd, zero padding for avg
     (as F.avg_pool1d with count_include_pad, which is what SnapKV uses)."""
-    if kernel <= 1:
+    if kernel <= 1 or scores.shape[-1] == 0:
         return scores
     shape = scores.shape
     x = scores.reshape(-1, 1, shape[-1])
@@ -162,3 +162,76 @@ def gather_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> 
     k = keys.gather(2, idx.expand(*index.shape, keys.shape[-1]))
     v = values.gather(2, idx.expand(*index.shape, values.shape[-1]))
     return k, v
+
+
+def similarity_assign(
+    keys: torch.Tensor, kept: torch.Tensor, *, chunk: int = 1024, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slot's most similar kept key by cosine, per KV head (LOOK-M's pivot assignment).
+
+    keys [B, Hk, T, d]; kept [B, Hk, K] slot indices. Returns (assign [B, Hk, T] in [0, K), similarity [B, Hk, T]
+    fp32). Ties go to the lower kept index. Tiled over slots: peak extra memory is B*Hk*chunk*K floats.
+    """
+    d = keys.shape[-1]
+    kk = keys.gather(2, kept[..., None].expand(*kept.shape, d)).float()
+    kk = kk / kk.norm(dim=-1, keepdim=True).clamp(min=eps)
+    T = keys.shape[2]
+    assign = torch.empty(keys.shape[:3], dtype=torch.long, device=keys.device)
+    best = torch.empty(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for lo in range(0, T, chunk):
+        x = keys[:, :, lo : lo + chunk].float()
+        x = x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+        sim = x @ kk.transpose(-1, -2)  # [B, Hk, c, K]
+        best[:, :, lo : lo + chunk], assign[:, :, lo : lo + chunk] = sim.max(-1)
+    return assign, best
+
+
+def position_assign(positions: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Each slot's nearest anchor by position (Elastic Cache), ties to the earlier anchor.
+
+    positions [B, Hk, T]; anchors [B, Hk, A] anchor positions, ascending, A >= 1. Returns [B, Hk, T] in [0, A).
+    """
+    A = anchors.shape[-1]
+    right = torch.searchsorted(anchors.contiguous(), positions.contiguous()).clamp(max=A - 1)
+    left = (right - 1).clamp(min=0)
+    d_left = (positions - anchors.gather(-1, left)).abs()
+    d_right = (anchors.gather(-1, right) - positions).abs()
+    return torch.where(d_left <= d_right, left, right)
+
+
+def merge_kv(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kept: torch.Tensor,
+    merged: torch.Tensor,
+    assign: torch.Tensor,
+    mode: str = "average",
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge evicted entries into the kept entry they are assigned to, for keys and values alike:
+
+        x' = (x + sum_i src_i) / (n_x + 1)   with src_i = y_i (average), (y_i + x) / 2 (pivot), s_i * y_i (weighted)
+
+    keys/values [B, Hk, T, d]; kept [B, Hk, K] slots; merged [B, Hk, T] bool, the slots to fold in (evicted ones);
+    assign [B, Hk, T] in [0, K); weight [B, Hk, T] (s_i, for "weighted"). Computed in fp32; returns the K kept
+    keys and values [B, Hk, K, d] in the input dtype.
+    """
+    if mode not in ("average", "pivot", "weighted"):
+        raise ValueError(f"merge mode must be 'average', 'pivot' or 'weighted', got {mode!r}")
+    out = []
+    idx = assign[..., None]
+    for x in (keys, values):
+        d = x.shape[-1]
+        base = x.gather(2, kept[..., None].expand(*kept.shape, d)).float()  # [B, Hk, K, d]
+        y = x.float()
+        if mode == "pivot":
+            src = (y + base.gather(2, idx.expand(*assign.shape, d))) / 2
+        elif mode == "weighted":
+            src = y * weight[..., None].float()
+        else:
+            src = y
+        src = src * merged[..., None]
+        total = base.scatter_add(2, idx.expand(*assign.shape, d), src)
+        count = torch.ones(kept.shape, dtype=torch.float32, device=x.device).scatter_add(2, assign, merged.float())
+        out.append((total / count[..., None]).to(x.dtype))
+    return out[0], out[1]

@@ -14,6 +14,7 @@ Policies see tensors and the `Layout` only, so they are testable without transfo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -29,11 +30,28 @@ PROTECTABLE = ("markers", "question")
 @dataclass
 class Selection:
     """What one layer keeps: `indices` [B, Hk, K] into its current slots, ascending. When `keys`/`values`
-    ([B, Hk, K, d]) are given they replace the gathered entries (merging policies)."""
+    ([B, Hk, K, d]) are given they replace the gathered entries (merging policies). `filler` [B, Hk, K] marks
+    slots a row holds only so that every row has K slots: they are masked out as padding is."""
 
     indices: torch.Tensor
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    filler: torch.Tensor | None = None
+
+
+@dataclass
+class Request:
+    """What a policy may reach beyond the layer in hand, for one request (one prompt batch).
+
+    - layers: indices of the compressible layers, in order.
+    - shared: one dict for the policy's cross-layer state (densities, preferences).
+    - view(l): a fresh view of layer l as it is now (no query rows), to re-select a layer that was already
+      compacted (CAKE's cascading) or to select every layer at once (VL-Cache).
+    """
+
+    layers: list[int]
+    shared: dict
+    view: Callable[[int], LayerView]
 
 
 @dataclass
@@ -65,6 +83,7 @@ class LayerView:
     state: dict = field(default_factory=dict)
     shared: dict = field(default_factory=dict)
     slot_state: dict = field(default_factory=dict)
+    request: Request | None = None
 
     @property
     def slots(self) -> int:
@@ -96,8 +115,8 @@ class LayerView:
         """A prompt mask [B, n] moved to slot space [B, Hk, T]; slots of generated tokens are False."""
         n = mask.shape[1]
         pos = self.positions
-        inside = pos < n
-        return mask.gather(1, pos.clamp(max=n - 1).flatten(1)).view_as(pos) & inside
+        inside = (pos >= 0) & (pos < n)  # filler slots (position -1) belong to no token
+        return mask.gather(1, pos.clamp(0, n - 1).flatten(1)).view_as(pos) & inside
 
     def probs(self, rows: slice) -> torch.Tensor:
         """Attention probabilities of some of this forward's query rows, [B, H, R, T] fp32 (small R only)."""
@@ -122,11 +141,16 @@ class Plan:
     pools: list[tuple[torch.Tensor, torch.Tensor]]
 
     def kept(self) -> torch.Tensor:
-        """[B] slots kept per row."""
+        """[B] slots kept per row (for a prompt-space plan; per head it is the same)."""
         k = self.forced.sum(-1)
         for _, n in self.pools:
             k = k + n
         return k
+
+    def to_slots(self, view: LayerView) -> Plan:
+        """This prompt-space plan mapped onto the current slots of `view`'s layer ([B, Hk, T] masks): what a
+        policy needs to select again in a layer that was already compacted."""
+        return Plan(view.prompt_mask(self.forced), [(view.prompt_mask(m), k) for m, k in self.pools])
 
 
 @dataclass(kw_only=True)
@@ -137,12 +161,15 @@ class Policy:
     - vision_budget / text_budget: separate amounts for vision tokens and text tokens, instead of `budget`;
       a modality without an amount is kept whole.
     - protect: token groups never evicted, from ("markers", "question"); () lets everything compete.
+    - frame_min: every image and video frame keeps at least this many of its best-scoring tokens (0: off), so
+      no frame disappears entirely; they count against the budget.
     """
 
     budget: float | int | None = None
     vision_budget: float | int | None = None
     text_budget: float | int | None = None
     protect: tuple[str, ...] = PROTECTABLE
+    frame_min: int = 0
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -161,6 +188,8 @@ class Policy:
         bad = [p for p in self.protect if p not in PROTECTABLE]
         if bad:
             raise ValueError(f"protect={bad} not understood; choose from {PROTECTABLE}")
+        if self.frame_min < 0:
+            raise ValueError(f"frame_min must be >= 0, got {self.frame_min}")
 
     # ------------------------------------------------------------------ hooks
 
@@ -168,9 +197,9 @@ class Policy:
         scores = self.score(view)
         if scores is None:
             return None
-        return {view.layer: self.select(self.plan(view), scores, view.slot_valid)}
+        return {view.layer: self.select(view, self.plan(view), scores)}
 
-    def after_prefill(self, shared: dict) -> dict[int, Selection] | None:
+    def after_prefill(self, request: Request) -> dict[int, Selection] | None:
         return None
 
     def on_append(self, view: LayerView) -> dict[int, Selection] | None:
@@ -182,8 +211,9 @@ class Policy:
         """[B, Hk, T] importance of every slot (higher is kept first), or None to keep everything."""
         raise NotImplementedError
 
-    def always_keep(self, view: LayerView) -> torch.Tensor | None:
-        """[B, T] slots the method itself never evicts (its recent window, its sinks), or None."""
+    def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor | None:
+        """[B, n] prompt positions the method itself never evicts (its recent window, its sinks), or None.
+        `total` [B] is the layer's budget, for windows sized as a share of it."""
         return None
 
     # ------------------------------------------------------------------ budgets and selection
@@ -212,18 +242,26 @@ class Policy:
             total = total + (n if amount is None else resolve(amount, n))
         return total
 
-    def plan(self, view: LayerView) -> Plan:
-        """The prefill budget of this layer (slots == prompt positions at prefill)."""
+    def plan(self, view: LayerView, *, total: torch.Tensor | None = None, weight: float = 1.0) -> Plan:
+        """The prefill budget of this layer in prompt space (slots == prompt positions at prefill).
+
+        total [B]: this layer's budget when the method sets it per layer (single `budget` only); weight: scales
+        the budget otherwise (per-modality amounts included), for layer-adaptive methods.
+        """
         layout = view.layout
         valid = layout.valid
+        if total is None:
+            total = self.total_budget(layout)
+            if weight != 1.0:
+                total = torch.floor(total.double() * weight).long()
         forced = self.protected(layout)
-        extra = self.always_keep(view)
+        extra = self.always_keep(view, total)
         if extra is not None:
             forced = forced | extra
         forced = forced & valid
         if self.budget is not None:
             pool = valid & ~forced
-            k = (resolve(self.budget, valid.sum(-1)) - forced.sum(-1)).clamp(min=0)
+            k = (total - forced.sum(-1)).clamp(min=0)
             return Plan(forced, [(pool, torch.minimum(k, pool.sum(-1)))])
         pools = []
         for modality, amount in ((layout.vision & valid, self.vision_budget), (layout.text, self.text_budget)):
@@ -231,13 +269,39 @@ class Policy:
             if amount is None:
                 k = pool.sum(-1)
             else:
-                k = (resolve(amount, modality.sum(-1)) - (forced & modality).sum(-1)).clamp(min=0)
+                want = resolve(amount, modality.sum(-1))
+                if weight != 1.0:
+                    want = torch.floor(want.double() * weight).long()
+                k = (want - (forced & modality).sum(-1)).clamp(min=0)
             pools.append((pool, torch.minimum(k, pool.sum(-1))))
         return Plan(forced, pools)
 
-    @staticmethod
-    def select(plan: Plan, scores: torch.Tensor, slot_valid: torch.Tensor) -> Selection:
-        return Selection(select_indices(scores, plan.forced, plan.pools, slot_valid))
+    def select(self, view: LayerView, plan: Plan, scores: torch.Tensor) -> Selection:
+        """Kept slots of a prefill plan: the forced ones, each frame's minimum, then the best of each pool."""
+        if self.frame_min > 0:
+            plan = self._with_frame_minimum(view, plan, scores)
+        return Selection(*select_indices(scores, plan.forced, plan.pools, view.slot_valid, with_filler=True))
+
+    def _with_frame_minimum(self, view: LayerView, plan: Plan, scores: torch.Tensor) -> Plan:
+        """Force each vision span's top-`frame_min` slots (per KV head) and take them out of their pool's k.
+        Spans are found through slot positions, so this works on a compacted layer too."""
+        Hk = scores.shape[1]
+        before = per_head(plan.forced, Hk) & view.slot_valid
+        forced = before.clone()
+        pos = view.positions
+        for b, sample in enumerate(view.layout.samples):
+            for span in sample.spans:
+                inside = (pos[b] >= span.start) & (pos[b] < span.end)  # [Hk, T]
+                m = min(self.frame_min, int(inside[0].sum()))
+                if m:
+                    top = scores[b].masked_fill(~inside, float("-inf")).topk(m, dim=-1).indices
+                    forced[b].scatter_(-1, top, True)
+        added = forced & ~before
+        pools = []
+        for mask, k in plan.pools:
+            mk = per_head(mask, Hk)
+            pools.append((mk & ~forced, (k.view(-1, 1) - (added & mk).sum(-1)).clamp(min=0)))
+        return Plan(forced, pools)
 
     def growth_budget(self, view: LayerView, plan: Plan) -> torch.Tensor:
         """[B] real tokens a decode-time method holds the cache at: what the prefill kept, or a token-count budget
@@ -255,7 +319,12 @@ class Policy:
             return None
         forced = forced & valid
         k = (budget.view(-1, 1) - forced.sum(-1)).clamp(min=0)  # [B, Hk]
-        return {view.layer: Selection(select_indices(scores, forced, [(valid & ~forced, k)], valid))}
+        return {view.layer: Selection(*select_indices(scores, forced, [(valid & ~forced, k)], valid, with_filler=True))}
+
+
+def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T] -> [B, Hk, T] (a view); [B, Hk, T] is returned as is."""
+    return mask[:, None, :].expand(mask.shape[0], heads, mask.shape[-1]) if mask.ndim == 2 else mask
 
 
 def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
@@ -271,30 +340,32 @@ def select_indices(
     forced: torch.Tensor,
     pools: list[tuple[torch.Tensor, torch.Tensor]],
     slot_valid: torch.Tensor,
-) -> torch.Tensor:
+    with_filler: bool = False,
+):
     """Kept slots [B, Hk, K], ascending: the forced slots plus the top-k of each pool by score, per KV head.
 
-    scores [B, Hk, T]; forced and pool masks [B, T] or [B, Hk, T]; k [B] or [B, Hk]; slot_valid [B, Hk, T]. Rows of a batch
-    may keep different numbers of real tokens; every row then holds K = the largest count, the shorter rows
-    filling up with their padding slots (masked in attention), then with their next-best tokens.
+    scores [B, Hk, T]; forced and pool masks [B, T] or [B, Hk, T]; k [B] or [B, Hk]; slot_valid [B, Hk, T]. Rows of a
+    batch may keep different numbers of real tokens; every row then holds K = the largest count, the shorter rows
+    filling up with their padding slots, then with slots they did not choose. With `with_filler`, also returns
+    the [B, Hk, K] mask of those filler slots (kept only for shape, to be masked out).
     """
     B, Hk, T = scores.shape
     s = torch.nan_to_num(scores.float(), nan=float("-inf"))
-
-    def per_head(m):
-        return m[:, None, :].expand(B, Hk, T) if m.ndim == 2 else m
-
-    keep = per_head(forced).clone()
+    keep = per_head(forced, Hk).clone()
     for mask, k in pools:
-        m = per_head(mask)
+        m = per_head(mask, Hk)
         rank = _rank_desc(s.masked_fill(~m, float("-inf")))
         keep |= m & (rank < k.view(B, -1, 1))
     counts = keep.sum(-1)  # [B, Hk], equal across heads of a row
     K = int(counts.max()) if counts.numel() else 0
     if K == T:
-        return torch.arange(T, device=scores.device).expand(B, Hk, T).contiguous()
-    # order: kept, then padding, then the rest by score; the first K of that order survive
-    group = torch.where(keep, 0, torch.where(slot_valid, 2, 1))
-    key = group * (T + 1) + _rank_desc(s)
-    idx = torch.topk(key, K, dim=-1, largest=False).indices
-    return idx.sort(dim=-1).values
+        idx = torch.arange(T, device=scores.device).expand(B, Hk, T).contiguous()
+    else:
+        # order: kept, then padding, then the rest by score; the first K of that order survive
+        group = torch.where(keep, 0, torch.where(slot_valid, 2, 1))
+        key = group * (T + 1) + _rank_desc(s)
+        idx = torch.topk(key, K, dim=-1, largest=False).indices.sort(dim=-1).values
+    if not with_filler:
+        return idx
+    filler = ~keep.gather(-1, idx) & slot_valid.gather(-1, idx)
+    return idx, None, None, (filler if bool(filler.any()) else None)

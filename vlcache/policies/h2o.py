@@ -40,11 +40,11 @@ class H2O(Policy):
         if not 0.0 <= self.recent <= 1.0:
             raise ValueError(f"recent must be in [0, 1], got {self.recent}")
 
-    def _recent(self, layout) -> torch.Tensor:
-        return torch.floor(self.recent * self.total_budget(layout).double()).long()
+    def _recent(self, total: torch.Tensor) -> torch.Tensor:
+        return torch.floor(self.recent * total.double()).long()
 
-    def always_keep(self, view: LayerView) -> torch.Tensor:
-        return last_real(view.layout.valid, self._recent(view.layout))
+    def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
+        return last_real(view.layout.valid, self._recent(total))
 
     def score(self, view: LayerView) -> torch.Tensor:
         return kernels.group_reduce(view.stats(chunk=self.chunk).colsum, view.kv_heads, self.agg)
@@ -54,8 +54,8 @@ class H2O(Policy):
         plan = self.plan(view)
         view.slot_state["h2o"] = scores  # the cache gathers it with the kept slots
         view.state["budget"] = self.growth_budget(view, plan)
-        view.state["recent"] = self._recent(view.layout)
-        return {view.layer: self.select(plan, scores, view.slot_valid)}
+        view.state["recent"] = self._recent(self.total_budget(view.layout))
+        return {view.layer: self.select(view, plan, scores)}
 
     def on_append(self, view: LayerView):
         acc = view.slot_state["h2o"] + kernels.group_reduce(

@@ -41,8 +41,8 @@ class PyramidKV(SnapKV):
         if self.beta < 1:
             raise ValueError(f"beta must be >= 1, got {self.beta}")
 
-    def plan(self, view: LayerView) -> Plan:
-        plan = super().plan(view)
+    def plan(self, view: LayerView, *, total: torch.Tensor | None = None, weight: float = 1.0) -> Plan:
+        plan = super().plan(view, total=total, weight=weight)
         pools = []
         for mask, k in plan.pools:
             size = mask.sum(-1)

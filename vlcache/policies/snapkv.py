@@ -38,9 +38,8 @@ class SnapKV(Policy):
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling must be 'avg' or 'max', got {self.pooling!r}")
 
-    def always_keep(self, view: LayerView) -> torch.Tensor:
-        w = self.total_budget(view.layout).clamp(max=self.window)
-        return last_real(view.layout.valid, w)
+    def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
+        return last_real(view.layout.valid, total.clamp(max=self.window))  # the window is at most the budget
 
     def score(self, view: LayerView) -> torch.Tensor:
         n = view.new

@@ -36,14 +36,14 @@ class StreamingLLM(Policy):
     def score(self, view: LayerView) -> torch.Tensor:
         return view.positions.float()  # the most recent first
 
-    def always_keep(self, view: LayerView) -> torch.Tensor:
+    def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
         return first_real(view.layout.valid, self.sinks)
 
     def on_prefill(self, view: LayerView):
         plan = self.plan(view)
         view.state["budget"] = self.growth_budget(view, plan)
-        return {view.layer: self.select(plan, self.score(view), view.slot_valid)}
+        return {view.layer: self.select(view, plan, self.score(view))}
 
     def on_append(self, view: LayerView):
-        forced = view.prompt_mask(self.protected(view.layout) | self.always_keep(view))
+        forced = view.prompt_mask(self.protected(view.layout) | first_real(view.layout.valid, self.sinks))
         return self.keep_at_budget(view, view.state["budget"], self.score(view), forced)

@@ -1,0 +1,77 @@
+"""Runs a policy over a `CompressedCache`: builds each layer's view, calls the hooks, applies the selections.
+
+The session calls it from inside the attention wrapper; tests call it directly on hand-made tensors, so both
+go through the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..policies import Policy
+from ..policies.base import LayerView, Request
+from .cache import CompressedCache, CompressibleLayer
+
+
+class Driver:
+    def __init__(self, policy: Policy, heads: int):
+        self.policy = policy
+        self.heads = heads  # query heads, for views of a layer without new rows
+        self.appends = type(policy).on_append is not Policy.on_append
+
+    def layer_forward(self, cache: CompressedCache, li: int, query: torch.Tensor, scaling: float | None) -> None:
+        """After layer `li`'s attention over `query` (its new rows): the prefill or the append hook."""
+        if scaling is not None:
+            cache.layers[li].state.setdefault("_scale", scaling)
+        if cache.prefilled and not self.appends:
+            return
+        view = self.view(cache, li, query, scaling)
+        with torch.no_grad():
+            sels = self.policy.on_append(view) if cache.prefilled else self.policy.on_prefill(view)
+        self.apply(cache, sels)
+
+    def finish_prefill(self, cache: CompressedCache) -> None:
+        """All layers have seen the prompt: the whole-model step, then the cache counts as prefilled."""
+        with torch.no_grad():
+            self.apply(cache, self.policy.after_prefill(self.request(cache)))
+        cache.prefilled = True
+
+    def request(self, cache: CompressedCache) -> Request:
+        if cache.request is None:
+            cache.request = Request(cache.compressible(), cache.shared, lambda layer: self.view(cache, layer))
+        return cache.request
+
+    def view(self, cache: CompressedCache, li: int, query: torch.Tensor | None = None, scaling=None) -> LayerView:
+        """The policy's view of layer `li`; without `query`, the layer as it stands (no new rows)."""
+        layer = cache.layers[li]
+        request = self.request(cache)
+        if query is None:
+            B, _, _, d = layer.keys.shape
+            query = layer.keys.new_zeros(B, self.heads, 0, d)
+        if scaling is None:
+            scaling = layer.state.get("_scale", query.shape[-1] ** -0.5)
+        return LayerView(
+            layer=li,
+            depth=request.layers.index(li),
+            num_layers=len(request.layers),
+            query=query,
+            keys=layer.keys,
+            values=layer.values,
+            scale=scaling,
+            layout=cache.layout,
+            positions=layer.slot_positions(),
+            slot_valid=cache.slot_valid(layer),
+            new=query.shape[2],
+            state=layer.state,
+            shared=cache.shared,
+            slot_state=layer.slot_state,
+            request=request,
+        )
+
+    @staticmethod
+    def apply(cache: CompressedCache, selections) -> None:
+        for li, sel in (selections or {}).items():
+            layer = cache.layers[li]
+            if not isinstance(layer, CompressibleLayer):
+                raise ValueError(f"policy selected entries of layer {li}, which is not compressible (sliding window)")
+            layer.compact(sel)

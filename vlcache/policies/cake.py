@@ -1,0 +1,153 @@
+"""CAKE (Qin et al., ICLR 2025, arXiv 2503.12491): layer preferences, cascading budgets, mean + variance eviction."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from .base import LayerView, Plan, Policy, Request
+from .h2o import last_real
+
+
+def cake_allocate(total: int, prefs: list[float], cap: int) -> list[int]:
+    """Split `total` over layers in proportion to their preferences: floor each share, cap at `cap`, spread what
+    the caps cut evenly over the uncapped layers (remainder to the lowest indices), then add or take away evenly
+    so the sum is exactly `total` (as far as [1, cap] allows). CAKE's adjust_budgets, with the capping repeated
+    until it holds."""
+    m = len(prefs)
+    s = sum(prefs)
+    budgets = [int(p / s * total) for p in prefs] if s > 0 else [total // m] * m
+    while True:
+        excess = sum(max(0, b - cap) for b in budgets)
+        budgets = [min(b, cap) for b in budgets]
+        free = [i for i, b in enumerate(budgets) if b < cap]
+        if excess == 0 or not free:
+            break
+        per, rem = divmod(excess, len(free))
+        for j, i in enumerate(free):
+            budgets[i] += per + (j < rem)
+    target = min(total, cap * m)
+    floor = 1 if target >= m else 0
+    while (diff := target - sum(budgets)) != 0:
+        movable = [i for i in range(m) if (budgets[i] < cap if diff > 0 else budgets[i] > floor)]
+        if not movable:
+            break
+        per, rem = divmod(abs(diff), len(movable))
+        for j, i in enumerate(movable):
+            step = per + (j < rem)
+            budgets[i] += min(step, cap - budgets[i]) if diff > 0 else -min(step, budgets[i] - floor)
+    return budgets
+
+
+@dataclass(kw_only=True)
+class CAKE(Policy):
+    """Each layer gets a share of the model-wide budget in proportion to its preference, the product of how
+    spread its observation-window attention is (entropy) and how much it shifts across the window's rows
+    (variance), measured per prompt. Inside a layer, tokens are ranked by mean + gamma x variance of their window
+    attention, avg-pooled.
+
+    `budget` is the average per-layer cache size S (window included); the model keeps L x (S - window) outside the
+    windows. With `cascading` (default), after each layer's prefill every layer seen so far is re-cut to its
+    share among the layers seen so far, so the cache never holds more than that total (plus the windows and the
+    layer being computed) during prefill. While decoding each layer stays at its size: as a token arrives, the
+    entry the new token attends to least (pooled, window excluded) leaves.
+
+    - window (32), gamma (200), kernel (5): the observation window, the variance weight, the pooling width.
+    - tau1, tau2 (1.0, 1.0): preference = entropy^(1/tau1) * variance^(1/tau2) (the code tunes them per model).
+    - cascading (True): False cuts every layer once, after the last one (the whole cache is held until then).
+    """
+
+    window: int = 32
+    gamma: float = 200.0
+    tau1: float = 1.0
+    tau2: float = 1.0
+    kernel: int = 5
+    cascading: bool = True
+    agg: str = "mean"
+
+    name = "cake"
+    paper = "https://arxiv.org/abs/2503.12491"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window < 2:
+            raise ValueError(f"window must be >= 2 (a variance needs two rows), got {self.window}")
+        if self.tau1 <= 0 or self.tau2 <= 0:
+            raise ValueError(f"tau1 and tau2 must be > 0, got {self.tau1}, {self.tau2}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number, got {self.kernel}")
+
+    def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
+        return last_real(view.layout.valid, total.clamp(max=self.window))
+
+    def layer_statistics(self, view: LayerView) -> tuple[list[float], torch.Tensor]:
+        """(preference per prompt, indicator [B, Hk, n]) from the last `window` prompt rows."""
+        n = view.new
+        w = min(self.window, n)
+        A = view.probs(slice(n - w, None))  # [B, H, w, n]
+        prefix = A[..., : n - w]
+        entropy = -(prefix * torch.log(prefix + 1e-10)).sum((1, 2, 3))  # [B]
+        shift = prefix.var(dim=2).sum((1, 2)) if w > 1 else torch.zeros_like(entropy)
+        preference = (entropy.clamp(min=0) ** (1 / self.tau1) * shift ** (1 / self.tau2)).tolist()
+        indicator = A.mean(2) + self.gamma * (A.var(dim=2) if w > 1 else torch.zeros_like(A[:, :, 0]))
+        pooled = kernels.pool1d(indicator[..., : n - w], self.kernel, "avg")
+        indicator = torch.cat([pooled, torch.full_like(indicator[..., n - w :], float("inf"))], dim=-1)
+        return preference, kernels.group_reduce(indicator, view.kv_heads, self.agg)
+
+    def on_prefill(self, view: LayerView):
+        valid = view.layout.valid
+        if bool((valid.sum(-1) <= self.total_budget(view.layout) + self.window).all()):
+            view.shared["cake_skip"] = True  # the prompt fits: CAKE leaves it whole
+            return None
+        preference, indicator = self.layer_statistics(view)
+        view.slot_state["cake"] = indicator  # compacted along with the layer, for later re-cuts
+        view.shared.setdefault("cake_preference", {})[view.layer] = preference
+        view.shared["cake_plan"] = self.plan(view)  # prompt-space; the same for every layer
+        if self.cascading:
+            return self.allocate(view.request, view.depth + 1)
+        return None
+
+    def after_prefill(self, request: Request):
+        if self.cascading or request.shared.get("cake_skip"):
+            return None
+        return self.allocate(request, len(request.layers))
+
+    def allocate(self, request: Request, seen: int):
+        """Cut each of the first `seen` layers to its share of the model-wide budget."""
+        layers = request.layers[:seen]
+        prefs = list(zip(*[request.shared["cake_preference"][layer] for layer in layers]))  # per prompt, per layer
+        plan = request.shared["cake_plan"]
+        L = len(request.layers)
+        # per pool and prompt: the model-wide total, split over the layers seen so far
+        shares = []
+        for mask, k in plan.pools:
+            size = mask.sum(-1).tolist()
+            shares.append([cake_allocate(L * int(kb), list(p), int(sb)) for p, kb, sb in zip(prefs, k.tolist(), size)])
+        out = {}
+        for i, layer in enumerate(layers):
+            view = request.view(layer)
+            slots = plan.to_slots(view)
+            pools = [
+                (mask, torch.tensor([row[i] for row in share], device=mask.device))
+                for (mask, _), share in zip(slots.pools, shares)
+            ]
+            cut = Plan(slots.forced & view.slot_valid, pools)
+            view.state["hold"] = cut.forced[:, 0].sum(-1) + sum(k for _, k in pools)  # real tokens kept while decoding
+            view.state["window"] = min(self.window, int(self.total_budget(view.layout).min()))
+            if bool((view.slot_valid[:, 0].sum(-1) > view.state["hold"]).any()):
+                out[layer] = self.select(view, cut, view.slot_state["cake"])
+        return out
+
+    def on_append(self, view: LayerView):
+        hold = view.state.get("hold")
+        if hold is None:  # the prompt was not compressed
+            return None
+        T = view.slots
+        w = min(view.state["window"], T)
+        row = view.probs(slice(None)).mean(2)  # the new rows' attention, [B, H, T]
+        scores = kernels.pool1d(row[..., : T - w], self.kernel, "avg")
+        scores = torch.cat([scores, torch.full_like(row[..., T - w :], float("inf"))], dim=-1)
+        scores = kernels.group_reduce(scores, view.kv_heads, self.agg)
+        recent = view.positions >= view.positions.amax(-1, keepdim=True) + 1 - w
+        forced = recent | view.prompt_mask(self.protected(view.layout))
+        return self.keep_at_budget(view, hold, scores, forced)

@@ -1,0 +1,110 @@
+"""Elastic Cache (Liu et al., ECCV 2024, arXiv 2407.18121): anchor merging, then fixed-point elimination."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from .base import LayerView, Policy, Selection
+from .h2o import last_real
+from .streaming import first_real
+
+
+@dataclass(kw_only=True)
+class ElasticCache(Policy):
+    """Prefill: tokens are ranked by the attention they accumulate over all prompt rows, averaged over heads (one
+    choice for every head); the top ones are anchors, and every other token is merged into its nearest anchor by
+    position (the anchor's key and value become the mean of itself and its members). The first `start` tokens
+    and the last prompt token are kept as they are.
+
+    Decoding: the cache holds the kept fraction of the tokens seen. Whenever it is over, the entry at a fixed
+    point P = (cache length after prefill) + `distance` is deleted (the first unprotected one from P on), so
+    everything before P stays and what follows behaves as a queue.
+
+    `budget` is the kept fraction (the paper's 1 - r; its default r = 0.2 is budget=0.8) or a token count.
+
+    - start (1): leading tokens always kept (the eval scripts' start_size).
+    - distance (-25): the fixed point's offset from the post-prefill length; a positive value is an absolute index.
+    """
+
+    start: int = 1
+    distance: int = -25
+    chunk: int = 256
+
+    name = "elastic"
+    paper = "https://arxiv.org/abs/2407.18121"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start}")
+
+    def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
+        valid = view.layout.valid
+        return first_real(valid, self.start) | last_real(valid, torch.ones_like(total))
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        importance = view.stats(chunk=self.chunk).colsum.mean(1)  # column sums of the head-mean attention
+        return importance[:, None, :].expand(-1, view.kv_heads, -1)
+
+    def on_prefill(self, view: LayerView):
+        plan = self.plan(view)
+        sel = self.select(view, plan, self.score(view))
+        sel = self.merge_into_anchors(view, sel, plan.forced)
+        real = view.layout.valid.sum(-1)
+        if isinstance(self.budget, float):  # the paper's floor((1 - r) * T)
+            view.state["fraction"] = torch.full(real.shape, self.budget, dtype=torch.float64, device=real.device)
+        else:  # per-modality amounts: hold the fraction the prefill kept
+            kept = view.slot_valid.gather(-1, sel.indices)[:, 0].sum(-1)
+            view.state["fraction"] = kept.double() / real.double()
+        view.state["seen"] = real
+        length = sel.indices.shape[-1]
+        point = self.distance if self.distance >= 0 else length + self.distance
+        view.state["point"] = max(min(point, length - 1), min(self.start, length - 1))
+        return {view.layer: sel}
+
+    def merge_into_anchors(self, view: LayerView, sel: Selection, forced: torch.Tensor) -> Selection:
+        """Fold every evicted token into the anchor nearest by position (anchors: kept and not forced)."""
+        idx = sel.indices  # [B, Hk, K]
+        kept = torch.zeros_like(view.slot_valid).scatter_(-1, idx, True)
+        evicted = view.slot_valid & ~kept
+        is_anchor = ~forced[:, None, :].expand_as(kept).gather(-1, idx) & view.slot_valid.gather(-1, idx)  # [B, Hk, K]
+        if not bool(evicted.any()) or not bool(is_anchor.any(-1).all()):
+            return sel
+        # anchors as positions, padded with +inf-like values so every row has the same count
+        big = view.positions.max() + view.slots + 1
+        anchor_pos = torch.where(is_anchor, idx, big).sort(-1)
+        assign_anchor = kernels.position_assign(view.positions, anchor_pos.values)
+        # map "k-th anchor" back to its column among the kept slots
+        column = torch.arange(idx.shape[-1], device=idx.device).expand_as(idx)
+        anchor_column = torch.where(is_anchor, column, idx.shape[-1]).sort(-1).values.clamp(max=idx.shape[-1] - 1)
+        assign = anchor_column.gather(-1, assign_anchor)
+        keys, values = kernels.merge_kv(view.keys, view.values, idx, evicted, assign, "average")
+        return Selection(idx, keys, values)
+
+    def on_append(self, view: LayerView):
+        seen = view.state["seen"] + view.new  # every appended token is real (generate extends with ones)
+        view.state["seen"] = seen
+        if isinstance(self.budget, int):
+            budget = torch.full_like(seen, self.budget)
+        else:
+            budget = torch.floor(view.state["fraction"] * seen.double()).long()
+        valid = view.slot_valid[:, 0]  # [B, T]
+        T = view.slots
+        slots = torch.arange(T, device=valid.device)
+        point = min(view.state["point"], T - 1)
+        # deletable from the fixed point on: real and not protected (the choice is shared by all heads)
+        deletable = valid & ~view.prompt_mask(self.protected(view.layout))[:, 0] & (slots >= point)
+        want = torch.minimum((valid.sum(-1) - budget).clamp(min=0), deletable.sum(-1))  # [B]
+        room = deletable.sum(-1) + (~valid).sum(-1)  # every row must drop the same count, pads included
+        drop = min(int(want.max()), int(room.min()))
+        if drop == 0:
+            return None
+        keep = torch.ones_like(valid)
+        for b in range(valid.shape[0]):
+            # a row under its budget gives up padding slots rather than real tokens, so rows stay the same length
+            pads = (~valid[b]).nonzero().flatten()[: drop - min(int(want[b]), drop)]
+            keep[b, pads] = False
+            keep[b, deletable[b].nonzero().flatten()[: drop - len(pads)]] = False
+        idx = slots.expand_as(valid)[keep].view(valid.shape[0], T - drop)
+        return {view.layer: Selection(idx[:, None, :].expand(-1, view.kv_heads, -1).contiguous())}
