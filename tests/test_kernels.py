@@ -1,0 +1,121 @@
+"""Triton kernels against their PyTorch references, on awkward shapes, under TRITON_INTERPRET=1 on the CPU (set in
+conftest.py before any kernel module is imported) and natively on a GPU."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from vlcache import kernels  # noqa: E402
+from vlcache.kernels import reference as ref  # noqa: E402
+from vlcache.kernels.triton_gather import gather_kv  # noqa: E402
+from vlcache.kernels.triton_merge import merge_kv  # noqa: E402
+from vlcache.kernels.triton_similarity import similarity_assign  # noqa: E402
+from vlcache.kernels.triton_stats import attention_stats  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}  # both sides accumulate exact bf16 products in fp32
+# (keys n, head dim d, GQA group g): every n, every d and every g appear at least once
+SHAPES = [(1, 64, 1), (63, 80, 4), (257, 128, 7), (1000, 64, 4), (63, 128, 1), (257, 80, 7)]
+
+
+def _ids(shape):
+    n, d, g = shape
+    return f"n{n}-d{d}-g{g}"
+
+
+def _randn(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_attention_stats(shape, dtype):
+    n, d, g = shape
+    gen = torch.Generator().manual_seed(n * d + g)
+    B, HK = 2, 1 if g == 7 else 2
+    H = HK * g
+    R = n if n <= 63 else 40  # every row where cheap; an observation window (not a multiple of a block) beyond
+    q, k = _randn(B, H, R, d, dtype=dtype, gen=gen), _randn(B, HK, n, d, dtype=dtype, gen=gen)
+    q_pos = torch.arange(n - R, n).expand(B, R).contiguous().to(DEVICE)
+    k_valid = torch.ones(B, n, dtype=torch.bool, device=DEVICE)
+    k_valid[1, : n // 5] = False  # row 1 is left-padded
+    q_valid = k_valid[:, n - R :]
+    got = attention_stats(q, k, d**-0.5, q_pos, k_valid, q_valid, with_sq=True, density_fraction=0.01)
+    want = ref.attention_stats(q, k, d**-0.5, q_pos, k_valid, q_valid, with_sq=True, density_fraction=0.01)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.colsum, want.colsum, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.colsq, want.colsq, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.variance(), want.variance(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got.density, want.density, atol=1.0, rtol=0)  # a count; a borderline key may flip
+    assert (got.density != want.density).float().mean() < 0.01
+
+
+def test_attention_stats_without_masks_and_no_rows():
+    gen = torch.Generator().manual_seed(1)
+    q, k = _randn(1, 4, 17, 64, dtype=torch.float32, gen=gen), _randn(1, 2, 17, 64, dtype=torch.float32, gen=gen)
+    pos = torch.arange(17)[None].to(DEVICE)
+    got, want = attention_stats(q, k, 0.125, pos), ref.attention_stats(q, k, 0.125, pos)
+    torch.testing.assert_close(got.colsum, want.colsum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.colsum.sum(-1), torch.full((1, 4), 17.0, device=DEVICE))  # each row sums to 1
+    empty = attention_stats(q[:, :, :0], k, 0.125, pos[:, :0])
+    assert empty.colsum.abs().sum() == 0
+
+
+def _kept(B, HK, T, K, gen):
+    return torch.stack(
+        [torch.stack([torch.randperm(T, generator=gen)[:K].sort().values for _ in range(HK)]) for _ in range(B)]
+    ).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "T,d,K", [(1, 64, 1), (63, 80, 1), (257, 128, 40), (1000, 64, 100), (63, 64, 63)], ids=lambda x: str(x)
+)
+def test_similarity_assign_is_exact_on_tie_free_inputs(T, d, K, dtype):
+    gen = torch.Generator().manual_seed(T + K)
+    keys = _randn(2, 2, T, d, dtype=dtype, gen=gen)
+    kept = _kept(2, 2, T, K, gen)
+    a, s = similarity_assign(keys, kept)
+    ra, rs = ref.similarity_assign(keys, kept)
+    assert torch.equal(a, ra)  # random keys: no ties
+    torch.testing.assert_close(s, rs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["average", "pivot", "weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,d,K", [(63, 80, 9), (257, 128, 1), (100, 64, 100)], ids=lambda x: str(x))
+def test_merge_matches_reference(T, d, K, dtype, mode):
+    gen = torch.Generator().manual_seed(T * K)
+    keys, values = _randn(2, 2, T, d, dtype=dtype, gen=gen), _randn(2, 2, T, d, dtype=dtype, gen=gen)
+    kept = _kept(2, 2, T, K, gen)
+    merged = torch.ones(2, 2, T, dtype=torch.bool, device=DEVICE).scatter_(-1, kept, False)
+    merged[1, :, : T // 3] = False  # some evicted entries are not merged (padding, merge filter)
+    assign, sim = ref.similarity_assign(keys, kept)
+    got = merge_kv(keys, values, kept, merged, assign, mode, sim)
+    want = ref.merge_kv(keys, values, kept, merged, assign, mode, sim)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # one bf16 rounding of the result
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,d,K", [(1, 64, 1), (63, 80, 63), (257, 128, 1), (1000, 64, 300)], ids=lambda x: str(x))
+def test_compaction_is_exact(T, d, K, dtype):
+    gen = torch.Generator().manual_seed(T + d)
+    keys, values = _randn(2, 3, T, d, dtype=dtype, gen=gen), _randn(2, 3, T, d // 2, dtype=dtype, gen=gen)
+    kept = _kept(2, 3, T, K, gen)
+    got = gather_kv(keys, values, kept)
+    want = ref.gather_kv(keys, values, kept)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    empty = gather_kv(keys, values, kept[..., :0])
+    assert empty[0].shape == (2, 3, 0, d)
+    with pytest.raises(ValueError, match="out of range"):
+        gather_kv(keys, values, kept + T)
+
+
+def test_dispatcher_uses_the_reference_off_cuda(monkeypatch):
+    assert kernels.backend("cpu") == "reference"
+    monkeypatch.setenv("VLCACHE_KERNELS", "reference")
+    assert kernels.backend("cuda") == "reference"
