@@ -9,9 +9,10 @@
 Importing vlcache patches nothing; attaching a policy touches only the model it is given.
 """
 
-from .api import attach, compress, last_stats
+from .api import attach, compress, last_stats, reuse
 from .modality import Layout, Modality, UnsupportedModelError
 from .policies import POLICIES, Policy, make_policy
+from .reuse import ImageKVStore
 from .stats import CompressionStats
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "POLICIES",
     "CompressionStats",
+    "ImageKVStore",
     "Layout",
     "Modality",
     "Policy",
@@ -27,4 +29,5 @@ __all__ = [
     "compress",
     "last_stats",
     "make_policy",
+    "reuse",
 ]

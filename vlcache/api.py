@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 from .hf.session import Session
 from .policies import Policy, make_policy
+from .reuse import ImageKVStore
 from .stats import CompressionStats
 
 
@@ -33,6 +34,27 @@ def compress(model, policy: Policy | str = "snapkv", *, processor=None, **settin
         yield session
     finally:
         session.detach()
+
+
+@contextmanager
+def reuse(model, store: ImageKVStore, *, recompute: str = "first_k", k: int = 16, ratio: float = 0.15, processor=None):
+    """Reuse the KV of images seen before (EPIC) in every `model.generate(...)` inside the block:
+
+        store = vlcache.ImageKVStore(max_bytes=2 << 30)
+        with vlcache.reuse(model, store) as r:          # inside vlcache.compress(...) too, to compress as well
+            out = model.generate(**inputs, max_new_tokens=64)
+        print(r.last)                                   # images reused, tokens recomputed, link time
+
+    recompute: "first_k" (the first k tokens of each reused image, k=16), "cacheblend" (tokens whose layer-1 values
+    deviate most, a `ratio` of them) or "full" (everything: the exact baseline). Batch size 1.
+    """
+    from .hf.reuse import ImageReuse
+
+    r = ImageReuse(model, store, recompute=recompute, k=k, ratio=ratio, processor=processor).attach()
+    try:
+        yield r
+    finally:
+        r.detach()
 
 
 def last_stats(model) -> CompressionStats | None:

@@ -34,8 +34,14 @@ class CompressibleLayer(DynamicLayer):
         self.slot_state: dict[str, torch.Tensor] = {}  # per-slot policy tensors [B, Hk, T], kept aligned
         self.state: dict = {}  # per-layer policy state for the request
         self.has_dead = False  # some slots hold filler (position DEAD), masked like padding
+        self.fill_at: torch.Tensor | None = None  # image reuse: slots the next update writes instead of appending
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.fill_at is not None:  # recomputed rows of a spliced prompt overwrite their slots
+            idx = self.fill_at.to(self.keys.device)
+            self.keys[:, :, idx] = key_states.to(self.keys.dtype)
+            self.values[:, :, idx] = value_states.to(self.values.dtype)
+            return self.keys, self.values
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         new = key_states.shape[-2]
         start, self.seen = self.seen, self.seen + new
@@ -49,6 +55,12 @@ class CompressibleLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.seen
+
+    def splice(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Start from a whole prompt's keys and values [B, Hk, n, d] (image reuse), before any update."""
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys.contiguous(), values.contiguous()
+        self.seen = keys.shape[-2]
 
     @property
     def compacted(self) -> bool:
@@ -126,6 +138,7 @@ class CompressedCache(DynamicCache):
         self.prefilled = False
         self.shared: dict = {}  # policy state shared by all layers of the request
         self.request = None  # the policies.base.Request built by the session on first use
+        self.query_positions: torch.Tensor | None = None  # image reuse: slots of the recomputed rows
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 
@@ -166,31 +179,41 @@ class CompressedCache(DynamicCache):
             if getattr(layer, "keys", None) is not None
         )
 
-    def stats(self, policy: str = "") -> CompressionStats:
-        """Tokens kept per layer and modality, and KV bytes, as of now."""
+    def stats(self, policy: str = "", row: int | None = None) -> CompressionStats:
+        """Tokens kept per layer and modality, and KV bytes, as of now; for one batch row if `row` is given (its
+        share of the bytes: every row holds the same number of slots)."""
         layout = self.layout
-        prompt = layout.counts() if layout is not None else {"text": 0, "image": 0, "video": 0}
-        out = CompressionStats(policy=policy, batch=0 if layout is None else layout.batch_size, prompt=prompt)
+        if layout is None:
+            prompt = {"text": 0, "image": 0, "video": 0}
+        else:
+            prompt = layout.counts() if row is None else _row_counts(layout, row)
+        batch = 0 if layout is None else layout.batch_size
+        out = CompressionStats(policy=policy, batch=batch if row is None else 1, prompt=prompt)
+        share = 1 if row is None else max(1, batch)
         full = 0
         for i, layer in enumerate(self.layers):
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
             nbytes = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
             if not isinstance(layer, CompressibleLayer):
-                full += nbytes
+                full += nbytes // share
                 continue
             B, H, T = layer.keys.shape[:3]
             per_slot = nbytes // max(1, B * H * T)
-            full += B * H * layer.seen * per_slot
-            out.layers.append(LayerStats(i, layer.seen, T, self._kept_by_modality(layer), nbytes))
-        out.kv_bytes = self.nbytes()
+            full += (B // share) * H * layer.seen * per_slot
+            out.layers.append(LayerStats(i, layer.seen, T, self._kept_by_modality(layer, row), nbytes // share))
+        out.kv_bytes = self.nbytes() // share
         out.kv_bytes_full = full
         return out
 
-    def _kept_by_modality(self, layer: CompressibleLayer) -> dict[str, float]:
+    def _kept_by_modality(self, layer: CompressibleLayer, row: int | None = None) -> dict[str, float]:
         pos = layer.slot_positions()
         H = pos.shape[1]
         real = self.slot_valid(layer)
+        if row is not None:
+            keep_row = torch.zeros(pos.shape[0], 1, 1, dtype=torch.bool, device=pos.device)
+            keep_row[row] = True
+            real = real & keep_row
         n = self.layout.length
         in_prompt = pos < n
         mod = self.layout.modality.to(pos.device).long().gather(1, pos.clamp(0, n - 1).flatten(1)).view_as(pos)
@@ -199,3 +222,8 @@ class CompressedCache(DynamicCache):
         }
         kept["generated"] = float((~in_prompt & real).sum()) / H
         return kept
+
+
+def _row_counts(layout: Layout, row: int) -> dict[str, int]:
+    v, m = layout.valid[row], layout.modality[row]
+    return {name: int(((m == k) & v).sum()) for k, name in enumerate(("text", "image", "video"))}

@@ -66,6 +66,7 @@ class Driver:
             shared=cache.shared,
             slot_state=layer.slot_state,
             request=request,
+            query_positions=cache.query_positions if not cache.prefilled and query.shape[2] else None,
         )
 
     @staticmethod

@@ -32,6 +32,8 @@ class Session:
         self.family = family_for(model.config, processor)  # raises for unsupported families, before touching anything
         self.cache: CompressedCache | None = None  # the cache of the forward in flight
         self.prefill_stats: CompressionStats | None = None
+        self.prefill_rows: list[CompressionStats] = []  # the same, one per batch row
+        self.prefill_positions: dict[int, torch.Tensor] = {}  # layer -> [B, Hk, K] prompt positions kept after prefill
         self.stats: CompressionStats | None = None  # at the end of the last generate
         self.last_cache: CompressedCache | None = None
         self._handles = []
@@ -130,7 +132,9 @@ class Session:
         B, q = ref.shape[0], ref.shape[1]
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        if not cache.prefilled:
+        if not cache.prefilled and cache.layout is not None:
+            pass  # spliced by image reuse, which already gave the prompt's layout
+        elif not cache.prefilled:
             if ids is None:
                 raise ValueError("vlcache needs input_ids on the prompt's forward to tell vision tokens from text")
             layout = layout_from_inputs(self.model.config, {**kwargs, "attention_mask": mask}, family=self.family)
@@ -145,6 +149,9 @@ class Session:
         if cache is not None and not cache.prefilled:
             self.driver.finish_prefill(cache)
             self.prefill_stats = cache.stats(self.label())
+            B = cache.layout.batch_size
+            self.prefill_rows = [cache.stats(self.label(), row=b) for b in range(B)] if B > 1 else [self.prefill_stats]
+            self.prefill_positions = {i: cache.layers[i].slot_positions().detach().cpu() for i in cache.compressible()}
         self.cache = None
 
     # ------------------------------------------------------------------ per layer (called by the attention wrapper)
@@ -157,7 +164,9 @@ class Session:
             return stock(module, query, key, value, mask, **kwargs)
         q = query.shape[2]
         if layer.compacted:
-            mask = layer_mask(cache.slot_valid(layer), q, query.shape[1], query.dtype, eager)
+            # one new row over unpadded slots needs no mask: skip building one on every decode step
+            needs = q > 1 or cache.padded or layer.has_dead
+            mask = layer_mask(cache.slot_valid(layer), q, query.shape[1], query.dtype, eager) if needs else None
         out = stock(module, query, key, value, mask, **kwargs)
         self.driver.layer_forward(cache, li, query, kwargs.get("scaling"))
         return out

@@ -34,6 +34,23 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _masked_logits(q, K, KVALID, b, hk, cols, dd, qpos, skb, skh, skt, skd, svb, svh, svt, T, D, scale,
+                   HAS_KVALID: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """Logits of a row block against the key block `cols`, and which of them are visible (causal, not padding)."""
+    k = tl.load(
+        K + b * skb + hk * skh + cols[:, None] * skt + dd[None, :] * skd,
+        mask=(cols[:, None] < T) & (dd[None, :] < D),
+        other=0.0,
+    )
+    s = _dot(q, tl.trans(k), UPCAST) * scale
+    vis = (cols[None, :] <= qpos[:, None]) & (cols[None, :] < T)
+    if HAS_KVALID:
+        kv = tl.load(KVALID + b * svb + hk * svh + cols * svt, mask=cols < T, other=0)
+        vis = vis & (kv[None, :] != 0)
+    return s, vis
+
+
+@triton.jit
 def _row_pass(
     Q, K, QPOS, KVALID, LSE, DENS,
     sqb, sqh, sqr, sqd,

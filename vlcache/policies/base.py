@@ -63,7 +63,8 @@ class LayerView:
     - positions [B, Hk, T]: the original sequence position of every slot. slot_valid [B, Hk, T]: False at padding.
     - layer: index in the model (and in the cache); depth / num_layers: rank among the compressible layers
       (sliding-window layers are left out), which is what layer-adaptive budgets are spread over.
-    - new: slots appended by this forward (the last `new` slots); the query rows are those slots.
+    - new: query rows this forward computed. They are the last `new` slots, unless `query_positions` [B, new]
+      says which slots they are (image reuse recomputes a subset of a prompt whose other slots were spliced in).
     - state: this layer's persistent dict for the request; shared: one dict shared by all layers of the request.
     - slot_state: per-slot tensors [B, Hk, T] that the cache keeps aligned (gathered on compaction, zero-extended
       on append), for scores that accumulate while decoding.
@@ -84,6 +85,7 @@ class LayerView:
     shared: dict = field(default_factory=dict)
     slot_state: dict = field(default_factory=dict)
     request: Request | None = None
+    query_positions: torch.Tensor | None = None
 
     @property
     def slots(self) -> int:
@@ -95,6 +97,9 @@ class LayerView:
 
     def query_slots(self, rows: slice | None = None) -> torch.Tensor:
         """[B, R] slot index of the query rows (for causal masking)."""
+        if self.query_positions is not None:
+            s = self.query_positions
+            return s if rows is None else s[:, rows]
         B, T = self.keys.shape[0], self.slots
         s = torch.arange(T - self.new, T, device=self.keys.device)
         if rows is not None:
@@ -103,8 +108,8 @@ class LayerView:
 
     def query_valid(self, rows: slice | None = None) -> torch.Tensor:
         """[B, R] False for query rows that are padding."""
-        v = self.slot_valid[:, 0, self.slots - self.new :]
-        return v if rows is None else v[:, rows]
+        slots = self.query_slots(rows)
+        return self.slot_valid[:, 0].gather(1, slots.to(self.slot_valid.device))
 
     def key_valid(self) -> torch.Tensor:
         """[B, T] if every KV head holds the same slots' validity, else [B, Hk, T]."""

@@ -82,16 +82,15 @@ class CAKE(Policy):
 
     def layer_statistics(self, view: LayerView) -> tuple[list[float], torch.Tensor]:
         """(preference per prompt, indicator [B, Hk, n]) from the last `window` prompt rows."""
-        n = view.new
-        w = min(self.window, n)
-        A = view.probs(slice(n - w, None))  # [B, H, w, n]
-        prefix = A[..., : n - w]
+        T, w = view.slots, min(self.window, view.new)  # the window: the last query rows, the last slots
+        A = view.probs(slice(view.new - w, None))  # [B, H, w, T]
+        prefix = A[..., : T - w]
         entropy = -(prefix * torch.log(prefix + 1e-10)).sum((1, 2, 3))  # [B]
         shift = prefix.var(dim=2).sum((1, 2)) if w > 1 else torch.zeros_like(entropy)
         preference = (entropy.clamp(min=0) ** (1 / self.tau1) * shift ** (1 / self.tau2)).tolist()
         indicator = A.mean(2) + self.gamma * (A.var(dim=2) if w > 1 else torch.zeros_like(A[:, :, 0]))
-        pooled = kernels.pool1d(indicator[..., : n - w], self.kernel, "avg")
-        indicator = torch.cat([pooled, torch.full_like(indicator[..., n - w :], float("inf"))], dim=-1)
+        pooled = kernels.pool1d(indicator[..., : T - w], self.kernel, "avg")
+        indicator = torch.cat([pooled, torch.full_like(indicator[..., T - w :], float("inf"))], dim=-1)
         return preference, kernels.group_reduce(indicator, view.kv_heads, self.agg)
 
     def on_prefill(self, view: LayerView):

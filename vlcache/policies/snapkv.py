@@ -42,9 +42,9 @@ class SnapKV(Policy):
         return last_real(view.layout.valid, total.clamp(max=self.window))  # the window is at most the budget
 
     def score(self, view: LayerView) -> torch.Tensor:
-        n = view.new
-        w = min(self.window, n)
-        s = view.probs(slice(n - w, None)).sum(2)  # [B, H, T]
-        prefix = kernels.pool1d(s[..., : n - w], self.kernel, self.pooling)
-        s = torch.cat([prefix, torch.full_like(s[..., n - w :], float("inf"))], dim=-1)
+        # the window is the last query rows, which are the last slots (whole prompt or its recomputed tail)
+        T, w = view.slots, min(self.window, view.new)
+        s = view.probs(slice(view.new - w, None)).sum(2)  # [B, H, T]
+        prefix = kernels.pool1d(s[..., : T - w], self.kernel, self.pooling)
+        s = torch.cat([prefix, torch.full_like(s[..., T - w :], float("inf"))], dim=-1)
         return kernels.group_reduce(s, view.kv_heads, self.agg)

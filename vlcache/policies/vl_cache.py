@@ -55,10 +55,10 @@ class VLCache(Policy):
         return last_real(view.layout.valid, torch.floor(self.recent * total.double()).long())
 
     def post_vision_rows(self, view: LayerView) -> tuple[int, torch.Tensor]:
-        """(first row, q_valid [B, R]): the rows after each prompt's last vision token; all rows for a prompt
-        without vision; the last `fallback_rows` when nothing follows the vision tokens."""
+        """(first query row, q_valid [B, rows from it]): the rows at positions after each prompt's last vision
+        token; all rows for a prompt without vision; the last `fallback_rows` when nothing follows the vision."""
         layout = view.layout
-        n = view.new
+        n = layout.length
         pad = (~layout.valid).long().cumprod(-1).sum(-1)
         has_vision = layout.vision.any(-1)
         start = torch.where(has_vision, layout.question_start, pad)
@@ -66,9 +66,10 @@ class VLCache(Policy):
         if self.max_queries is not None:
             start = start.clamp(min=n - self.max_queries)
         start = start.clamp(min=0)
-        r0 = int(start.min())
-        rows = torch.arange(r0, n, device=start.device)
-        return r0, (rows[None, :] >= start[:, None]) & layout.valid[:, r0:]
+        pos = view.query_slots().to(start.device)  # [B, R] ascending
+        chosen = pos >= start[:, None]
+        r0 = int((~chosen).sum(-1).min())  # the first row any prompt uses
+        return r0, chosen[:, r0:] & view.query_valid(slice(r0, None))
 
     def on_prefill(self, view: LayerView):
         r0, q_valid = self.post_vision_rows(view)

@@ -119,77 +119,56 @@ def llava_onevision(grid=8, patch=4, **text):
     return T.LlavaOnevisionForConditionalGeneration(cfg)
 
 
-def qwen2_vl(grid=8, patch=4, **text):
-    vc = T.Qwen2VLVisionConfig(
-        depth=2,
-        embed_dim=32,
-        hidden_size=64,
-        num_heads=2,
-        patch_size=patch,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    tc = _qwen_text(T.Qwen2VLTextConfig, **text)
-    cfg = T.Qwen2VLConfig(
-        text_config=tc.to_dict(),
-        vision_config=vc.to_dict(),
+def _qwen(config_cls, model_cls, vision, text):
+    """A Qwen-VL model from its vision and text configs, with the shared special-token ids."""
+    cfg = config_cls(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
         image_token_id=IMG,
         video_token_id=VID,
         vision_start_token_id=VSTART,
         vision_end_token_id=VEND,
     )
-    return T.Qwen2VLForConditionalGeneration(cfg)
+    return model_cls(cfg)
+
+
+# the vision towers' common part: 2 blocks, 2x2 spatial merge, 2-frame temporal patches
+_QWEN_VISION = dict(depth=2, num_heads=2, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def qwen2_vl(grid=8, patch=4, **text):
+    vision = T.Qwen2VLVisionConfig(embed_dim=32, hidden_size=64, patch_size=patch, **_QWEN_VISION)
+    return _qwen(T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration, vision, _qwen_text(T.Qwen2VLTextConfig, **text))
 
 
 def qwen2_5_vl(grid=8, patch=4, **text):
-    vc = T.Qwen2_5_VLVisionConfig(
-        depth=2,
+    vision = T.Qwen2_5_VLVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_heads=2,
         out_hidden_size=64,
         patch_size=patch,
         window_size=patch * 4,
         fullatt_block_indexes=[1],
-        spatial_merge_size=2,
-        temporal_patch_size=2,
+        **_QWEN_VISION,
     )
-    tc = _qwen_text(T.Qwen2_5_VLTextConfig, **text)
-    cfg = T.Qwen2_5_VLConfig(
-        text_config=tc.to_dict(),
-        vision_config=vc.to_dict(),
-        image_token_id=IMG,
-        video_token_id=VID,
-        vision_start_token_id=VSTART,
-        vision_end_token_id=VEND,
+    return _qwen(
+        T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration, vision, _qwen_text(T.Qwen2_5_VLTextConfig, **text)
     )
-    return T.Qwen2_5_VLForConditionalGeneration(cfg)
 
 
 def qwen3_vl(grid=8, patch=4, **text):
-    vc = T.Qwen3VLVisionConfig(
-        depth=2,
+    vision = T.Qwen3VLVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_heads=2,
         out_hidden_size=64,
         patch_size=patch,
         num_position_embeddings=64,
         deepstack_visual_indexes=[1],
-        spatial_merge_size=2,
-        temporal_patch_size=2,
+        **_QWEN_VISION,
     )
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
-    tc = _qwen_text(T.Qwen3VLTextConfig, head_dim=16, rope_parameters=rope, **text)
-    cfg = T.Qwen3VLConfig(
-        text_config=tc.to_dict(),
-        vision_config=vc.to_dict(),
-        image_token_id=IMG,
-        video_token_id=VID,
-        vision_start_token_id=VSTART,
-        vision_end_token_id=VEND,
-    )
-    return T.Qwen3VLForConditionalGeneration(cfg)
+    text_config = _qwen_text(T.Qwen3VLTextConfig, head_dim=16, rope_parameters=rope, **text)
+    return _qwen(T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration, vision, text_config)
 
 
 def _idefics_like(cfg_cls, vis_cls, model_cls, grid, patch, text):

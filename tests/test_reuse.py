@@ -1,0 +1,199 @@
+"""Image KV reuse (EPIC): exactness with full recompute, key re-rotation, cache contents, the store."""
+
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import vlcache
+from vlcache import tiny
+from vlcache.hf.model import decoder
+from vlcache.hf.reuse import ImageReuse
+from vlcache.policies import SnapKV
+from vlcache.reuse import Chunk, CorruptChunkError, ImageKVStore, chunk_key, rerotate
+
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+PROMPT = ["ab", tiny.IMAGE, "cd", tiny.IMAGE, "what is it?"]
+
+
+def _reuser(model, **kw):
+    return ImageReuse(model, ImageKVStore(), **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputing_everything_equals_a_cold_prefill(tiny_model, family):
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, PROMPT).inputs
+    with torch.no_grad():
+        cold = model(**inputs, past_key_values=DynamicCache(config=model.config)).logits[:, -1]
+    r = _reuser(model, k=10**6)
+    r.link(dict(inputs))  # first sight: compiles and stores both images
+    with torch.no_grad():
+        _, linked = r.link(dict(inputs))  # every token recomputed against the spliced cache
+    assert r.last["reused"] == 2 and r.last["recomputed"] == r.last["tokens"]
+    torch.testing.assert_close(linked, cold, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_rerotated_keys_equal_keys_computed_at_the_new_position(tiny_model, family):
+    """Compute an image's chunk at position 0 and at position delta: every layer's keys differ exactly by R(delta)."""
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, ["", tiny.IMAGE]).inputs  # bos, then the image's tokens
+    r = _reuser(model)
+    ids = inputs["input_ids"][:, 1:]
+    image = r._image_inputs(inputs, 0)
+    extra = {"mm_token_type_ids": (ids == tiny.models.IMG).int()} if family.startswith("qwen") else {}
+    delta = 37
+    caches = []
+    for offset in (0, delta):
+        if family.startswith("qwen"):
+            pos, _ = model.model.get_rope_index(
+                ids, mm_token_type_ids=extra["mm_token_type_ids"], image_grid_thw=image["image_grid_thw"]
+            )
+            pos = pos + offset  # t, h and w all move
+        else:
+            pos = torch.arange(offset, offset + ids.shape[1])[None]
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=pos, past_key_values=cache, **image, **extra)
+        caches.append(cache)
+    inv_freq = decoder(model).rotary_emb.inv_freq
+    for at0, atd in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(rerotate(at0.keys, delta, inv_freq), atd.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(at0.values, atd.values, atol=1e-5, rtol=1e-5)  # values do not depend on position
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_moved_and_swapped_images_splice_the_stored_kv(tiny_model, family):
+    model = tiny_model(family)
+    r = _reuser(model, k=0)
+    first = tiny.make_inputs(model, ["x", tiny.IMAGE, "y", tiny.IMAGE, "?"], seed=0).inputs
+    r.link(dict(first))
+    assert len(r.store) == 2 and r.last["compiled"] == 2
+    # the same two images, swapped, after a longer text: both hit, each lands at its new position
+    a = r._image_inputs(first, 0)
+    b = r._image_inputs(first, 1)
+    second = tiny.make_inputs(model, ["a much longer preamble", tiny.IMAGE, "and", tiny.IMAGE, "?"], seed=0).inputs
+    pv = torch.cat([b["pixel_values"], a["pixel_values"]])
+    second["pixel_values"] = pv
+    if family.startswith("qwen"):
+        second["image_grid_thw"] = torch.cat([b["image_grid_thw"], a["image_grid_thw"]])
+    cache, _ = r.link(dict(second))
+    assert r.last["reused"] == 2 and r.last["compiled"] == 0
+    layout = vlcache.modality.layout_from_inputs(model.config, second)
+    _, text_pos = r._positions(second)
+    chunks = r._chunks(second, layout)
+    for start, end, chunk, new in chunks:
+        assert not new
+        delta = int(text_pos[start])
+        for li, layer in enumerate(cache.layers):
+            # k=0: nothing of the image was recomputed, so its slots hold exactly the stored, moved KV
+            torch.testing.assert_close(layer.keys[0, :, start:end], rerotate(chunk.keys[li], delta, r.inv_freq))
+            torch.testing.assert_close(layer.values[0, :, start:end], chunk.values[li])
+
+
+def test_different_pixels_never_hit(tiny_model):
+    model = tiny_model("llava")
+    r = _reuser(model)
+    inputs = tiny.make_inputs(model, ["x", tiny.IMAGE, "?"], seed=1).inputs
+    r.link(dict(inputs))
+    changed = dict(inputs)
+    changed["pixel_values"] = inputs["pixel_values"].clone()
+    changed["pixel_values"][0, 0, 0, 0] += 1e-3  # one value, slightly
+    r.link(changed)
+    assert r.last["reused"] == 0 and len(r.store) == 2
+    other = ImageReuse(model, r.store, processor=tiny.processor("llava"))  # other processor settings: other keys
+    other.link(dict(inputs))
+    assert other.last["reused"] == 0
+
+
+def _chunk(key_char: str, size: int) -> Chunk:
+    key = (key_char * 64)[:64]
+    return Chunk(key, [torch.ones(2, size, 4)], [torch.ones(2, size, 4)], torch.ones(size, 8))
+
+
+def test_store_evicts_the_least_recently_used_over_its_byte_limit():
+    one = _chunk("a", 10).nbytes
+    store = ImageKVStore(max_bytes=2 * one)
+    store.put(_chunk("a", 10))
+    store.put(_chunk("b", 10))
+    assert store.get("a" * 64) is not None  # a is now the most recent
+    store.put(_chunk("c", 10))
+    assert store.keys() == ["a" * 64, "c" * 64] and store.nbytes <= 2 * one
+    assert store.get("b" * 64) is None
+
+
+def test_store_is_thread_safe():
+    store = ImageKVStore(max_bytes=50 * _chunk("a", 4).nbytes)
+
+    def work(i):
+        for j in range(50):
+            store.put(_chunk("0123456789abcdef"[(i + j) % 16], 4))
+            store.get("0123456789abcdef"[j % 16] * 64)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(store) == 16 and store.nbytes == 16 * _chunk("a", 4).nbytes
+
+
+def test_disk_tier_survives_a_restart_and_rejects_corruption(tmp_path):
+    key = chunk_key(torch.arange(12.0), "model", "fp32")
+    assert len(key) == 64  # the full digest
+    chunk = Chunk(key, [torch.randn(2, 5, 4)], [torch.randn(2, 5, 4)], torch.randn(5, 8), base=0)
+    ImageKVStore(disk_dir=tmp_path).put(chunk)
+    again = ImageKVStore(disk_dir=tmp_path).get(key)  # a new process: memory empty, disk has it
+    assert torch.equal(again.keys[0], chunk.keys[0]) and torch.equal(again.embeds, chunk.embeds)
+    path = tmp_path / f"{key}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # flip bits in the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptChunkError, match="corrupted"):
+        ImageKVStore(disk_dir=tmp_path).get(key)
+    with pytest.raises(ValueError, match="not a chunk key"):
+        ImageKVStore(disk_dir=tmp_path).get("../../etc/passwd")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_recompute_choices_in_generate(tiny_model, family):
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, PROMPT).inputs
+    plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    store = ImageKVStore()
+    outs = {}
+    for mode, kw in (("full", {}), ("first_k", {"k": 4}), ("cacheblend", {"ratio": 0.25})):
+        with vlcache.reuse(model, store, recompute=mode, **kw) as r:
+            outs[mode] = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert outs[mode].shape == plain.shape
+    assert torch.equal(outs["full"], plain)  # the exact baseline
+    reused = r.last["reused_tokens"]  # both images, their markers included
+    assert reused >= int((inputs["input_ids"] == tiny.models.IMG).sum())
+    assert r.last["recomputed"] == r.last["tokens"] - reused + int(0.25 * reused)
+
+
+def test_compression_applies_after_linking(tiny_model):
+    model = tiny_model("qwen2_vl")
+    inputs = tiny.make_inputs(model, PROMPT).inputs
+    n = inputs["input_ids"].shape[1]
+    store = ImageKVStore()
+    with vlcache.compress(model, SnapKV(budget=0.5, window=4)) as s, vlcache.reuse(model, store, k=4):
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)  # compiles
+        out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)  # links, then compresses
+    assert out.shape[1] == n + 6
+    assert s.prefill_stats.layers[0].slots == n // 2
+    assert "generate" not in model.__dict__  # both wrappers undone
+
+
+def test_reuse_errors(tiny_model):
+    with pytest.raises(vlcache.UnsupportedModelError, match="image reuse supports"):
+        _reuser(tiny_model("idefics3"))
+    with pytest.raises(ValueError, match="recompute"):
+        _reuser(tiny_model("llava"), recompute="some")
+    model = tiny_model("llava")
+    batch = tiny.make_inputs(model, [["a", tiny.IMAGE, "?"], ["bb", tiny.IMAGE, "?"]]).inputs
+    with vlcache.reuse(model, ImageKVStore()):
+        with pytest.raises(ValueError, match="batch size 1"):
+            model.generate(**batch, max_new_tokens=2)

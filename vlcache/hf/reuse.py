@@ -1,0 +1,345 @@
+"""Position-independent image KV reuse (EPIC, Hu et al., arXiv 2410.15332), for Hugging Face VLMs.
+
+Every image of a prompt is a chunk: its token span, markers included. A chunk is compiled once, the image alone at
+position 0, and stored (`ImageKVStore`). A later prompt containing that image, anywhere, links instead of
+prefilling it: the stored keys are rotated to the image's new position, spliced into the cache with the stored
+values, and only a recompute set R runs through the model, attending to everything before it:
+
+- "first_k" (EPIC's AttnLink, default k = 16): the first k tokens of every reused image, and every other token;
+- "cacheblend" (CacheBlend-style): layers 0 and 1 recomputed for every token; then the reused tokens whose layer-1
+  values deviate most from the cached ones (top `ratio`), and every other token;
+- "full": every token (the exact baseline, for checking).
+
+Images not in the store are compiled and stored, then recomputed whole. The linked cache is an ordinary vlcache
+cache: `generate` continues from it, and a compression policy attached with `vlcache.compress` applies to the
+prompt as in a cold prefill, scored from the recomputed rows (which always include the text after the images).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+from transformers import DynamicCache
+
+from ..modality import family_for, layout_from_inputs
+from ..modality.families import UnsupportedModelError
+from ..reuse.rope import rerotate
+from ..reuse.store import Chunk, ImageKVStore, chunk_key
+from .cache import CompressedCache, CompressibleLayer
+from .model import current_implementation, decoder
+
+REUSE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+RECOMPUTE = ("first_k", "cacheblend", "full")
+QWEN = ("qwen2_vl", "qwen2_5_vl")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_sizes",
+    "image_grid_thw",
+    "mm_token_type_ids",
+    "batch_num_images",
+)
+
+
+class ImageReuse:
+    """Reuse of image KV across requests on one model. Use through `vlcache.reuse(model, store, ...)`."""
+
+    def __init__(
+        self,
+        model,
+        store: ImageKVStore,
+        *,
+        recompute: str = "first_k",
+        k: int = 16,
+        ratio: float = 0.15,
+        processor=None,
+    ):
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        self.family = family_for(model.config, processor)
+        if self.family.name not in REUSE_FAMILIES:
+            raise UnsupportedModelError(
+                f"image reuse supports {', '.join(REUSE_FAMILIES)}; this model is {self.family.name!r}"
+            )
+        self.model, self.store, self.recompute, self.k, self.ratio = model, store, recompute, k, ratio
+        self.lm = decoder(model)
+        self.inv_freq = self.lm.rotary_emb.inv_freq
+        settings = (
+            processor.image_processor.to_dict()
+            if processor is not None and hasattr(processor, "image_processor")
+            else {}
+        )
+        self.identity = [
+            str(getattr(model, "name_or_path", "")),
+            model.config.to_json_string(),
+            str(model.dtype),
+            settings,
+        ]
+        self.last: dict = {}
+        self._previous = None
+        self._attached = False
+
+    # ------------------------------------------------------------------ lifecycle: wraps model.generate
+
+    def attach(self) -> ImageReuse:
+        if not self._attached:
+            self._previous = self.model.__dict__.get("generate")
+            self._generate = self.model.generate
+            self.model.generate = self.generate
+            self._attached = True
+        return self
+
+    def detach(self) -> None:
+        if self._attached:
+            if self._previous is None:
+                self.model.__dict__.pop("generate", None)
+            else:
+                self.model.generate = self._previous
+            self._attached = False
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, *args, **kwargs):
+        inputs = {k: kwargs.pop(k) for k in MODEL_INPUTS if k in kwargs}
+        if args:
+            inputs["input_ids"] = args[0]
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise ValueError("image reuse needs input_ids")
+        if ids.shape[0] != 1 or (inputs.get("attention_mask") is not None and not bool(inputs["attention_mask"].all())):
+            raise ValueError("image reuse links one prompt at a time: batch size 1, no padding")
+        layout = layout_from_inputs(self.model.config, inputs, family=self.family)
+        if not layout.samples[0].images:
+            return self._generate(**inputs, **kwargs)  # nothing to reuse
+        with torch.inference_mode():
+            cache, logits = self.link(inputs, layout)
+        first = logits.argmax(-1, keepdim=True)  # greedy, like the generate call it replaces
+        max_new = kwargs.pop("max_new_tokens", None) or self.model.generation_config.max_new_tokens or 20
+        ids = torch.cat([ids, first.to(ids.device)], dim=1)
+        if max_new <= 1:
+            return ids
+        nxt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if "mm_token_type_ids" in inputs:
+            mm = inputs["mm_token_type_ids"]
+            nxt["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(mm[:, :1])], dim=1)
+        if "min_new_tokens" in kwargs:
+            kwargs["min_new_tokens"] = max(0, kwargs["min_new_tokens"] - 1)
+        return self._generate(**nxt, past_key_values=cache, max_new_tokens=max_new - 1, **kwargs)
+
+    # ------------------------------------------------------------------ linking
+
+    def link(self, inputs: dict, layout=None) -> tuple[CompressedCache, torch.Tensor]:
+        """Build the cache of a prompt from stored images plus a recompute forward; returns (cache, the last
+        prompt token's logits [1, vocab])."""
+        t0 = time.perf_counter()
+        model = self.model
+        ids = inputs["input_ids"]
+        n = ids.shape[1]
+        layout = layout or layout_from_inputs(model.config, inputs, family=self.family)
+        positions, text_pos = self._positions(inputs)
+        chunks = self._chunks(inputs, layout)
+        t_compiled = time.perf_counter()
+
+        embeds = model.get_input_embeddings()(ids)  # text tokens; image tokens come from the chunks
+        layers = len(self.lm.layers)
+        keys = [None] * layers
+        values = [None] * layers
+        recompute = torch.ones(n, dtype=torch.bool, device=ids.device)
+        for start, end, chunk, new in chunks:
+            embeds[0, start:end] = chunk.embeds.to(embeds.device, embeds.dtype)
+            delta = int(text_pos[start]) - chunk.base
+            for li in range(layers):
+                k = rerotate(chunk.keys[li].to(embeds.device), delta, self.inv_freq)
+                if keys[li] is None:
+                    hk, _, d = k.shape
+                    keys[li] = embeds.new_zeros(1, hk, n, d)
+                    values[li] = embeds.new_zeros(1, hk, n, chunk.values[li].shape[-1])
+                keys[li][0, :, start:end] = k.to(embeds.dtype)
+                values[li][0, :, start:end] = chunk.values[li].to(embeds.device, embeds.dtype)
+            if not new:
+                keep = (
+                    0
+                    if self.recompute == "full"
+                    else (end - start)
+                    if self.recompute == "cacheblend"
+                    else min(self.k, end - start)
+                )
+                recompute[start + keep : end] = self.recompute == "full"
+        if self.recompute == "cacheblend":
+            recompute = self._blend(embeds, positions, keys, values, recompute, chunks)
+        rows = recompute.nonzero().flatten()
+
+        session = getattr(model, "_vlcache_session", None)
+        cache = session.new_cache() if session is not None else CompressedCache(model.config)
+        cache.begin(layout, torch.ones(1, n, dtype=torch.bool, device=ids.device))
+        for li, layer in enumerate(cache.layers):
+            if not isinstance(layer, CompressibleLayer):
+                raise UnsupportedModelError("image reuse needs full-attention layers only")
+            layer.splice(keys[li], values[li])
+            layer.fill_at = rows
+        cache.query_positions = rows[None]
+        mask = (torch.arange(n, device=ids.device)[None, :] <= rows[:, None])[None, None]  # causal, rows = R
+        if current_implementation(model).endswith("eager"):
+            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(embeds.dtype).min
+            )
+        try:
+            out = model(
+                inputs_embeds=embeds[:, rows],
+                position_ids=positions[..., rows],
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            for layer in cache.layers:
+                layer.fill_at = None
+            cache.query_positions = None
+        if session is None:
+            cache.prefilled = True  # with a session, its forward hook has done it (and compressed)
+        if self.family.name in QWEN:
+            model.model.rope_deltas = self._rope_deltas  # generate continues from positions of the whole prompt
+        t_end = time.perf_counter()
+        reused = [c for c in chunks if not c[3]]
+        self.last = {
+            "images": len(chunks),
+            "reused": len(reused),
+            "compiled": len(chunks) - len(reused),
+            "tokens": n,
+            "reused_tokens": sum(end - start for start, end, _, _ in reused),
+            "recomputed": int(rows.numel()),
+            "compile_s": t_compiled - t0,
+            "link_s": t_end - t_compiled,
+        }
+        return cache, out.logits[:, -1]
+
+    def _positions(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position ids for the model: [1, n] or M-RoPE [3, 1, n]; the text position of every token [n])."""
+        ids = inputs["input_ids"]
+        if self.family.name in QWEN:
+            pos, deltas = self.model.model.get_rope_index(
+                ids,
+                image_grid_thw=inputs.get("image_grid_thw"),
+                video_grid_thw=None,
+                attention_mask=inputs.get("attention_mask"),
+                mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            )
+            self._rope_deltas = deltas
+            return pos, pos[0, 0]
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        return pos[None], pos
+
+    def _chunks(self, inputs, layout) -> list[tuple[int, int, Chunk, bool]]:
+        """(start, end, chunk, newly compiled) of every image, markers included, in prompt order."""
+        ids = inputs["input_ids"][0]
+        marker = layout.marker[0]
+        out = []
+        for i, spans in enumerate(layout.samples[0].images):
+            start, end = spans[0].start, spans[-1].end
+            if start > 0 and bool(marker[start - 1]):
+                start -= 1
+            if end < len(ids) and bool(marker[end]):
+                end += 1
+            image_inputs = self._image_inputs(inputs, i)
+            token_ids = ids[start:end]
+            key = chunk_key(
+                torch.cat([v.reshape(-1).float() for v in image_inputs.values()]), *self.identity, token_ids.tolist()
+            )
+            chunk = self.store.get(key)
+            new = chunk is None
+            if new:
+                chunk = self.compile(key, token_ids, image_inputs)
+                self.store.put(chunk)
+            out.append((start, end, chunk, new))
+        return out
+
+    def _image_inputs(self, inputs, i: int) -> dict:
+        """The model inputs of image i alone."""
+        pv = inputs["pixel_values"]
+        if self.family.name in QWEN:
+            thw = inputs["image_grid_thw"]
+            sizes = thw.prod(-1).tolist()
+            off = sum(sizes[:i])
+            return {"pixel_values": pv[off : off + sizes[i]], "image_grid_thw": thw[i : i + 1]}
+        out = {"pixel_values": pv[i : i + 1]}
+        if inputs.get("image_sizes") is not None:
+            out["image_sizes"] = inputs["image_sizes"][i : i + 1]
+        if inputs.get("batch_num_images") is not None:
+            out["batch_num_images"] = torch.ones(1, dtype=inputs["batch_num_images"].dtype)
+        return out
+
+    @torch.inference_mode()
+    def compile(self, key: str, token_ids: torch.Tensor, image_inputs: dict) -> Chunk:
+        """Prefill one image's tokens alone, from position 0; keep its per-layer KV and input embeddings."""
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["embeds"] = kwargs.get("inputs_embeds")
+
+        ids = token_ids[None]
+        extra = {"mm_token_type_ids": (ids == self.family.image_token).int()} if self.family.name in QWEN else {}
+        cache = DynamicCache(config=self.model.config)
+        handle = self.lm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **image_inputs,
+                **extra,
+            )
+        finally:
+            handle.remove()
+        return Chunk(
+            key,
+            [layer.keys[0].detach().clone() for layer in cache.layers],
+            [layer.values[0].detach().clone() for layer in cache.layers],
+            captured["embeds"][0].detach().clone(),
+            base=0,
+        )
+
+    def _blend(self, embeds, positions, keys, values, recompute, chunks) -> torch.Tensor:
+        """CacheBlend-style selection: fresh layers 0 and 1 for every token, then the reused tokens whose layer-1
+        values deviate most from the cached ones."""
+        fresh = DynamicCache(config=self.model.config)
+        with self._first_layers(2):
+            self.lm(inputs_embeds=embeds, position_ids=positions, past_key_values=fresh, use_cache=True)
+        deviation = (
+            ((fresh.layers[1].values - values[1].to(fresh.layers[1].values.dtype)) ** 2).float().sum((0, 1, 3))
+        )  # [n]
+        for li in (0, 1):
+            keys[li], values[li] = fresh.layers[li].keys, fresh.layers[li].values
+        reused = torch.zeros_like(recompute)
+        for start, end, _, new in chunks:
+            if not new:
+                reused[start:end] = True
+        chosen = recompute & ~reused
+        count = int(reused.sum().item() * self.ratio)
+        if count:
+            top = deviation.masked_fill(~reused, float("-inf")).topk(count).indices
+            chosen[top] = True
+        chosen[-1] = True  # the last token gives the first output token
+        return chosen
+
+    @contextmanager
+    def _first_layers(self, count: int):
+        """Run only the first `count` decoder layers (CacheBlend's check pass)."""
+        layers, config = self.lm.layers, self.lm.config
+        total = config.num_hidden_layers
+        self.lm.layers = torch.nn.ModuleList(list(layers)[:count])
+        config.num_hidden_layers = count
+        try:
+            yield
+        finally:
+            self.lm.layers = layers
+            config.num_hidden_layers = total
