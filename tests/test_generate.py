@@ -301,3 +301,30 @@ def test_vlcache_cache_outside_generate_with_manual_forward(tiny_model):
     assert cache.physical_length(0) == int(0.5 * n) + 1
     expect = _generate(model, inputs, SnapKV(budget=0.5), max_new_tokens=2)[0, -1]
     assert out2.logits[0, -1].argmax() == expect
+
+
+def test_appends_fill_a_buffer_and_match_concatenation():
+    """Decode steps write into reserved room (one reallocation per GROW steps) and the layer's keys always equal
+    the plain concatenation, across a compaction, a crop-free reorder and growth past the reserve."""
+    torch.manual_seed(0)
+    layer = CompressibleLayer()
+    k0, v0 = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    layer.update(k0, v0)
+    ks, vs = [k0], [v0]
+    ptrs = set()
+    for step in range(CompressibleLayer.GROW + 5):
+        if step == 7:  # compaction replaces the tensors: the next append reallocates from the kept entries
+            from vlcache.policies.base import Selection
+
+            keep = torch.tensor([[[0, 3, 5, 8]] * 2])
+            layer.compact(Selection(keep))
+            ks = [torch.cat(ks, -2).gather(2, keep[..., None].expand(1, 2, 4, 4))]
+            vs = [torch.cat(vs, -2).gather(2, keep[..., None].expand(1, 2, 4, 4))]
+        k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+        out_k, out_v = layer.update(k, v)
+        ks.append(k)
+        vs.append(v)
+        assert torch.equal(out_k, torch.cat(ks, -2)) and torch.equal(out_v, torch.cat(vs, -2))
+        ptrs.add(layer._kbuf.data_ptr())
+    assert len(ptrs) <= 4  # first append, after the compaction, once past the reserve (not once per step)
+    assert layer.seen == 10 + CompressibleLayer.GROW + 5

@@ -187,6 +187,20 @@ def test_compression_applies_after_linking(tiny_model):
     assert "generate" not in model.__dict__  # both wrappers undone
 
 
+def test_nesting_order_does_not_matter(tiny_model):
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, PROMPT).inputs
+    store = ImageKVStore()
+    with vlcache.reuse(model, store, recompute="full"), vlcache.compress(model, SnapKV(budget=0.5, window=4)) as s:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)  # compiles the images
+        out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with vlcache.compress(model, SnapKV(budget=0.5, window=4)):
+        want = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(out, want)  # full recompute + the same policy = the same tokens
+    assert s.prefill_stats.layers[0].slots == inputs["input_ids"].shape[1] // 2
+    assert "generate" not in model.__dict__
+
+
 def test_reuse_errors(tiny_model):
     with pytest.raises(vlcache.UnsupportedModelError, match="image reuse supports"):
         _reuser(tiny_model("idefics3"))

@@ -35,6 +35,9 @@ class CompressibleLayer(DynamicLayer):
         self.state: dict = {}  # per-layer policy state for the request
         self.has_dead = False  # some slots hold filler (position DEAD), masked like padding
         self.fill_at: torch.Tensor | None = None  # image reuse: slots the next update writes instead of appending
+        self._kbuf = self._vbuf = None  # append buffers: `keys`/`values` are views of their first slots
+
+    GROW = 256  # spare slots reserved when an append buffer is (re)allocated: one reallocation per 256 decode steps
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.fill_at is not None:  # recomputed rows of a spliced prompt overwrite their slots
@@ -42,7 +45,7 @@ class CompressibleLayer(DynamicLayer):
             self.keys[:, :, idx] = key_states.to(self.keys.dtype)
             self.values[:, :, idx] = value_states.to(self.values.dtype)
             return self.keys, self.values
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        keys, values = self._append(key_states, value_states)
         new = key_states.shape[-2]
         start, self.seen = self.seen, self.seen + new
         if self.positions is not None:
@@ -52,6 +55,39 @@ class CompressibleLayer(DynamicLayer):
         for name, t in self.slot_state.items():
             self.slot_state[name] = torch.cat([t, t.new_zeros(*t.shape[:-1], new)], dim=-1)
         return keys, values
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new entries into spare room at the end of a preallocated buffer, `self.keys` being a view of its
+        used part. `DynamicLayer` concatenates instead, reallocating the whole layer on every decode step; with
+        per-layer lengths that all differ after compression, those ever-changing sizes defeat the CUDA caching
+        allocator (a 7B model decoding over 128K tokens ran several times slower)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        T, new = self.physical_length, key_states.shape[-2]
+        if T == 0:  # the prompt: held exactly, it is usually compressed right away
+            self.keys, self.values = key_states.contiguous(), value_states.contiguous()
+            self._kbuf = self._vbuf = None
+            return self.keys, self.values
+        kbuf, vbuf = self._kbuf, self._vbuf
+        fits = (
+            kbuf is not None
+            and T + new <= kbuf.shape[-2]
+            and kbuf.shape[:2] == self.keys.shape[:2]
+            and self.keys.data_ptr() == kbuf.data_ptr()  # still backed by it (compaction, reordering replace keys)
+            and self.values.data_ptr() == vbuf.data_ptr()
+        )
+        if not fits:
+            B, H, _, dk = self.keys.shape
+            cap = T + new + self.GROW
+            kbuf = self.keys.new_empty(B, H, cap, dk)
+            vbuf = self.values.new_empty(B, H, cap, self.values.shape[-1])
+            kbuf[:, :, :T] = self.keys
+            vbuf[:, :, :T] = self.values
+            self._kbuf, self._vbuf = kbuf, vbuf
+        kbuf[:, :, T : T + new] = key_states
+        vbuf[:, :, T : T + new] = value_states
+        self.keys, self.values = kbuf[:, :, : T + new], vbuf[:, :, : T + new]
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -101,6 +137,7 @@ class CompressibleLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        self._kbuf = self._vbuf = None
         self.seen, self.positions, self.slot_state, self.state, self.has_dead = 0, None, {}, {}, False
 
     def _batch_op(self, fn) -> None:

@@ -116,10 +116,13 @@ class ImageReuse:
         if ids.shape[0] != 1 or (inputs.get("attention_mask") is not None and not bool(inputs["attention_mask"].all())):
             raise ValueError("image reuse links one prompt at a time: batch size 1, no padding")
         layout = layout_from_inputs(self.model.config, inputs, family=self.family)
+        given = kwargs.pop("past_key_values", None)  # e.g. from a compression session wrapped around this one
+        if given is not None and given.get_seq_length() > 0:
+            return self._generate(**inputs, past_key_values=given, **kwargs)  # a later chat turn: nothing to link
         if not layout.samples[0].images:
-            return self._generate(**inputs, **kwargs)  # nothing to reuse
+            return self._generate(**inputs, **({"past_key_values": given} if given is not None else {}), **kwargs)
         with torch.inference_mode():
-            cache, logits = self.link(inputs, layout)
+            cache, logits = self.link(inputs, layout, cache=given)
         first = logits.argmax(-1, keepdim=True)  # greedy, like the generate call it replaces
         max_new = kwargs.pop("max_new_tokens", None) or self.model.generation_config.max_new_tokens or 20
         ids = torch.cat([ids, first.to(ids.device)], dim=1)
@@ -135,7 +138,9 @@ class ImageReuse:
 
     # ------------------------------------------------------------------ linking
 
-    def link(self, inputs: dict, layout=None) -> tuple[CompressedCache, torch.Tensor]:
+    def link(
+        self, inputs: dict, layout=None, cache: CompressedCache | None = None
+    ) -> tuple[CompressedCache, torch.Tensor]:
         """Build the cache of a prompt from stored images plus a recompute forward; returns (cache, the last
         prompt token's logits [1, vocab])."""
         t0 = time.perf_counter()
@@ -177,7 +182,10 @@ class ImageReuse:
         rows = recompute.nonzero().flatten()
 
         session = getattr(model, "_vlcache_session", None)
-        cache = session.new_cache() if session is not None else CompressedCache(model.config)
+        if cache is None:
+            cache = session.new_cache() if session is not None else CompressedCache(model.config)
+        elif not isinstance(cache, CompressedCache):
+            raise ValueError("image reuse links into a vlcache cache: pass none, or session.new_cache()")
         cache.begin(layout, torch.ones(1, n, dtype=torch.bool, device=ids.device))
         for li, layer in enumerate(cache.layers):
             if not isinstance(layer, CompressibleLayer):

@@ -14,6 +14,7 @@ Same signature and results as `reference.attention_stats`.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -52,17 +53,20 @@ def _masked_logits(q, K, KVALID, b, hk, cols, dd, qpos, skb, skh, skt, skd, svb,
 
 @triton.jit
 def _row_pass(
-    Q, K, QPOS, KVALID, LSE, DENS,
+    Q, K, QPOS, KVALID, M_OUT, L_OUT, THRESH,
     sqb, sqh, sqr, sqd,
     skb, skh, skt, skd,
     spb, spr,
     svb, svh, svt,
-    H, HK, R, T, D, scale, log_frac,
-    HAS_KVALID: tl.constexpr, WITH_DENSITY: tl.constexpr, UPCAST: tl.constexpr,
+    H, HK, R, T, D, scale, SPAN,
+    HAS_KVALID: tl.constexpr, COUNT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """One split of the keys (grid axis 2) for a block of rows. COUNT=False: the split's running max and sum of
+    exp(s - max), combined across splits on the host; COUNT=True: how many keys of the split reach THRESH[row]."""
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HK)
@@ -75,45 +79,30 @@ def _row_pass(
         other=0.0,
     )
     qpos = tl.load(QPOS + b * spb + rows * spr, mask=row_ok, other=-1)
-    t_end = tl.minimum(T, tl.max(qpos) + 1)  # causal: no row of this block sees past its last slot
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    s_sum = tl.zeros([BLOCK_R], tl.float32)
-    for t0 in range(0, t_end, BLOCK_T):
-        cols = t0 + tl.arange(0, BLOCK_T)
-        k = tl.load(
-            K + b * skb + hk * skh + cols[:, None] * skt + dd[None, :] * skd,
-            mask=(cols[:, None] < T) & (dd[None, :] < D),
-            other=0.0,
-        )
-        s = _dot(q, tl.trans(k), UPCAST) * scale
-        vis = (cols[None, :] <= qpos[:, None]) & (cols[None, :] < T)
-        if HAS_KVALID:
-            kv = tl.load(KVALID + b * svb + hk * svh + cols * svt, mask=cols < T, other=0)
-            vis = vis & (kv[None, :] != 0)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s_sum = s_sum * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
-        m = m_new
-    lse = tl.where(s_sum > 0, m + tl.log(tl.maximum(s_sum, 1e-30)), float("-inf"))
-    tl.store(LSE + pid_bh * R + rows, lse, mask=row_ok)
-    if WITH_DENSITY:
-        threshold = m + log_frac
+    t_start = pid_s * SPAN
+    t_end = tl.minimum(tl.minimum(T, t_start + SPAN), tl.max(qpos) + 1)  # causal: nothing past the last slot
+    out = (pid_bh * tl.num_programs(2) + pid_s) * R + rows
+    if COUNT:
+        threshold = tl.load(THRESH + pid_bh * R + rows, mask=row_ok, other=float("inf"))
         count = tl.zeros([BLOCK_R], tl.float32)
-        for t0 in range(0, t_end, BLOCK_T):
-            cols = t0 + tl.arange(0, BLOCK_T)
-            k = tl.load(
-                K + b * skb + hk * skh + cols[:, None] * skt + dd[None, :] * skd,
-                mask=(cols[:, None] < T) & (dd[None, :] < D),
-                other=0.0,
-            )
-            s = _dot(q, tl.trans(k), UPCAST) * scale
-            vis = (cols[None, :] <= qpos[:, None]) & (cols[None, :] < T)
-            if HAS_KVALID:
-                kv = tl.load(KVALID + b * svb + hk * svh + cols * svt, mask=cols < T, other=0)
-                vis = vis & (kv[None, :] != 0)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            s, vis = _masked_logits(q, K, KVALID, b, hk, t0 + tl.arange(0, BLOCK_T), dd, qpos,
+                                    skb, skh, skt, skd, svb, svh, svt, T, D, scale, HAS_KVALID, UPCAST)  # fmt: skip
             count += tl.sum((vis & (s >= threshold[:, None])).to(tl.float32), 1)
-        tl.store(DENS + pid_bh * R + rows, count, mask=row_ok)
+        tl.store(M_OUT + out, count, mask=row_ok)
+    else:
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        s_sum = tl.zeros([BLOCK_R], tl.float32)
+        for t0 in range(t_start, t_end, BLOCK_T):
+            s, vis = _masked_logits(q, K, KVALID, b, hk, t0 + tl.arange(0, BLOCK_T), dd, qpos,
+                                    skb, skh, skt, skd, svb, svh, svt, T, D, scale, HAS_KVALID, UPCAST)  # fmt: skip
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_sum = s_sum * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), 1)
+            m = m_new
+        tl.store(M_OUT + out, m, mask=row_ok)
+        tl.store(L_OUT + out, s_sum, mask=row_ok)
 
 
 @triton.jit
@@ -173,10 +162,22 @@ def _column_pass(
         tl.store(COLSQ + pid_bh * T + cols, acc_sq, mask=col_ok)
 
 
-def _blocks(D: int) -> tuple[int, int, int]:
+def _config(D: int) -> dict:
+    """Tile sizes. Under the interpreter small tiles keep the tests quick; on a GPU, d = 128 tiles of 64 x 64."""
     block_d = max(16, triton.next_power_of_2(D))
-    block = 64 if block_d <= 64 else 32  # keep q, k and the s tile in registers at d = 128
-    return block, block, block_d
+    if INTERPRET:
+        block = 64 if block_d <= 64 else 32
+        return dict(BLOCK_R=block, BLOCK_T=block, BLOCK_D=block_d)
+    return dict(BLOCK_R=64, BLOCK_T=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
+
+
+def _splits(programs: int, t: int, block_t: int, device) -> int:
+    """Key splits for the row pass: few rows (an observation window) would otherwise leave most of the GPU idle
+    while each program sweeps every key; enough splits to give each SM a few programs."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(4 * sms, max(programs, 1)), triton.cdiv(t, 8 * block_t)))
 
 
 def attention_stats(
@@ -190,6 +191,8 @@ def attention_stats(
     with_sq: bool = False,
     density_fraction: float | None = None,
     chunk: int | None = None,  # the reference's row tile; the kernel has its own blocks
+    splits: int | None = None,  # key splits of the row pass (default: by GPU occupancy; tests force several)
+    config: dict | None = None,  # tile / warp overrides, for tuning
 ) -> AttentionStats:
     B, H, R, D = q.shape
     _, HK, T, Dk = k.shape
@@ -205,22 +208,37 @@ def attention_stats(
     if k_valid is not None:
         kv = (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid).to(device=dev, dtype=torch.int8).contiguous()
     qv = q_valid.to(device=dev, dtype=torch.int8).contiguous() if q_valid is not None else None
-    lse = torch.empty(B, H, R, device=dev, dtype=torch.float32)
-    density = torch.empty(B, H, R, device=dev, dtype=torch.float32) if density_fraction is not None else None
     colsum = torch.empty(B, H, T, device=dev, dtype=torch.float32)
     colsq = torch.empty(B, H, T, device=dev, dtype=torch.float32) if with_sq else None
-    block_r, block_t, block_d = _blocks(D)
+    cfg = dict(_config(D), **(config or {}))
+    block_r, block_t = cfg["BLOCK_R"], cfg["BLOCK_T"]
     upcast = INTERPRET or q.dtype == torch.float32
     dummy = q_pos  # stands in for absent optional tensors (never read: the constexpr flags skip them)
     kv_strides = (kv.stride(0), kv.stride(1) if kv.shape[1] > 1 else 0, kv.stride(2)) if kv is not None else (0, 0, 0)
+    row_blocks = triton.cdiv(R, block_r)
+    S = splits or _splits(B * H * row_blocks, T, block_t, q.device)
+    span = triton.cdiv(triton.cdiv(max(T, 1), S), block_t) * block_t  # keys per split, whole blocks
+    common = (*q.stride(), *k.stride(), *q_pos.stride(), *kv_strides, H, HK, R, T, D, float(scale), span)
+    lse = torch.full((B, H, R), float("-inf"), device=dev, dtype=torch.float32)
+    density = None
     if R > 0:
-        _row_pass[(B * H, triton.cdiv(R, block_r))](
-            q, k, q_pos, kv if kv is not None else dummy, lse, density if density is not None else lse,
-            *q.stride(), *k.stride(), *q_pos.stride(), *kv_strides,
-            H, HK, R, T, D, float(scale), float(torch.log(torch.tensor(density_fraction or 1.0))),
-            HAS_KVALID=kv is not None, WITH_DENSITY=density is not None, UPCAST=upcast,
-            BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d,
-        )  # fmt: skip
+        part_m = torch.empty(B * H, S, R, device=dev, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        grid = (B * H, row_blocks, S)
+        _row_pass[grid](q, k, q_pos, kv if kv is not None else dummy, part_m, part_l, part_m, *common,
+                        HAS_KVALID=kv is not None, COUNT=False, UPCAST=upcast, **cfg)  # fmt: skip
+        m = part_m.amax(1)
+        safe = torch.where(m == float("-inf"), 0.0, m)
+        total = (part_l * torch.exp(part_m - safe[:, None])).sum(1)
+        lse = torch.where(total > 0, safe + torch.log(total.clamp(min=1e-30)), float("-inf")).view(B, H, R)
+        if density_fraction is not None:
+            # a key counts when its probability is at least `fraction` of the row's largest: s >= max + log(fraction)
+            threshold = (m + math.log(density_fraction)).contiguous()
+            _row_pass[grid](q, k, q_pos, kv if kv is not None else dummy, part_m, part_l, threshold, *common,
+                            HAS_KVALID=kv is not None, COUNT=True, UPCAST=upcast, **cfg)  # fmt: skip
+            density = part_m.sum(1).view(B, H, R)
+    elif density_fraction is not None:
+        density = torch.zeros(B, H, 0, device=dev, dtype=torch.float32)
     if T > 0:
         _column_pass[(B * H, triton.cdiv(T, block_t))](
             q, k, q_pos, kv if kv is not None else dummy, qv if qv is not None else dummy, lse, colsum,
@@ -228,8 +246,7 @@ def attention_stats(
             *q.stride(), *k.stride(), *q_pos.stride(), *kv_strides,
             *(qv.stride() if qv is not None else (0, 0)),
             H, HK, R, T, D, float(scale),
-            HAS_KVALID=kv is not None, HAS_QVALID=qv is not None, WITH_SQ=with_sq, UPCAST=upcast,
-            BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_D=block_d,
+            HAS_KVALID=kv is not None, HAS_QVALID=qv is not None, WITH_SQ=with_sq, UPCAST=upcast, **cfg,
         )  # fmt: skip
     if density is not None and qv is not None:
         density *= qv[:, None, :]  # padding rows count nothing, as in the reference
