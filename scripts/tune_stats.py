@@ -1,6 +1,6 @@
 """Time the attention-statistics kernel under a few tile configurations on a GPU (a tuning aid, not a benchmark).
 
-    python scripts/tune_stats.py
+python scripts/tune_stats.py
 """
 
 import sys
@@ -33,7 +33,16 @@ for name, n, rows in (("window", 131072, 32), ("all", 16384, 16384)):
     for cfg in CONFIGS:
         for dens in (None, 0.01):
             try:
-                t = timed(lambda: attention_stats(q, k, D**-0.5, pos, density_fraction=dens, config=cfg), "cuda", 5)
-                print(f"{name:7s} n={n:6d} dens={dens!s:5s} {cfg}  {t * 1e3:8.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s", flush=True)
+                t = timed(
+                    lambda q=q, k=k, pos=pos, dens=dens, cfg=cfg: attention_stats(
+                        q, k, D**-0.5, pos, density_fraction=dens, config=cfg
+                    ),
+                    "cuda",
+                    5,
+                )
+                print(
+                    f"{name:7s} n={n:6d} dens={dens!s:5s} {cfg}  {t * 1e3:8.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s",
+                    flush=True,
+                )
             except Exception as e:  # noqa: BLE001  (a config that does not fit: report and go on)
                 print(f"{name:7s} {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,20 +14,21 @@ import vlcache
 from .policies import Policy
 from .stats import CompressionStats
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "embedded"
 
 
 def load(name: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None):
-    """(model, processor) for a hub id or local path; None or "tiny" gives the embedded default.
-
-    The embedded default is a tiny Llava built from a config (random weights) with a hub-free processor.
-    """
+    """(model, processor) for a hub id or a local path. None or "embedded": the trained embedded model shipped in
+    the package (a small Llava that reads synthetic videos); "tiny": a tiny Llava with random weights."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name in (None, DEFAULT_MODEL):
+        from .evaluation.model import load_embedded
+
+        return load_embedded(device=device)
+    if name == "tiny":
         from . import tiny
 
-        model = tiny.build("llava").to(device)
-        return model, tiny.processor("llava")
+        return tiny.build("llava").to(device), tiny.processor("llava")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -40,31 +41,58 @@ def load(name: str | None = None, *, device: str | None = None, dtype: torch.dty
     return model.eval(), processor
 
 
+def is_embedded(model) -> bool:
+    from .evaluation.model import EMBEDDED_DIR
+
+    return str(getattr(model, "name_or_path", "")) == str(EMBEDDED_DIR)
+
+
+def default_question(model) -> str:
+    """What to ask for a caption: the embedded model's trained question, or a plain request."""
+    return "describe?" if is_embedded(model) else "Describe this video in one sentence."
+
+
 def frames_inputs(processor, frames, question: str, device=None) -> dict:
-    """Model inputs for a question about frames given as a sequence of images, each after a text marker
-    ("f0 <image> f1 <image> ... question"), through the processor's chat template when it has one."""
-    content = []
-    for i in range(len(frames)):
-        content += [{"type": "text", "text": f"f{i} "}, {"type": "image"}]
-    content.append({"type": "text", "text": question})
-    if getattr(processor, "chat_template", None):
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    else:
-        token = getattr(processor, "image_token", None) or "<image>"
-        text = "".join(c["text"] if c["type"] == "text" else token for c in content)
-    inputs = processor(images=list(frames), text=[text], return_tensors="pt")
+    """Model inputs for a question about frames given as images, each after a text marker ("f0<image>f1<image>
+    question"), through the processor's chat template when it has one. `frames` is one video (a list of images)
+    or a batch of them (a list of lists), left-padded."""
+    videos = frames if frames and isinstance(frames[0], (list, tuple)) else [frames]
+    texts = [_frames_prompt(processor, len(v), question) for v in videos]
+    tokenizer = getattr(processor, "tokenizer", None)
+    side = getattr(tokenizer, "padding_side", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"  # generation appends on the right
+    try:
+        inputs = processor(images=[im for v in videos for im in v], text=texts, return_tensors="pt", padding=True)
+    finally:
+        if tokenizer is not None:
+            tokenizer.padding_side = side
     return {k: v.to(device) if device is not None and hasattr(v, "to") else v for k, v in inputs.items()}
+
+
+def _frames_prompt(processor, n: int, question: str) -> str:
+    content = []
+    for i in range(n):
+        content += [{"type": "text", "text": f"f{i}"}, {"type": "image"}]
+    content.append({"type": "text", "text": " " + question})
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    token = getattr(processor, "image_token", None) or "<image>"
+    return "".join(c["text"] if c["type"] == "text" else token for c in content)
 
 
 @dataclass
 class RunResult:
-    tokens: list[int]  # generated ids
-    text: str
+    tokens: list[int]  # generated ids of row 0
+    text: str  # of row 0
     stats: CompressionStats | None  # at the end of generation
     prefill_stats: CompressionStats | None  # right after the prompt was compressed
     prefill_s: float
     decode_s: float  # total over the decode steps
     steps: int  # decode forwards
+    texts: list[str] = field(default_factory=list)  # every row's
+    row_stats: list[CompressionStats] = field(default_factory=list)  # every row's prefill stats
+    kept_positions: dict = field(default_factory=dict)  # layer -> [B, Hk, K] prompt positions kept after prefill
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -85,19 +113,24 @@ def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: i
         _sync(model)
         times.append(time.perf_counter() - marks[-1])
 
-    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
-    try:
-        with vlcache.compress(model, policy) if policy is not None else nullcontext() as session:
+    with vlcache.compress(model, policy) if policy is not None else nullcontext() as session:
+        # registered inside the session, so that the times enclose its hooks too (the whole-model step after the
+        # prompt, VL-Cache's global selection, is part of the prefill)
+        handles = [model.register_forward_pre_hook(pre, prepend=True), model.register_forward_hook(post)]
+        try:
             with torch.inference_mode():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kw)
-    finally:
-        for h in handles:
-            h.remove()
+        finally:
+            for h in handles:
+                h.remove()
     n = inputs["input_ids"].shape[1]
-    new = out[0, n:].tolist()
-    text = processor.decode(new, skip_special_tokens=True) if processor is not None else ""
+    texts = processor.batch_decode(out[:, n:], skip_special_tokens=True) if processor is not None else [""] * len(out)
     stats, prefill_stats = (session.stats, session.prefill_stats) if session else (None, None)
-    return RunResult(new, text, stats, prefill_stats, times[0], sum(times[1:]), len(times) - 1)
+    rows = list(session.prefill_rows) if session else []
+    kept = dict(session.prefill_positions) if session else {}
+    return RunResult(
+        out[0, n:].tolist(), texts[0], stats, prefill_stats, times[0], sum(times[1:]), len(times) - 1, texts, rows, kept
+    )
 
 
 def _sync(model):

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# What needs a GPU, in one call (for a session lent one; the device tool copies this tree there).
+# Its image has torch, transformers and triton but no decord/gradio: only the GPU-relevant parts run.
+#   1. the Triton kernels against their references, natively (no interpreter);
+#   2. the kernel benchmark at n = 4K..128K (H=28, Hk=4, d=128, bf16), bandwidth fraction per kernel;
+#   3. the speed benchmark with Qwen2-VL-7B text dimensions, bf16, 8K..128K tokens.
+# Each step runs under its own time limit and a failure does not stop the next one.
+# Results land in $OUT (or out/gpu when run by hand).
+#   bash scripts/gpu_check.sh [kernels-tests|kernels|speed|reuse ...]   (default: the first three)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(kernel-tests kernels speed)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+for step in "${steps[@]}"; do
+  echo "== $step"
+  case "$step" in
+    kernel-tests) timeout 240 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt" ;;
+    kernels) timeout 240 python3 -m vlcache.bench.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" ;;
+    speed) timeout 400 python3 -m vlcache.bench.speed --preset qwen2vl-7b --policies snapkv,h2o,vlcache,cake --new-tokens 32 --out "$OUT" 2>&1 | tee "$OUT/speed_gpu.txt" ;;
+    reuse) timeout 300 python3 -m vlcache.bench.reuse --device cuda --out "$OUT" 2>&1 | tee "$OUT/reuse_gpu.txt" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done

@@ -1,0 +1,206 @@
+"""Markdown tables for the README from the benchmarks' JSON outputs, so every number there comes from a run.
+
+python scripts/readme_tables.py out/          # reads out/{quality,speed,kernels,peer,reuse}/*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def training(meta) -> str:
+    acc = meta["held_out_accuracy"]
+    tasks = sorted({k.split("@")[0] for k in acc}, key=["needle", "where", "lookup", "count", "describe"].index)
+    lines = ["| task | 8 frames | 16 frames (longer than any in training) |", "|---|---|---|"]
+    for t in tasks:
+        a8, a16 = acc.get(f"{t}@8"), acc.get(f"{t}@16")
+        lines.append(f"| {t} | {a8:.1%} | {'-' if a16 is None else f'{a16:.1%}'} |")
+    return "\n".join(lines)
+
+
+def quality(data, frames: int) -> str:
+    budgets = data["budgets"]
+    out = []
+    for row in data["accuracy"]:
+        if row["frames"] != frames:
+            continue
+        head = f"**{row['task']}** ({frames} frames): full cache {row['full']:.2f}, floor {row['floor']:.2f}, ceiling {row['ceiling']:.2f}, chance {row['chance']:.2f}"
+        lines = [
+            head,
+            "",
+            "| vision kept | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
+            "|---" * (len(budgets) + 1) + "|",
+        ]
+        for name, accs in row["policies"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def fidelity(data) -> str:
+    budgets = data["budgets"]
+    lines = [
+        "| vision kept | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |",
+        "|---" * (len(budgets) + 1) + "|",
+    ]
+    for name, cells in data["fidelity"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{c['agreement']:.2f} / {c['kl']:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def speed(data) -> str:
+    rows = data["rows"]
+    sizes = sorted({r["n"] for r in rows})
+    out = []
+    for n in (sizes[-1], sizes[len(sizes) // 2]):
+        lines = [
+            f"prompt of {n} tokens:",
+            "",
+            "| policy | prefill s | x full | decode ms/token | x full | KV MiB | x full | peak MiB | x full | tokens as full |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if r["n"] != n:
+                continue
+
+            def ratio(key, r=r):
+                return f"{r[key]:.2f}" if r.get(key) is not None else "-"
+
+            kv = f"{r['kv_bytes'] / 2**20:.1f}" if r["kv_bytes"] else "-"
+            agree = f"{r['agreement']:.2f}" if "agreement" in r else "-"
+            lines.append(
+                f"| {r['policy']} | {r['prefill_s']:.2f} | {ratio('prefill_ratio')} | {r['decode_ms']:.1f} | {ratio('decode_ratio')} | "
+                f"{kv} | {ratio('kv_ratio')} | {r['peak_bytes'] / 2**20:.1f} | {ratio('peak_ratio')} | {agree} |"
+            )
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def decode_vs_length(data) -> str:
+    rows = data["rows"]
+    sizes = sorted({r["n"] for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    lines = ["| decode ms/token | " + " | ".join(str(n) for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for p in policies:
+        cells = {r["n"]: r["decode_ms"] for r in rows if r["policy"] == p}
+        lines.append(f"| {p} | " + " | ".join(f"{cells[n]:.1f}" for n in sizes) + " |")
+    return "\n".join(lines)
+
+
+def kernels(data) -> str:
+    lines = [
+        "| op | n | reference ms | Triton ms | speedup | Triton GB/s | of copy bandwidth | Triton TFLOP/s | peak MiB ref / Triton |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(r["op"], r["n"], r["impl"]): r for r in data["rows"]}
+    for op in dict.fromkeys(r["op"] for r in data["rows"]):
+        for n in sorted({r["n"] for r in data["rows"] if r["op"] == op}):
+            ref, tri = by.get((op, n, "reference")), by.get((op, n, "triton"))
+            if tri is None:  # CPU: the references alone
+                lines.append(f"| {op} | {n} | {ref['ms']:.3f} | - | - | - | - | - | - |")
+                continue
+            ref_ms = f"{ref['ms']:.3f}" if ref else "(skipped)"
+            speedup = f"{ref['ms'] / tri['ms']:.2f}x" if ref else "-"
+            peak = f"{ref['peak_mib']:.1f} / {tri['peak_mib']:.1f}" if ref else f"- / {tri['peak_mib']:.1f}"
+            lines.append(
+                f"| {op} | {n} | {ref_ms} | {tri['ms']:.3f} | {speedup} | {tri['gbps']:.0f} | {100 * tri['frac']:.1f}% | "
+                f"{tri['tflops']:.1f} | {peak} |"
+            )
+    return (
+        f"{data['setup']['device']}, measured copy bandwidth {data['setup']['copy_bandwidth_gbps']:.0f} GB/s\n\n"
+        + "\n".join(lines)
+    )
+
+
+def bandwidth(data) -> str:
+    rows = [r for r in data["rows"] if r.get("decode_bandwidth_fraction") is not None]
+    if not rows:
+        return ""
+    sizes = sorted({r["n"] for r in rows})
+    lines = [
+        "| decode: bytes read per token / time, of copy bandwidth | " + " | ".join(str(n) for n in sizes) + " |",
+        "|---" * (len(sizes) + 1) + "|",
+    ]
+    for p in dict.fromkeys(r["policy"] for r in rows):
+        cells = {r["n"]: r["decode_bandwidth_fraction"] for r in rows if r["policy"] == p}
+        lines.append(f"| {p} | " + " | ".join(f"{100 * cells[n]:.0f}%" if n in cells else "-" for n in sizes) + " |")
+    return "\n".join(lines)
+
+
+def peer(data) -> str:
+    lines = [
+        "| library | run | prefill s | x full | decode ms/token | x full | KV MiB | peak MiB | tokens as own full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['library']} | {r['run']} | {r['prefill_s']:.2f} | {r['prefill_ratio']:.2f} | {r['decode_ms']:.1f} | {r['decode_ratio']:.2f} | "
+            f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_bytes'] / 2**20:.1f} | {r['agreement']:.2f} |"
+        )
+    return "\n".join(lines) + f"\n\nThe two full-cache runs agree token for token: {data['full_runs_agree']}."
+
+
+def reuse(data) -> str:
+    ks = data["ks"]
+    lines = [
+        "| images | tokens | cold TTFT ms | " + " | ".join(f"k={k}: ms (x), agreement" for k in ks) + " |",
+        "|---" * (len(ks) + 3) + "|",
+    ]
+    for r in data["rows"]:
+        cells = [
+            f"{1000 * r['reuse'][k]['ttft_s']:.0f} ({r['reuse'][k]['speedup']:.1f}x), {r['reuse'][k]['agreement']:.2f}"
+            for k in ks
+        ]
+        lines.append(f"| {r['images']} | {r['tokens']} | {1000 * r['cold_s']:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(folder: str = "out") -> int:
+    out = Path(folder)
+    meta = load(ROOT / "vlcache" / "embedded" / "training.json")
+    if meta:
+        print("## training\n\n" + training(meta) + f"\n\ntrained in {meta['train_seconds'] / 60:.0f} min\n")
+    q = load(out / "quality" / "quality.json")
+    if q:
+        print(
+            "## quality, 8 frames\n\n"
+            + quality(q, 8)
+            + "\n\n## quality, 16 frames\n\n"
+            + quality(q, 16)
+            + "\n\n## fidelity\n\n"
+            + fidelity(q)
+            + "\n"
+        )
+    s = load(out / "speed" / "speed.json")
+    if s:
+        print(
+            f"## speed ({s['setup']['device']}, {s['setup']['parameters'] / 1e6:.1f}M parameters, budget {s['setup']['budget']})\n\n"
+            + speed(s)
+            + "\n\n"
+            + decode_vs_length(s)
+            + "\n\n"
+            + bandwidth(s)
+            + "\n"
+        )
+    k = load(out / "kernels" / "kernels.json")
+    if k:
+        print("## kernels\n\n" + kernels(k) + "\n")
+    p = load(out / "peer" / "peer.json")
+    if p:
+        print("## peer\n\n" + peer(p) + "\n")
+    r = load(out / "reuse" / "reuse.json")
+    if r:
+        print("## reuse\n\n" + reuse(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,164 @@
+"""Reuse benchmark: time to first token with images seen before, cold prefill against EPIC linking.
+
+    vlcache bench reuse                        # CPU: prompts of 1..16 images of 256 tokens, k = 0, 4, 16, full
+    vlcache bench reuse --quick                # tiny, for CI
+
+The model is a Llava built from a config with random weights (a one-layer vision tower, an 8-layer 512-wide text
+tower). Every image is stored first (one compile each, not timed); the timed prompts hold the same images in a
+shuffled order after a different preamble, so every image lands at a new position. TTFT is the wall time of
+`generate(max_new_tokens=1)`, vision tower included for the cold run; agreement is the share of the first 32
+generated tokens equal to the cold run's. Ratios are taken against the cold run of the same prompt, in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers as T
+
+import vlcache
+
+from .. import tiny
+from ..reuse import ImageKVStore
+
+SIZES = {
+    "cpu": dict(hidden=512, layers=8, heads=8, kv=2, grid=16),
+    "quick": dict(hidden=64, layers=2, heads=4, kv=2, grid=8),
+}
+
+
+def build(size: dict):
+    g, patch = size["grid"], 4
+    cfg = T.LlavaConfig(
+        vision_config=T.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=g * patch, patch_size=patch),
+        text_config=T.LlamaConfig(**tiny.models.text_kwargs(layers=size["layers"], hidden=size["hidden"], heads=size["heads"], kv_heads=size["kv"])),
+        image_token_index=tiny.models.IMG,
+        image_seq_length=g * g,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return T.LlavaForConditionalGeneration(cfg).eval()
+
+
+def prompt(model, images: torch.Tensor, order: list[int], preamble: str) -> dict:
+    segs = [preamble]
+    for i in range(len(order)):
+        segs += [f" picture {i}:", tiny.IMAGE]
+    inputs = tiny.make_inputs(model, segs + [" what do the pictures show?"]).inputs
+    inputs["pixel_values"] = images[order]
+    return inputs
+
+
+def ttft(model, inputs, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vlcache bench reuse", description=__doc__.splitlines()[0])
+    p.add_argument("--images", default="1,2,4,8,16")
+    p.add_argument("--ks", default="0,4,16,full", help="first-k values to recompute ('full': everything)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="out/reuse")
+    args = p.parse_args(argv)
+    size = SIZES["quick" if args.quick else "cpu"]
+    if args.quick:
+        args.images, args.ks, args.new_tokens, args.reps = "1,2", "0,full", 4, 1
+    model = build(size)
+    counts = [int(x) for x in args.images.split(",")]
+    ks = [x for x in args.ks.split(",")]
+    g = size["grid"] * 4
+    images = torch.randn(max(counts), 3, g, g, generator=torch.Generator().manual_seed(1))
+    store = ImageKVStore(max_bytes=8 << 30)
+    with torch.inference_mode():  # warm-up: one-time costs stay out of the numbers
+        model.generate(**prompt(model, images[:1], [0], "warm up"), max_new_tokens=2, do_sample=False)
+    rows = []
+    print(
+        f"Llava text {size['layers']}x{size['hidden']} (random weights), {size['grid'] ** 2} tokens per image; CPU, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{'images':>6} {'tokens':>7} {'cold TTFT':>10} " + " ".join(f"{'k=' + k:>16}" for k in ks) + "   agreement"
+    )
+    print(header)
+    for n in counts:
+        with vlcache.reuse(model, store):  # store every image once (its compile is not timed)
+            model.generate(
+                **prompt(model, images[:n], list(range(n)), "first look."), max_new_tokens=1, do_sample=False
+            )
+        order = list(reversed(range(n)))  # each image at another position than when stored
+        inputs = prompt(model, images[:n], order, "a different and longer preamble, then")
+        cold_t = ttft(model, inputs, args.reps)
+        with torch.inference_mode():
+            cold_out = model.generate(
+                **inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+            )
+        row = {"images": n, "tokens": inputs["input_ids"].shape[1], "cold_s": cold_t, "reuse": {}}
+        for k in ks:
+            kw = {"recompute": "full"} if k == "full" else {"k": int(k)}
+            with vlcache.reuse(model, store, **kw) as r:
+                t = ttft(model, inputs, args.reps)
+                with torch.inference_mode():
+                    out = model.generate(
+                        **inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+                    )
+            m = inputs["input_ids"].shape[1]
+            agree = float((out[0, m:] == cold_out[0, m:]).float().mean())
+            row["reuse"][k] = {
+                "ttft_s": t,
+                "speedup": cold_t / t,
+                "agreement": agree,
+                "recomputed": r.last["recomputed"],
+                "hits": r.last["reused"],
+            }
+        rows.append(row)
+        cells = " ".join(f"{1000 * row['reuse'][k]['ttft_s']:>8.1f}ms {row['reuse'][k]['speedup']:>5.2f}x" for k in ks)
+        agree = " ".join(f"{row['reuse'][k]['agreement']:.2f}" for k in ks)
+        print(f"{n:>6} {row['tokens']:>7} {1000 * cold_t:>8.1f}ms {cells}   {agree}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reuse.json").write_text(json.dumps({"rows": rows, "ks": ks}, indent=2) + "\n")
+    plot(rows, ks, out / "reuse.png")
+    print(f"wrote {out / 'reuse.json'} and {out / 'reuse.png'}")
+    return 0
+
+
+def plot(rows, ks, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    n = [r["images"] for r in rows]
+    ax[0].plot(n, [1000 * r["cold_s"] for r in rows], "k-o", label="cold prefill")
+    for k in ks:
+        ax[0].plot(n, [1000 * r["reuse"][k]["ttft_s"] for r in rows], "-o", ms=3, label=f"reuse, k={k}")
+        ax[1].plot(n, [r["reuse"][k]["agreement"] for r in rows], "-o", ms=3, label=f"k={k}")
+    ax[0].set_ylabel("time to first token (ms)")
+    ax[1].set_ylabel("first tokens equal to the cold run")
+    for a in ax:
+        a.set_xlabel("images seen before")
+        a.set_xscale("log", base=2)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
