@@ -27,20 +27,20 @@ def _amount(text: str):
 def policy_from_args(name: str, args) -> object:
     if name == "full":
         return Full()
-    amounts = {"budget": args.budget}
-    if args.vision_budget is not None or args.text_budget is not None:
-        amounts = {"vision_budget": args.vision_budget, "text_budget": args.text_budget}
+    amounts = {"budget": args.budget, "vision_budget": args.vision_budget, "text_budget": args.text_budget}
+    if all(v is None for v in amounts.values()):  # the command's default, e.g. "--budget 0.1"
+        flag, value = args.default_budget.split()
+        amounts[flag.lstrip("-").replace("-", "_")] = _amount(value)
     return make_policy(name, **{k: v for k, v in amounts.items() if v is not None})
 
 
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--budget", type=_amount, default=0.1, help="kept per layer: ratio in (0,1] or token count (default 0.1)"
-    )
-    p.add_argument(
-        "--vision-budget", type=_amount, help="separate budget for vision tokens (text kept whole unless --text-budget)"
-    )
-    p.add_argument("--text-budget", type=_amount, help="separate budget for text tokens")
+def add_budget_args(p: argparse.ArgumentParser, default: str = "--budget 0.1") -> None:
+    """--budget / --vision-budget / --text-budget; `default` applies when none is given."""
+    p.add_argument("--budget", type=_amount, help="kept per layer: a ratio in (0,1] or a token count")
+    p.add_argument("--vision-budget", type=_amount, help="for vision tokens (text kept whole unless --text-budget)")
+    p.add_argument("--text-budget", type=_amount, help="for text tokens")
+    p.set_defaults(default_budget=default)
+    p.epilog = ((p.epilog or "") + f" Without a budget flag: {default}.").strip()
 
 
 def cmd_policies(args) -> int:
@@ -54,15 +54,18 @@ def cmd_policies(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    """The main job: caption procedurally generated frames under each policy and compare with the full cache."""
-    from . import pipeline
-    from .frames import synthetic_video
+    """Caption one synthetic video under each policy and compare with the full cache."""
+    import numpy as np
 
-    model, processor = pipeline.load(args.model)
-    frames = synthetic_video(frames=args.frames, size=args.size, seed=args.seed)
-    inputs = pipeline.frames_inputs(processor, frames, "Describe the video.", device=next(model.parameters()).device)
+    from . import pipeline
+    from .evaluation.tasks import make_example
+
     names = ["full"] + [p for p in args.policies.split(",") if p and p != "full"]
-    policies = [policy_from_args(n, args) for n in names]  # validate every setting before running anything
+    policies = [policy_from_args(n, args) for n in names]  # validate every setting before loading anything
+    model, processor = pipeline.load(args.model)
+    frames = make_example("describe", args.frames, np.random.default_rng(args.seed)).frames
+    question = pipeline.default_question(model)
+    inputs = pipeline.frames_inputs(processor, frames, question, device=next(model.parameters()).device)
     print(
         f"model {args.model}: {args.frames} frames, prompt of {inputs['input_ids'].shape[1]} tokens, {args.max_new_tokens} new tokens"
     )
@@ -80,36 +83,74 @@ def cmd_compare(args) -> int:
     return 0
 
 
+BENCHES = ("quality", "speed", "kernels", "peer", "reuse")
+
+
+def run_bench(argv: list[str]) -> int:
+    import importlib
+
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+        print(f"usage: vlcache bench {{{','.join(BENCHES)}}} [options]   (each takes --help)")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return importlib.import_module(f"vlcache.bench.{argv[0]}").main(argv[1:])
+
+
+def run_caption(argv: list[str]) -> int:
+    from .caption import main as caption
+
+    return caption(argv)
+
+
+def run_demo(argv: list[str]) -> int:
+    from .demo_app import main as demo
+
+    return demo(argv)
+
+
+# commands with parsers of their own: everything after their name goes to them untouched
+DELEGATED = {"caption": run_caption, "bench": run_bench, "demo": run_demo}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlcache", description="Modality-aware KV-cache compression for Hugging Face VLMs."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser(
-        "compare", help="caption synthetic frames under several policies; print kept tokens and KV saved"
-    )
-    p.add_argument("--model", default="tiny", help="hub id or local path (default: the embedded tiny model)")
+    p = sub.add_parser("compare", help="caption one synthetic video under several policies: kept tokens, KV saved")
+    p.add_argument("--model", default="embedded", help="hub id or local path (default: the embedded model)")
     p.add_argument(
-        "--policies", default="snapkv,pyramidkv,h2o,streamingllm,random", help="comma-separated policy names"
+        "--policies", default=",".join(n for n in POLICIES if n != "full"), help="comma-separated policy names"
     )
     add_budget_args(p)
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=9)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_compare)
 
+    sub.add_parser("caption", help="caption videos into JSONL with a compressed cache (vlcache caption --help)")
+
     p = sub.add_parser("policies", help="list the policies with their settings")
     p.set_defaults(func=cmd_policies)
+
+    sub.add_parser("bench", help="benchmarks: quality, speed, kernels, peer, reuse (vlcache bench NAME --help)")
+    sub.add_parser("demo", help="the Gradio demo: compare answers with and without compression (vlcache demo --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return run_main(DELEGATED[argv[0]], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_main(args.func, args)
+
+
+def run_main(fn, *args) -> int:
+    """Run a command; user mistakes end in one line on stderr and exit status 2, not a traceback."""
     try:
-        return args.func(args)
+        return fn(*args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vlcache: error: {e}", file=sys.stderr)
         return 2
