@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every CPU benchmark the README reports, one after another on a quiet machine, into out/ (about 35 minutes on
+# Every CPU benchmark the README reports, one after another on a quiet machine, into out/ (about 40 minutes on
 # 2 cores). Then: python scripts/readme_tables.py out/
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,11 +9,11 @@ for step in "${@:-speed kernels peer reuse quality}"; do
   for s in $step; do
     echo "== $s $(date +%T)"
     case "$s" in
-      speed) $PY -m vlcache bench speed --sizes 1024,4096,16384 --out out/speed 2>&1 | tee out/speed.txt ;;
+      speed) $PY -m vlcache bench speed --sizes 1024,4096,8192 --out out/speed 2>&1 | tee out/speed.txt ;;
       kernels) $PY -m vlcache bench kernels --device cpu --out out/kernels 2>&1 | tee out/kernels.txt ;;
       peer) $PY -m vlcache bench peer --out out/peer 2>&1 | tee out/peer.txt ;;
       reuse) $PY -m vlcache bench reuse --out out/reuse 2>&1 | tee out/reuse.txt ;;
-      quality) $PY -m vlcache bench quality --out out/quality 2>&1 | tee out/quality.txt ;;
+      quality) $PY -m vlcache bench quality --tasks needle,where,count,describe --out out/quality 2>&1 | tee out/quality.txt ;;
       *) echo "unknown step $s" ;;
     esac
   done
