@@ -160,6 +160,16 @@ def reuse(data) -> str:
             for k in ks
         ]
         lines.append(f"| {r['images']} | {r['tokens']} | {1000 * r['cold_s']:.0f} | " + " | ".join(cells) + " |")
+    trained = data.get("trained")
+    if trained:
+        lines += [
+            "",
+            f"Embedded model, {trained['frames']}-frame videos stored then asked with frames rotated, accuracy over {trained['videos_per_task']} videos per task:",
+            "",
+        ]
+        lines += ["| task | cold | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 2) + "|"]
+        for task, acc in trained["tasks"].items():
+            lines.append(f"| {task} | {acc['cold']:.2f} | " + " | ".join(f"{acc[k]:.2f}" for k in ks) + " |")
     return "\n".join(lines)
 
 
