@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 import vlcache
 
 from ..policies import SnapKV
+from .greedy import greedy
 from .memprobe import PeakTensorMemory
 
 DIMS = dict(
@@ -44,22 +44,9 @@ DIMS = dict(
 
 
 def decode(model, ids, policy, new_tokens):
-    n = ids.shape[1]
     with vlcache.compress(model, policy) if policy is not None else nullcontext() as session:
         cache = session.new_cache() if session else T.DynamicCache(config=model.config)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            t1 = time.perf_counter()
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens = [int(tok)]
-            for s in range(new_tokens - 1):
-                out = model(input_ids=tok, past_key_values=cache, position_ids=torch.tensor([[n + s]]), use_cache=True)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                tokens.append(int(tok))
-            t2 = time.perf_counter()
-    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return dict(prefill_s=t1 - t0, decode_ms=1000 * (t2 - t1) / max(1, new_tokens - 1), kv_bytes=kv, tokens=tokens)
+        return greedy(model, ids, cache, new_tokens)
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,23 @@ import torch
 from .attention import NAMES
 
 
+def wrap_generate(model, wrapper):
+    """Make `model.generate` call `wrapper`; returns (the generate it wraps, the instance attribute it shadows or
+    None) for `unwrap_generate`. Compression and image reuse each wrap, in either order."""
+    previous = model.__dict__.get("generate")
+    inner = model.generate
+    model.generate = wrapper
+    return inner, previous
+
+
+def unwrap_generate(model, previous) -> None:
+    """Undo `wrap_generate`: restore the wrapper that was there before, or the class's own method."""
+    if previous is None:
+        model.__dict__.pop("generate", None)
+    else:
+        model.generate = previous
+
+
 def text_config(model):
     return model.config.get_text_config(decoder=True)
 

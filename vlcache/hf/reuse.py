@@ -28,7 +28,7 @@ from ..modality.families import UnsupportedModelError
 from ..reuse.rope import rerotate
 from ..reuse.store import Chunk, ImageKVStore, chunk_key
 from .cache import CompressedCache, CompressibleLayer
-from .model import current_implementation, decoder
+from .model import current_implementation, decoder, unwrap_generate, wrap_generate
 
 REUSE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 RECOMPUTE = ("first_k", "cacheblend", "full")
@@ -90,18 +90,13 @@ class ImageReuse:
 
     def attach(self) -> ImageReuse:
         if not self._attached:
-            self._previous = self.model.__dict__.get("generate")
-            self._generate = self.model.generate
-            self.model.generate = self.generate
+            self._generate, self._previous = wrap_generate(self.model, self.generate)
             self._attached = True
         return self
 
     def detach(self) -> None:
         if self._attached:
-            if self._previous is None:
-                self.model.__dict__.pop("generate", None)
-            else:
-                self.model.generate = self._previous
+            unwrap_generate(self.model, self._previous)
             self._attached = False
 
     # ------------------------------------------------------------------ generate

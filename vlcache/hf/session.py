@@ -21,7 +21,14 @@ from ..stats import CompressionStats
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
 from .driver import Driver
-from .model import attention_modules, set_text_implementation, text_config, vlcache_implementation
+from .model import (
+    attention_modules,
+    set_text_implementation,
+    text_config,
+    unwrap_generate,
+    vlcache_implementation,
+    wrap_generate,
+)
 
 
 def _decode_backends(query: torch.Tensor):
@@ -76,9 +83,7 @@ class Session:
             self.model.register_forward_pre_hook(self._before, with_kwargs=True),
             self.model.register_forward_hook(self._after, with_kwargs=True),
         ]
-        self._previous = self.model.__dict__.get("generate")  # another wrapper (image reuse) may be there already
-        self._generate = self.model.generate
-        self.model.generate = self.generate
+        self._generate, self._previous = wrap_generate(self.model, self.generate)  # image reuse may wrap too
         self.model._vlcache_session = self
         self._attached = True
         return self
@@ -91,10 +96,7 @@ class Session:
         for m in self._modules:
             m.__dict__.pop("_vlcache_session", None)
         set_text_implementation(self.model, self._original_impl)
-        if self._previous is None:
-            self.model.__dict__.pop("generate", None)
-        else:
-            self.model.generate = self._previous
+        unwrap_generate(self.model, self._previous)
         self.model.__dict__.pop("_vlcache_session", None)
         self.model._vlcache_stats = self.stats or self.prefill_stats
         self.cache = None

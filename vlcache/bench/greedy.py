@@ -1,0 +1,29 @@
+"""The timed greedy loop both sides of the peer benchmark run, so that vlcache and kvpress are measured alike.
+
+Depends on torch only, so the kvpress worker, which runs in another virtualenv, can load this file by path.
+"""
+
+import time
+from contextlib import nullcontext
+
+import torch
+
+
+def greedy(model, ids, cache, new_tokens: int, prefill_context=None) -> dict:
+    """Prefill `ids` into `cache` (inside `prefill_context`, e.g. a kvpress press), then greedy steps with explicit
+    positions. Returns prefill seconds, decode ms per token, KV bytes held at the end and the generated tokens."""
+    n = ids.shape[1]
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        with prefill_context if prefill_context is not None else nullcontext():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        t1 = time.perf_counter()
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [int(tok)]
+        for s in range(new_tokens - 1):
+            out = model(input_ids=tok, past_key_values=cache, position_ids=torch.tensor([[n + s]]), use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(tok))
+        t2 = time.perf_counter()
+    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    return dict(prefill_s=t1 - t0, decode_ms=1000 * (t2 - t1) / max(1, new_tokens - 1), kv_bytes=kv, tokens=tokens)
