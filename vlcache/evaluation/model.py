@@ -20,8 +20,8 @@ EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 IMAGE_TOKEN_ID = 250
 
 
-def build_untrained(seed: int = 0):
-    """(model, processor) with random weights: 1-layer CLIP tower, 4-layer Llama (hidden 128, 4 heads, 2 KV)."""
+def build_untrained(seed: int = 0, layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2):
+    """A Llava with random weights: 1-layer CLIP tower (64 wide) and a Llama of `layers` x `hidden`."""
     torch.manual_seed(seed)
     vision = T.CLIPVisionConfig(
         hidden_size=64,
@@ -31,7 +31,9 @@ def build_untrained(seed: int = 0):
         image_size=SIZE,
         patch_size=PATCH,
     )
-    text = T.LlamaConfig(**text_kwargs(layers=4, hidden=128, heads=4, kv_heads=2, max_position_embeddings=4096))
+    text = T.LlamaConfig(
+        **text_kwargs(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, max_position_embeddings=4096)
+    )
     config = T.LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -43,7 +45,7 @@ def build_untrained(seed: int = 0):
     )
     model = T.LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = 0
-    return model, build_processor()
+    return model
 
 
 # a chat message renders exactly as the training prompt: "f0<image>f1<image> describe?"

@@ -1,0 +1,78 @@
+"""The tensor-drawn tasks used for GPU training match the PIL/processor path: the same inputs from the same pixels
+and text, and answers that follow from what the frames show under the rules of `tasks.make_example`."""
+
+import numpy as np
+import pytest
+import torch
+
+from vlcache.evaluation.model import batch_inputs, build_processor
+from vlcache.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example
+from vlcache.evaluation.tensor_tasks import MEAN, STD, decode, draw_batch, encode_examples
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_encode_matches_processor(task):
+    rng = np.random.default_rng(5)
+    examples = [make_example(task, 4, rng) for _ in range(3)]
+    for with_answer in (False, True):
+        ref = batch_inputs(build_processor(), examples, with_answer=with_answer)
+        got = encode_examples(examples, with_answer=with_answer)
+        assert set(got) == set(ref)
+        for key in ref:
+            if key == "pixel_values":
+                torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0)
+            else:
+                assert torch.equal(got[key], ref[key]), key
+
+
+def _objects(pixel_values, frames):
+    """frame -> colour key of the object each frame shows, read back from normalised pixels."""
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    pix = ((pixel_values * std + mean) * 255).round().view(-1, frames, 3, GRID, PATCH, GRID, PATCH)
+    patch_rgb = pix.mean((4, 6)).permute(0, 1, 3, 4, 2).reshape(pix.shape[0], frames, GRID * GRID, 3)
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float)
+    found = []
+    for video in patch_rgb:
+        objs = {}
+        for f in range(frames):
+            bright = (video[f].amax(-1) > 150).nonzero().flatten().tolist()  # noise stays below 70
+            assert len(bright) <= 1
+            if bright:
+                objs[f] = COLOR_KEYS[int((palette - video[f, bright[0]]).abs().sum(-1).argmin())]
+        found.append(objs)
+    return found
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_draw_batch_answers_follow_frames(task):
+    frames = 6
+    g = torch.Generator().manual_seed(1)
+    inputs, answers = draw_batch(task, frames, 64, g)
+    assert inputs["input_ids"].shape[0] == 64 and inputs["pixel_values"].shape == (64 * frames, 3, 16, 16)
+    scored = inputs["labels"] != -100
+    assert all(decode(row[m]) == "=" + a for row, m, a in zip(inputs["input_ids"], scored, answers))
+    counts = []
+    for b, objs in enumerate(_objects(inputs["pixel_values"], frames)):
+        text = decode(inputs["input_ids"][b])
+        counts.append(len(objs))
+        if task in ("needle", "where"):
+            assert len(objs) == 1
+            assert answers[b] == (next(iter(objs.values())) if task == "needle" else str(next(iter(objs))))
+        elif task == "lookup":
+            assert 2 <= len(objs) <= 4 and len(set(objs.values())) == len(objs)
+            named = text.split("find ")[1][0]
+            assert objs[int(answers[b])] == named
+        elif task == "count":
+            assert answers[b] == str(len(objs))
+        else:
+            assert len(objs) <= 4 and len(set(objs.values())) == len(objs)
+            assert answers[b] == "".join(k if k in objs.values() else "." for k in COLOR_KEYS)
+    if task in ("count", "describe"):  # the object count is drawn, not fixed
+        assert len(set(counts)) >= 3
+
+
+def test_draw_batch_rejects_bad_frames():
+    with pytest.raises(ValueError, match="lookup"):
+        draw_batch("lookup", 1, 2, torch.Generator())
+    with pytest.raises(ValueError, match="unknown task"):
+        draw_batch("nope", 4, 2, torch.Generator())

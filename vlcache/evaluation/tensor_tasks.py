@@ -1,0 +1,142 @@
+"""The synthetic tasks drawn as tensors on the training device, without PIL or the processor.
+
+`tasks.make_example` draws one example as PIL frames that the processor then converts: right for judging, but about
+a second of CPU for a batch of 256 eight-frame videos, which would leave a GPU idle. `draw_batch` draws a whole batch
+from the same distribution in a few tensor operations, and `encode` turns pixels and text into exactly the inputs
+`model.batch_inputs` makes through the processor (tests/test_embedded.py checks that), so held-out examples from
+`make_example` can be scored on a machine whose transformers lacks the `*Pil` image processors.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..tiny.processors import CHARS
+from .model import IMAGE_TOKEN_ID
+from .tasks import ANSWER_PREFIX, COLOR_KEYS, GRID, MAX_OBJECTS, PATCH, QUESTIONS, SIZE, TASKS, Example, prompt_text
+
+# the processor's normalisation (CLIPImageProcessor's OpenAI CLIP mean and std) and the character tokenizer's ids
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+_CHAR_ID = {ch: 4 + i for i, ch in enumerate(CHARS)}
+_ID_CHAR = {v: k for k, v in _CHAR_ID.items()}
+_COLORS = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 220, 40], [170, 60, 210], [250, 140, 20],
+                        [245, 245, 245], [40, 220, 220]], dtype=torch.int16)  # fmt: skip
+
+
+@lru_cache(maxsize=8192)  # a batch repeats a few hundred distinct prompts at most
+def token_ids(text: str) -> tuple[int, ...]:
+    """The character tokenizer, with every "<image>" expanded to one frame's vision tokens (as the processor does)."""
+    ids = []
+    for i, part in enumerate(text.split("<image>")):
+        if i:
+            ids += [IMAGE_TOKEN_ID] * (GRID * GRID)
+        ids += [_CHAR_ID[ch] for ch in part]
+    return tuple(ids)
+
+
+def decode(ids) -> str:
+    return "".join(_ID_CHAR.get(int(i), "") for i in ids)
+
+
+def encode(pixels: torch.Tensor, texts: list[str], answers: list[str] | None = None) -> dict:
+    """Model inputs from uint8 frames (batch, frames, SIZE, SIZE, 3) and prompt texts of equal length; with
+    `answers`, the answer ("=" and what follows) is appended and is all that `labels` scores."""
+    device = pixels.device
+    if answers is not None:
+        texts = [t + ANSWER_PREFIX + a for t, a in zip(texts, answers)]
+    ids = torch.tensor([token_ids(t) for t in texts], device=device)
+    mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(STD, device=device).view(3, 1, 1)
+    frames = pixels.reshape(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float()
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": (frames / 255 - mean) / std,
+    }
+    if answers is not None:
+        labels = ids.clone()
+        labels[:, : ids.shape[1] - len(ANSWER_PREFIX + answers[0])] = -100
+        inputs["labels"] = labels
+    return inputs
+
+
+def encode_examples(examples: list[Example], device=None, with_answer: bool = False) -> dict:
+    """`encode` for examples drawn by `make_example` (all with the same frame count)."""
+    pixels = torch.from_numpy(np.stack([np.stack([np.asarray(im) for im in e.frames]) for e in examples]))
+    texts = [prompt_text(len(e.frames), e.question) for e in examples]
+    return encode(pixels.to(device), texts, [e.answer for e in examples] if with_answer else None)
+
+
+def _uniform_int(low: torch.Tensor | int, high: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One integer per row in [low, high] (inclusive; bounds per row)."""
+    u = torch.rand(high.shape, generator=g, device=high.device)
+    return (low + (u * (high - low + 1)).floor()).long().clamp(max=high)
+
+
+def _random_ranks(rows: int, n: int, g: torch.Generator, device) -> torch.Tensor:
+    """Each row a uniformly random permutation of 0..n-1 (the rank of every slot)."""
+    return torch.rand(rows, n, generator=g, device=device).argsort(1).argsort(1)
+
+
+def draw_batch(task: str, frames: int, batch: int, g: torch.Generator, device=None) -> tuple[dict, list[str]]:
+    """(`encode`'s inputs with labels, answers) for `batch` examples of `task` over `frames` frames, drawn from the
+    distribution `tasks.make_example` draws from."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    low = 2 if task == "lookup" else 1
+    if not low <= frames <= (10 if task in ("where", "lookup") else 10**4):
+        raise ValueError(f"{task!r} needs {low} to 10 frames" if task in ("where", "lookup") else "frames must be >= 1")
+    device = torch.device(device or "cpu")
+    B, F, C = batch, frames, len(COLOR_KEYS)
+    full = torch.full((B,), 0, device=device)
+    slot_rank = _random_ranks(B, F, g, device)  # frames holding objects: those ranked below the object count
+    if task in ("needle", "where"):
+        count = full + 1
+    elif task == "lookup":
+        count = _uniform_int(2, full + min(MAX_OBJECTS, F), g)
+    elif task == "describe":
+        count = _uniform_int(0, full + min(MAX_OBJECTS, F), g)
+    else:
+        count = _uniform_int(0, full + min(F, 9), g)
+    has = slot_rank < count[:, None]  # (B, F)
+    patch = torch.randint(GRID * GRID, (B, F), generator=g, device=device)
+    if task in ("lookup", "describe"):  # distinct colours: the i-th object frame (in order) takes a permutation's i-th
+        perm = torch.rand(B, C, generator=g, device=device).argsort(1)
+        order = (has.long().cumsum(1) - 1).clamp(min=0)
+        color = perm.gather(1, order)
+    else:
+        color = torch.randint(C, (B, F), generator=g, device=device)
+
+    noise = torch.randint(0, 70, (B, F, SIZE, SIZE, 3), generator=g, device=device, dtype=torch.int16)
+    jitter = torch.randint(-12, 13, (B, F, SIZE, SIZE, 3), generator=g, device=device, dtype=torch.int16)
+    block = (_COLORS.to(device)[color][:, :, None, None, :] + jitter).clamp(0, 255)
+    rows = torch.arange(SIZE, device=device) // PATCH
+    in_patch = (rows[:, None] == (patch // GRID)[..., None, None]) & (rows[None, :] == (patch % GRID)[..., None, None])
+    pixels = torch.where((in_patch & has[..., None, None])[..., None], block, noise).to(torch.uint8)
+
+    has_c, color_c, count_c = has.cpu(), color.cpu(), count.cpu()
+    if task == "lookup":
+        pick = _uniform_int(0, count - 1, g).cpu()  # which object (in frame order) the question names
+        target = ((has_c.long().cumsum(1) - 1) == pick[:, None]) & has_c
+        frame = target.long().argmax(1)
+        questions = [f"find {COLOR_KEYS[int(color_c[b, frame[b]])]}?" for b in range(B)]
+        answers = [str(int(f)) for f in frame]
+    else:
+        questions = [QUESTIONS[task]] * B
+        if task == "needle":
+            answers = [COLOR_KEYS[int(color_c[b][has_c[b]][0])] for b in range(B)]
+        elif task == "where":
+            answers = [str(int(has_c[b].long().argmax())) for b in range(B)]
+        elif task == "count":
+            answers = [str(int(n)) for n in count_c]
+        else:
+            answers = [
+                "".join(k if i in set(color_c[b][has_c[b]].tolist()) else "." for i, k in enumerate(COLOR_KEYS))
+                for b in range(B)
+            ]
+    texts = [prompt_text(F, q) for q in questions]
+    return encode(pixels, texts, answers), answers
