@@ -9,6 +9,8 @@ Tasks (answers are single characters, but for the caption):
 - needle: one frame holds an object; "color?" -> its colour.
 - where: one frame holds an object; "where?" -> its frame index.
 - lookup: 2 to 4 frames hold objects of different colours; "find r?" -> the frame of the object the question names.
+  The shipped model has not learned it (about half right): it aligns the query of one colour letter at a time.
+  Keying by frame instead ("f3 color?" -> the colour there) was tried and fared no better on an H100.
 - count: a random number of frames hold an object; "count?" -> how many (needs every frame).
 - describe: up to 4 objects; "describe?" -> which colours appear, one character per palette colour in a fixed order
   (its letter, or "." when absent), a caption scored per character.
