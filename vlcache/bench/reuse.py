@@ -2,6 +2,7 @@
 
     vlcache bench reuse                        # CPU: prompts of 1..16 images of 256 tokens, k = 0, 4, 16, full
     vlcache bench reuse --quick                # tiny, for CI
+    vlcache bench reuse --device cuda          # GPU: a 28-layer 3584-wide text tower (Qwen2-VL-7B's), bf16
 
 Then, on the trained embedded model (whose answers mean something, unlike a random model's): accuracy with
 reused frames. Each 8-frame video is asked once (storing every frame), then asked again with its frames rotated
@@ -33,12 +34,13 @@ from .. import tiny
 from ..reuse import ImageKVStore
 
 SIZES = {
+    "gpu": dict(hidden=3584, layers=28, heads=28, kv=4, grid=16),
     "cpu": dict(hidden=512, layers=8, heads=8, kv=2, grid=16),
     "quick": dict(hidden=64, layers=2, heads=4, kv=2, grid=8),
 }
 
 
-def build(size: dict):
+def build(size: dict, device: torch.device):
     g, patch = size["grid"], 4
     cfg = T.LlavaConfig(
         vision_config=T.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=g * patch, patch_size=patch),
@@ -49,24 +51,31 @@ def build(size: dict):
         vision_feature_layer=-1,
     )  # fmt: skip
     torch.manual_seed(0)
-    return T.LlavaForConditionalGeneration(cfg).eval()
+    if device.type == "cpu":
+        return T.LlavaForConditionalGeneration(cfg).eval()
+    with device:  # 7B of random weights: built in bf16 on the GPU, not in fp32 on the host
+        return T.LlavaForConditionalGeneration(cfg).to(torch.bfloat16).eval()
 
 
 def prompt(model, images: torch.Tensor, order: list[int], preamble: str) -> dict:
+    """Inputs on the model's device, with the images in `order`, each under its own caption."""
     segs = [preamble]
     for i in range(len(order)):
         segs += [f" picture {i}:", tiny.IMAGE]
     inputs = tiny.make_inputs(model, segs + [" what do the pictures show?"]).inputs
     inputs["pixel_values"] = images[order]
-    return inputs
+    return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def ttft(model, inputs, reps: int) -> float:
     times = []
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         with torch.inference_mode():
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -81,22 +90,25 @@ def main(argv=None) -> int:
     p.add_argument(
         "--trained-n", type=int, default=60, help="videos per task for the embedded-model accuracy (0: skip)"
     )
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="out/reuse")
     args = p.parse_args(argv)
-    size = SIZES["quick" if args.quick else "cpu"]
+    device = torch.device(args.device)
+    size = SIZES["quick" if args.quick else ("cpu" if device.type == "cpu" else "gpu")]
     if args.quick:
         args.images, args.ks, args.new_tokens, args.reps = "1,2", "0,full", 4, 1
-    model = build(size)
+    model = build(size, device)
     counts = [int(x) for x in args.images.split(",")]
     ks = [x for x in args.ks.split(",")]
     g = size["grid"] * 4
-    images = torch.randn(max(counts), 3, g, g, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(max(counts), 3, g, g, generator=torch.Generator().manual_seed(1)).to(model.dtype)
     store = ImageKVStore(max_bytes=8 << 30)
     with torch.inference_mode():  # warm-up: one-time costs stay out of the numbers
         model.generate(**prompt(model, images[:1], [0], "warm up"), max_new_tokens=2, do_sample=False)
     rows = []
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"Llava text {size['layers']}x{size['hidden']} (random weights), {size['grid'] ** 2} tokens per image; CPU, {torch.get_num_threads()} threads"
+        f"Llava text {size['layers']}x{size['hidden']} (random weights, {model.dtype}), {size['grid'] ** 2} tokens per image; {where}"
     )
     header = (
         f"{'images':>6} {'tokens':>7} {'cold TTFT':>10} " + " ".join(f"{'k=' + k:>16}" for k in ks) + "   agreement"
@@ -136,23 +148,25 @@ def main(argv=None) -> int:
         cells = " ".join(f"{1000 * row['reuse'][k]['ttft_s']:>8.1f}ms {row['reuse'][k]['speedup']:>5.2f}x" for k in ks)
         agree = " ".join(f"{row['reuse'][k]['agreement']:.2f}" for k in ks)
         print(f"{n:>6} {row['tokens']:>7} {1000 * cold_t:>8.1f}ms {cells}   {agree}")
-    trained = trained_accuracy(args.trained_n if not args.quick else 2, ks) if args.trained_n else None
+    trained = trained_accuracy(args.trained_n if not args.quick else 2, ks, device) if args.trained_n else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reuse.json").write_text(json.dumps({"rows": rows, "ks": ks, "trained": trained}, indent=2) + "\n")
+    meta = {"device": where, "model": {**size, "dtype": str(model.dtype)}}
+    (out / "reuse.json").write_text(json.dumps({"rows": rows, "ks": ks, "trained": trained, **meta}, indent=2) + "\n")
     plot(rows, ks, out / "reuse.png")
     print(f"wrote {out / 'reuse.json'} and {out / 'reuse.png'}")
     return 0
 
 
-def trained_accuracy(n: int, ks: list[str], tasks=("needle", "count", "describe")) -> dict:
+def trained_accuracy(n: int, ks: list[str], device, tasks=("needle", "count", "describe")) -> dict:
     """Accuracy of the embedded model on videos whose frames were stored, then moved: cold and linked per k."""
     import numpy as np
 
-    from ..evaluation.model import batch_inputs, load_embedded
+    from ..evaluation.model import load_embedded
     from ..evaluation.tasks import Example, make_example, score
+    from ..evaluation.tensor_tasks import decode, encode_examples
 
-    model, processor = load_embedded()
+    model, _ = load_embedded(device=device)
     rng = np.random.default_rng(4 * 10**6)  # held out: training and the quality benchmark draw elsewhere
     result = {"videos_per_task": n, "frames": 8, "tasks": {}}
     print(f"\nembedded model, 8-frame videos stored, then asked again with frames rotated; accuracy over {n} each")
@@ -165,14 +179,14 @@ def trained_accuracy(n: int, ks: list[str], tasks=("needle", "count", "describe"
             moved = Example(task, ex.frames[shift:] + ex.frames[:shift], ex.question, ex.answer, {})
             store = ImageKVStore(max_bytes=1 << 28)
             with vlcache.reuse(model, store), torch.inference_mode():  # stores every frame
-                model.generate(**batch_inputs(processor, [ex]), max_new_tokens=1, do_sample=False)
-            inputs = batch_inputs(processor, [moved])
+                model.generate(**encode_examples([ex], device), max_new_tokens=1, do_sample=False)
+            inputs = encode_examples([moved], device)
             m, width = inputs["input_ids"].shape[1], len(ex.answer) + 1
 
             def answer(inputs=inputs, m=m, width=width):
                 with torch.inference_mode():
                     out = model.generate(**inputs, max_new_tokens=width, min_new_tokens=width, do_sample=False)
-                return processor.decode(out[0, m:], skip_special_tokens=True)
+                return decode(out[0, m:])
 
             right["cold"] += score(task, answer(), moved.answer)
             for k in ks:
