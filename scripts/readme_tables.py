@@ -177,7 +177,11 @@ def main(folder: str = "out") -> int:
     out = Path(folder)
     meta = load(ROOT / "vlcache" / "embedded" / "training.json")
     if meta:
-        print("## training\n\n" + training(meta) + f"\n\ntrained in {meta['train_seconds'] / 60:.0f} min\n")
+        print(
+            "## training\n\n"
+            + training(meta)
+            + f"\n\ntrained in {meta.get('train_seconds_total', meta['train_seconds']) / 60:.0f} min in all\n"
+        )
     q = load(out / "quality" / "quality.json")
     if q:
         print(
