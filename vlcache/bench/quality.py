@@ -23,6 +23,7 @@ from ..evaluation.model import batch_inputs, load_embedded
 from ..evaluation.quality import accuracy, fidelity
 from ..evaluation.tasks import TASKS, chance, make_example
 from ..policies import POLICIES, make_policy
+from .figure import figure_row
 
 BUDGETS = (0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 HELD_OUT = 2 * 10**6  # training draws from seed 0; evaluation streams start here
@@ -110,28 +111,20 @@ def fidelity_table(model, processor, policies, budgets, frames, n):
 
 
 def plot(results, budgets, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.4), squeeze=False)
-    for ax, row in zip(axes[0], results):
-        for name, accs in row["policies"].items():
-            ax.plot([100 * b for b in budgets], accs, marker="o", ms=3, label=name)
-        ax.axhline(row["full"], color="k", lw=1, label="full cache")
-        ax.axhline(row["ceiling"], color="g", ls=":", lw=1, label="ceiling")
-        ax.axhline(row["floor"], color="r", ls="--", lw=1, label="floor")
-        ax.set_xscale("log")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{row['task']}, {row['frames']} frames")
-        ax.set_xlabel("vision tokens kept (%)")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure_row(path, len(results), (3.6 * len(results), 3.4)) as axes:
+        for ax, row in zip(axes, results):
+            for name, accs in row["policies"].items():
+                ax.plot([100 * b for b in budgets], accs, marker="o", ms=3, label=name)
+            ax.axhline(row["full"], color="k", lw=1, label="full cache")
+            ax.axhline(row["ceiling"], color="g", ls=":", lw=1, label="ceiling")
+            ax.axhline(row["floor"], color="r", ls="--", lw=1, label="floor")
+            ax.set_xscale("log")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{row['task']}, {row['frames']} frames")
+            ax.set_xlabel("vision tokens kept (%)")
+            ax.set_ylabel("accuracy")
+            ax.grid(alpha=0.3)
+        axes[-1].legend(fontsize=7, loc="lower right")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import vlcache
 
 from .. import tiny
 from ..reuse import ImageKVStore
+from .figure import figure_row
 
 SIZES = {
     "gpu": dict(hidden=3584, layers=28, heads=28, kv=4, grid=16),
@@ -199,27 +200,19 @@ def trained_accuracy(n: int, ks: list[str], device, tasks=("needle", "count", "d
 
 
 def plot(rows, ks, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    n = [r["images"] for r in rows]
-    ax[0].plot(n, [1000 * r["cold_s"] for r in rows], "k-o", label="cold prefill")
-    for k in ks:
-        ax[0].plot(n, [1000 * r["reuse"][k]["ttft_s"] for r in rows], "-o", ms=3, label=f"reuse, k={k}")
-        ax[1].plot(n, [r["reuse"][k]["agreement"] for r in rows], "-o", ms=3, label=f"k={k}")
-    ax[0].set_ylabel("time to first token (ms)")
-    ax[1].set_ylabel("first tokens equal to the cold run")
-    for a in ax:
-        a.set_xlabel("images seen before")
-        a.set_xscale("log", base=2)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure_row(path, 2, (10, 3.6)) as ax:
+        n = [r["images"] for r in rows]
+        ax[0].plot(n, [1000 * r["cold_s"] for r in rows], "k-o", label="cold prefill")
+        for k in ks:
+            ax[0].plot(n, [1000 * r["reuse"][k]["ttft_s"] for r in rows], "-o", ms=3, label=f"reuse, k={k}")
+            ax[1].plot(n, [r["reuse"][k]["agreement"] for r in rows], "-o", ms=3, label=f"k={k}")
+        ax[0].set_ylabel("time to first token (ms)")
+        ax[1].set_ylabel("first tokens equal to the cold run")
+        for a in ax:
+            a.set_xlabel("images seen before")
+            a.set_xscale("log", base=2)
+            a.grid(alpha=0.3)
+            a.legend(fontsize=7)
 
 
 if __name__ == "__main__":

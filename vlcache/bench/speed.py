@@ -24,6 +24,7 @@ import transformers as T
 
 from .. import pipeline, tiny
 from ..policies import POLICIES, make_policy
+from .figure import figure_row
 from .memprobe import PeakTensorMemory
 
 PRESETS = {
@@ -197,29 +198,20 @@ def print_block(rows, n):
 
 
 def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     policies = list(dict.fromkeys(r["policy"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name in policies:
-        pts = [r for r in rows if r["policy"] == name]
-        ns = [r["n"] for r in pts]
-        axes[0].plot(ns, [r["prefill_s"] for r in pts], marker="o", ms=3, label=name)
-        axes[1].plot(ns, [r["decode_ms"] for r in pts], marker="o", ms=3, label=name)
-        axes[2].plot(ns, [r["peak_bytes"] / 2**20 for r in pts], marker="o", ms=3, label=name)
-    for ax, label in zip(axes, ("prefill (s)", "decode (ms / token)", "peak memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure_row(path, 3, (13, 3.6), title) as axes:
+        for name in policies:
+            pts = [r for r in rows if r["policy"] == name]
+            ns = [r["n"] for r in pts]
+            axes[0].plot(ns, [r["prefill_s"] for r in pts], marker="o", ms=3, label=name)
+            axes[1].plot(ns, [r["decode_ms"] for r in pts], marker="o", ms=3, label=name)
+            axes[2].plot(ns, [r["peak_bytes"] / 2**20 for r in pts], marker="o", ms=3, label=name)
+        for ax, label in zip(axes, ("prefill (s)", "decode (ms / token)", "peak memory (MiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[2].legend(fontsize=7)
 
 
 if __name__ == "__main__":
