@@ -32,9 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache.evaluation.model import EMBEDDED_DIR, build_processor, build_untrained  # noqa: E402
-from vlcache.evaluation.tasks import TASKS, make_example, score  # noqa: E402
-from vlcache.evaluation.tensor_tasks import decode, draw_batch, encode_examples  # noqa: E402
+from vlcache.evaluation.model import EMBEDDED_DIR, build_untrained  # noqa: E402
+from vlcache.evaluation.quality import accuracy  # noqa: E402
+from vlcache.evaluation.tasks import TASKS  # noqa: E402
+from vlcache.evaluation.tensor_tasks import draw_batch, processor  # noqa: E402
 
 # task sampling weights
 WEIGHTS = {"needle": 1, "where": 1, "lookup": 3, "count": 2, "describe": 2}
@@ -56,22 +57,6 @@ def parse_curriculum(text: str) -> list:
 
 def tasks_for(frames: int) -> list[str]:
     return [t for t in TASKS if not (t in ("where", "lookup") and frames == 1)]
-
-
-@torch.no_grad()
-def accuracy(model, task: str, frames: int, n: int, seed: int, device, batch: int = 200) -> float:
-    """Accuracy of greedy answers after the "=" the model says first (describe: per frame), on `make_example`
-    videos."""
-    rng = np.random.default_rng(seed)
-    right = 0.0
-    for start in range(0, n, batch):
-        examples = [make_example(task, frames, rng) for _ in range(min(batch, n - start))]
-        inputs = encode_examples(examples, device)
-        width = len(examples[0].answer) + 1
-        out = model.generate(**inputs, max_new_tokens=width, min_new_tokens=width, do_sample=False)
-        texts = [decode(row) for row in out[:, inputs["input_ids"].shape[1] :].tolist()]
-        right += sum(score(task, t, e.answer) for t, e in zip(texts, examples))
-    return right / n
 
 
 def step_seconds(args, device) -> float:
@@ -191,16 +176,13 @@ def main(argv=None) -> int:
         for task in TASKS:
             if task in ("where", "lookup") and frames > 10:
                 continue
-            acc = accuracy(model, task, frames, args.eval_n, HELD_OUT + frames, device)
+            acc = accuracy(model, processor(), task, frames, None, args.eval_n, HELD_OUT + frames, batch=200)
             results[f"{task}@{frames}"] = acc
             print(f"held-out {task:9s} {frames:2d} frames: {acc:.3f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(out)
-    try:
-        build_processor().save_pretrained(out)
-    except AttributeError as e:  # an older transformers without CLIPImageProcessorPil (e.g. on a GPU image)
-        print(f"processor not saved ({e}): copy its files from {EMBEDDED_DIR}", flush=True)
+    processor().save_pretrained(out)
     meta = {
         "seed": args.seed,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -5,9 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from vlcache.evaluation.model import batch_inputs, build_processor
-from vlcache.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example
-from vlcache.evaluation.tensor_tasks import MEAN, STD, decode, draw_batch, encode_examples
+from vlcache.evaluation.model import batch_inputs
+from vlcache.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example, prompt_text
+from vlcache.evaluation.tensor_tasks import draw_batch, encode, processor
+
+
+def encode_examples(examples, with_answer):
+    pixels = torch.from_numpy(np.stack([np.stack([np.asarray(im) for im in e.frames]) for e in examples]))
+    texts = [prompt_text(len(e.frames), e.question) for e in examples]
+    return encode(pixels, texts, [e.answer for e in examples] if with_answer else None)
+
+
+def decode(ids):
+    return processor().tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -15,7 +25,7 @@ def test_encode_matches_processor(task):
     rng = np.random.default_rng(5)
     examples = [make_example(task, 4, rng) for _ in range(3)]
     for with_answer in (False, True):
-        ref = batch_inputs(build_processor(), examples, with_answer=with_answer)
+        ref = batch_inputs(processor(), examples, with_answer=with_answer)
         got = encode_examples(examples, with_answer=with_answer)
         assert set(got) == set(ref)
         for key in ref:
@@ -27,7 +37,8 @@ def test_encode_matches_processor(task):
 
 def _objects(pixel_values, frames):
     """frame -> colour key of the object each frame shows, read back from normalised pixels."""
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    images = processor().image_processor
+    mean, std = torch.tensor(images.image_mean).view(3, 1, 1), torch.tensor(images.image_std).view(3, 1, 1)
     pix = ((pixel_values * std + mean) * 255).round().view(-1, frames, 3, GRID, PATCH, GRID, PATCH)
     patch_rgb = pix.mean((4, 6)).permute(0, 1, 3, 4, 2).reshape(pix.shape[0], frames, GRID * GRID, 3)
     palette = torch.tensor(list(COLORS.values()), dtype=torch.float)

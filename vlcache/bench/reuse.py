@@ -163,11 +163,14 @@ def trained_accuracy(n: int, ks: list[str], device, tasks=("needle", "count", "d
     """Accuracy of the embedded model on videos whose frames were stored, then moved: cold and linked per k."""
     import numpy as np
 
-    from ..evaluation.model import load_embedded
+    from ..evaluation.model import batch_inputs, load_embedded
     from ..evaluation.tasks import Example, make_example, score
-    from ..evaluation.tensor_tasks import decode, encode_examples
 
-    model, _ = load_embedded(device=device)
+    model, processor = load_embedded(device=device)
+
+    def encoded(ex):
+        return {k: v.to(device) for k, v in batch_inputs(processor, [ex]).items()}
+
     rng = np.random.default_rng(4 * 10**6)  # held out: training and the quality benchmark draw elsewhere
     result = {"videos_per_task": n, "frames": 8, "tasks": {}}
     print(f"\nembedded model, 8-frame videos stored, then asked again with frames rotated; accuracy over {n} each")
@@ -180,14 +183,14 @@ def trained_accuracy(n: int, ks: list[str], device, tasks=("needle", "count", "d
             moved = Example(task, ex.frames[shift:] + ex.frames[:shift], ex.question, ex.answer, {})
             store = ImageKVStore(max_bytes=1 << 28)
             with vlcache.reuse(model, store), torch.inference_mode():  # stores every frame
-                model.generate(**encode_examples([ex], device), max_new_tokens=1, do_sample=False)
-            inputs = encode_examples([moved], device)
+                model.generate(**encoded(ex), max_new_tokens=1, do_sample=False)
+            inputs = encoded(moved)
             m, width = inputs["input_ids"].shape[1], len(ex.answer) + 1
 
             def answer(inputs=inputs, m=m, width=width):
                 with torch.inference_mode():
                     out = model.generate(**inputs, max_new_tokens=width, min_new_tokens=width, do_sample=False)
-                return decode(out[0, m:])
+                return processor.decode(out[0, m:], skip_special_tokens=True)
 
             right["cold"] += score(task, answer(), moved.answer)
             for k in ks:

@@ -1,45 +1,30 @@
-"""The synthetic tasks drawn as tensors on the training device, without PIL or the processor.
+"""The synthetic tasks drawn as tensors on the training device, without PIL.
 
 `tasks.make_example` draws one example as PIL frames that the processor then converts: right for judging, but about
 a second of CPU for a batch of 256 eight-frame videos, which would leave a GPU idle. `draw_batch` draws a whole batch
-from the same distribution in a few tensor operations, and `encode` turns pixels and text into exactly the inputs
-`model.batch_inputs` makes through the processor (tests/test_embedded.py checks that), so held-out examples from
-`make_example` can be scored on a machine whose transformers lacks the `*Pil` image processors.
+from the same distribution in a few tensor operations, and `encode` turns its pixels and text into exactly the
+inputs `model.batch_inputs` makes through the processor (tests/test_tensor_tasks.py checks both), taking the
+normalisation and the token ids from that processor.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-import numpy as np
 import torch
 
-from ..tiny.processors import CHARS
-from .model import IMAGE_TOKEN_ID
-from .tasks import ANSWER_PREFIX, COLOR_KEYS, GRID, MAX_OBJECTS, PATCH, QUESTIONS, SIZE, TASKS, Example, prompt_text
+from .model import build_processor
+from .tasks import ANSWER_PREFIX, COLOR_KEYS, COLORS, GRID, MAX_OBJECTS, PATCH, QUESTIONS, SIZE, TASKS, prompt_text
 
-# the processor's normalisation (CLIPImageProcessor's OpenAI CLIP mean and std) and the character tokenizer's ids
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
-_CHAR_ID = {ch: 4 + i for i, ch in enumerate(CHARS)}
-_ID_CHAR = {v: k for k, v in _CHAR_ID.items()}
-_COLORS = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 90, 240], [240, 220, 40], [170, 60, 210], [250, 140, 20],
-                        [245, 245, 245], [40, 220, 220]], dtype=torch.int16)  # fmt: skip
+IMAGE = "<image>"
+processor = lru_cache(maxsize=1)(build_processor)
 
 
 @lru_cache(maxsize=8192)  # a batch repeats a few hundred distinct prompts at most
 def token_ids(text: str) -> tuple[int, ...]:
-    """The character tokenizer, with every "<image>" expanded to one frame's vision tokens (as the processor does)."""
-    ids = []
-    for i, part in enumerate(text.split("<image>")):
-        if i:
-            ids += [IMAGE_TOKEN_ID] * (GRID * GRID)
-        ids += [_CHAR_ID[ch] for ch in part]
-    return tuple(ids)
-
-
-def decode(ids) -> str:
-    return "".join(_ID_CHAR.get(int(i), "") for i in ids)
+    """The processor's token ids for `text`, every image token expanded to one frame's vision tokens as it does."""
+    expanded = text.replace(IMAGE, IMAGE * (GRID * GRID))
+    return tuple(processor().tokenizer(expanded, add_special_tokens=False)["input_ids"])
 
 
 def encode(pixels: torch.Tensor, texts: list[str], answers: list[str] | None = None) -> dict:
@@ -49,26 +34,20 @@ def encode(pixels: torch.Tensor, texts: list[str], answers: list[str] | None = N
     if answers is not None:
         texts = [t + ANSWER_PREFIX + a for t, a in zip(texts, answers)]
     ids = torch.tensor([token_ids(t) for t in texts], device=device)
-    mean = torch.tensor(MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(STD, device=device).view(3, 1, 1)
+    images = processor().image_processor
+    mean = torch.tensor(images.image_mean, device=device).view(3, 1, 1)
+    std = torch.tensor(images.image_std, device=device).view(3, 1, 1)
     frames = pixels.reshape(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float()
     inputs = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "pixel_values": (frames / 255 - mean) / std,
+        "pixel_values": (frames * images.rescale_factor - mean) / std,
     }
     if answers is not None:
         labels = ids.clone()
         labels[:, : ids.shape[1] - len(ANSWER_PREFIX + answers[0])] = -100
         inputs["labels"] = labels
     return inputs
-
-
-def encode_examples(examples: list[Example], device=None, with_answer: bool = False) -> dict:
-    """`encode` for examples drawn by `make_example` (all with the same frame count)."""
-    pixels = torch.from_numpy(np.stack([np.stack([np.asarray(im) for im in e.frames]) for e in examples]))
-    texts = [prompt_text(len(e.frames), e.question) for e in examples]
-    return encode(pixels.to(device), texts, [e.answer for e in examples] if with_answer else None)
 
 
 def _uniform_int(low: torch.Tensor | int, high: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -113,7 +92,8 @@ def draw_batch(task: str, frames: int, batch: int, g: torch.Generator, device=No
 
     noise = torch.randint(0, 70, (B, F, SIZE, SIZE, 3), generator=g, device=device, dtype=torch.int16)
     jitter = torch.randint(-12, 13, (B, F, SIZE, SIZE, 3), generator=g, device=device, dtype=torch.int16)
-    block = (_COLORS.to(device)[color][:, :, None, None, :] + jitter).clamp(0, 255)
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.int16, device=device)
+    block = (palette[color][:, :, None, None, :] + jitter).clamp(0, 255)
     rows = torch.arange(SIZE, device=device) // PATCH
     in_patch = (rows[:, None] == (patch // GRID)[..., None, None]) & (rows[None, :] == (patch % GRID)[..., None, None])
     pixels = torch.where((in_patch & has[..., None, None])[..., None], block, noise).to(torch.uint8)
