@@ -168,9 +168,6 @@ def trained_accuracy(n: int, ks: list[str], device, tasks=("needle", "count", "d
 
     model, processor = load_embedded(device=device)
 
-    def encoded(ex):
-        return {k: v.to(device) for k, v in batch_inputs(processor, [ex]).items()}
-
     rng = np.random.default_rng(4 * 10**6)  # held out: training and the quality benchmark draw elsewhere
     result = {"videos_per_task": n, "frames": 8, "tasks": {}}
     print(f"\nembedded model, 8-frame videos stored, then asked again with frames rotated; accuracy over {n} each")
@@ -183,8 +180,8 @@ def trained_accuracy(n: int, ks: list[str], device, tasks=("needle", "count", "d
             moved = Example(task, ex.frames[shift:] + ex.frames[:shift], ex.question, ex.answer, {})
             store = ImageKVStore(max_bytes=1 << 28)
             with vlcache.reuse(model, store), torch.inference_mode():  # stores every frame
-                model.generate(**encoded(ex), max_new_tokens=1, do_sample=False)
-            inputs = encoded(moved)
+                model.generate(**batch_inputs(processor, [ex], device=device), max_new_tokens=1, do_sample=False)
+            inputs = batch_inputs(processor, [moved], device=device)
             m, width = inputs["input_ids"].shape[1], len(ex.answer) + 1
 
             def answer(inputs=inputs, m=m, width=width):

@@ -89,18 +89,16 @@ def load_embedded(path: str | Path | None = None, device: str | None = None):
     return model, T.LlavaProcessor.from_pretrained(path)
 
 
-def batch_inputs(processor, examples: list[Example], with_answer: bool = False) -> dict:
-    """Model inputs for examples with the same frame count; with `with_answer`, also `labels` that score only
-    the answer ("=" and what follows)."""
+def batch_inputs(processor, examples: list[Example], with_answer: bool = False, device=None) -> dict:
+    """Model inputs (on `device` if given) for examples with the same frame count; with `with_answer`, also
+    `labels` that score only the answer ("=" and what follows)."""
     texts = [prompt_text(len(e.frames), e.question) for e in examples]
     images = [im for e in examples for im in e.frames]
-    if not with_answer:
-        return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
-    answers = [ANSWER_PREFIX + e.answer for e in examples]
-    inputs = dict(
-        processor(text=[t + a for t, a in zip(texts, answers)], images=images, return_tensors="pt", padding=True)
-    )
-    labels = inputs["input_ids"].clone()
-    labels[:, : labels.shape[1] - len(answers[0])] = -100
-    inputs["labels"] = labels
+    answers = [ANSWER_PREFIX + e.answer for e in examples] if with_answer else [""] * len(examples)
+    inputs = processor(text=[t + a for t, a in zip(texts, answers)], images=images, return_tensors="pt", padding=True)
+    inputs = {k: v.to(device) for k, v in inputs.items()} if device is not None else dict(inputs)
+    if with_answer:
+        labels = inputs["input_ids"].clone()
+        labels[:, : labels.shape[1] - len(answers[0])] = -100
+        inputs["labels"] = labels
     return inputs

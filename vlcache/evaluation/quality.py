@@ -68,7 +68,7 @@ def accuracy(
     right = 0
     for lo in range(0, n, batch):
         chunk = examples[lo : lo + batch]
-        inputs = {k: v.to(model.device) for k, v in batch_inputs(processor, chunk).items()}
+        inputs = batch_inputs(processor, chunk, device=model.device)
         active = policy
         if policy in ("floor", "ceiling"):
             from ..modality import layout_from_inputs
