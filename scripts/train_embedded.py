@@ -59,6 +59,16 @@ def tasks_for(frames: int) -> list[str]:
     return [t for t in TASKS if not (t in ("where", "lookup") and frames == 1)]
 
 
+def train_step(model, opt, inputs: dict) -> torch.Tensor:
+    """One optimiser step on a batch; returns the loss (a tensor: reading it would sync the GPU)."""
+    loss = model(**inputs).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
 def step_seconds(args, device) -> float:
     """Seconds per training step on 7-frame videos (the middle of the long stage), on a throwaway model."""
     model = build_untrained(args.seed, args.layers, args.hidden, args.heads, args.kv_heads).to(device)
@@ -69,10 +79,7 @@ def step_seconds(args, device) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        inputs, _ = draw_batch(TASKS[i % len(TASKS)], 7, args.batch, g, device)
-        model(**inputs).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, draw_batch(TASKS[i % len(TASKS)], 7, args.batch, g, device)[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / 20
@@ -151,12 +158,7 @@ def main(argv=None) -> int:
             tasks = tasks_for(frames)
             w = np.array([weights[t] for t in tasks], dtype=float)
             task = tasks[int(rng.choice(len(tasks), p=w / w.sum()))]
-            inputs, _ = draw_batch(task, frames, args.batch, g, device)
-            loss = model(**inputs).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            loss = train_step(model, opt, draw_batch(task, frames, args.batch, g, device)[0])
             sched.step()
             step += 1
             if step % 100 == 0 or step == total:  # .item() syncs: only when reporting
