@@ -328,3 +328,70 @@ def test_appends_fill_a_buffer_and_match_concatenation():
         ptrs.add(layer._kbuf.data_ptr())
     assert len(ptrs) <= 4  # first append, after the compaction, once past the reserve (not once per step)
     assert layer.seen == 10 + CompressibleLayer.GROW + 5
+
+
+def _by_position(layer):
+    """(positions, keys, values, state) of a layer with its slots sorted by position, per row and head."""
+    order = layer.slot_positions().argsort(-1)
+    kv = [t.gather(2, order[..., None].expand(*order.shape, t.shape[-1])) for t in (layer.keys, layer.values)]
+    state = {k: t.gather(-1, order) for k, t in layer.slot_state.items()}
+    return layer.slot_positions().gather(-1, order), *kv, state
+
+
+@pytest.mark.parametrize("e", [1, 3, 6])
+def test_evict_in_place_keeps_what_compaction_keeps(e):
+    """Filling holes from the tail leaves the same entries as compacting to the survivors, only in another slot
+    order, and the layer stays a view of its append buffer (the next token appends without reallocating)."""
+    from vlcache.policies.base import Eviction, Selection
+
+    torch.manual_seed(1)
+    layers = [CompressibleLayer(), CompressibleLayer()]
+    k0, v0 = torch.randn(2, 3, 12, 4), torch.randn(2, 3, 12, 4)
+    for layer in layers:
+        layer.update(k0, v0)
+        layer.update(torch.randn(2, 3, 1, 4).fill_(7.0), torch.zeros(2, 3, 1, 4))  # the buffer, as in decode
+        layer.slot_state["score"] = torch.rand(2, 3, 13)
+    layers[1].slot_state = dict(layers[0].slot_state)
+    drop = torch.rand(2, 3, 13).argsort(-1)[..., :e]  # any E slots per row and head, the newest included
+    kept = torch.ones(2, 3, 13, dtype=torch.bool).scatter_(-1, drop, False)
+    layers[0].compact(Selection(torch.arange(13).expand(2, 3, 13)[kept].view(2, 3, 13 - e)))
+    buffer = layers[1]._kbuf.data_ptr()
+    layers[1].evict(Eviction(drop))
+    compacted, in_place = _by_position(layers[0]), _by_position(layers[1])
+    for a, b in zip(compacted[:3], in_place[:3]):
+        assert torch.equal(a, b)
+    assert torch.equal(compacted[3]["score"], in_place[3]["score"])
+    assert layers[1].physical_length == 13 - e and layers[1].keys.data_ptr() == buffer
+    layers[1].update(torch.ones(2, 3, 1, 4), torch.ones(2, 3, 1, 4))
+    assert layers[1]._kbuf.data_ptr() == buffer and layers[1].positions[..., -1].eq(13).all()
+
+
+@pytest.mark.parametrize("policy", [H2O(budget=0.3), StreamingLLM(budget=0.3)], ids=lambda p: p.name)
+def test_in_place_eviction_decodes_like_compaction(tiny_model, policy):
+    """H2O and StreamingLLM evict in place while decoding (their scores ignore slot order): the same tokens, the
+    same logits and the same kept positions as the compacting path."""
+    model = tiny_model("qwen2_vl")
+    inputs = tiny.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    runs = []
+    for order_free in (True, False):
+        compacting = type(policy)(**policy.settings())
+        compacting.order_free = order_free  # an instance attribute shadows the class's
+        with vlcache.compress(model, compacting) as session:
+            out = model.generate(
+                **inputs,
+                max_new_tokens=20,
+                min_new_tokens=20,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **GREEDY,
+            )
+        layers = [session.last_cache.layers[i] for i in session.last_cache.compressible()]
+        runs.append((out, layers))
+    (fast, fast_layers), (slow, slow_layers) = runs
+    assert torch.equal(fast.sequences, slow.sequences)
+    for a, b in zip(fast.logits, slow.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_layers, slow_layers):
+        assert torch.equal(_by_position(a)[0], b.slot_positions())
+    # the fast path really ran: its slots are out of sequence order, the compacting path's are not
+    assert any(bool((a.slot_positions().diff(dim=-1) < 0).any()) for a in fast_layers)

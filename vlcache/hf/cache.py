@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .. import kernels
 from ..modality import Layout
-from ..policies.base import Selection
+from ..policies.base import Eviction, Selection
 from ..stats import CompressionStats, LayerStats
 
 DEAD = -1  # position of a filler slot: kept for shape in a batch, never attended to
@@ -128,6 +128,34 @@ class CompressibleLayer(DynamicLayer):
             self.slot_state[name] = t.gather(-1, idx)
         # new tensors replace the old ones: the memory of evicted entries is freed once nothing else holds it
         self.keys, self.values = keys.contiguous(), values.contiguous()
+
+    def evict(self, ev: Eviction) -> None:
+        """Drop the slots `ev.slots` [B, Hk, E] by moving the surviving entries among the last E slots into the
+        holes the others leave, then shortening the layer by E: a few rows move instead of the whole layer being
+        copied (`compact`), and the layer stays a view of its append buffer, so the next token appends in place."""
+        T, E = self.physical_length, ev.slots.shape[-1]
+        dev = self.keys.device
+        keep = T - E
+        dropped = torch.zeros(self.keys.shape[:3], dtype=torch.bool, device=dev).scatter_(-1, ev.slots.to(dev), True)
+        slots = torch.arange(T, device=dev)
+        m = min(E, keep)  # holes (dropped below `keep`) and movers (kept at or above it) pair up one to one
+        if m:
+            holes = torch.where(dropped[..., :keep], slots[:keep], T).topk(m, dim=-1, largest=False).values
+            movers = torch.where(dropped[..., keep:], T, slots[keep:]).topk(m, dim=-1, largest=False).values
+            unused = holes == T  # fewer holes than m: those pairs copy the last slot onto itself, which is cut off
+            dst, src = holes.masked_fill(unused, T - 1), movers.masked_fill(unused, T - 1)
+            for t in (self.keys, self.values):
+                d = t.shape[-1]
+                t.scatter_(2, dst[..., None].expand(-1, -1, -1, d), t.gather(2, src[..., None].expand(-1, -1, -1, d)))
+            # positions and slot state are small: moved out of place (a caller may hold the old tensors)
+            pos = self.slot_positions()
+            self.positions = pos.scatter(-1, dst, pos.gather(-1, src))
+            self.slot_state = {k: t.scatter(-1, dst, t.gather(-1, src)) for k, t in self.slot_state.items()}
+        else:
+            self.positions = self.slot_positions()
+        self.positions = self.positions[..., :keep]
+        self.slot_state = {k: t[..., :keep] for k, t in self.slot_state.items()}
+        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.compacted:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..policies import Policy
-from ..policies.base import LayerView, Request
+from ..policies.base import Eviction, LayerView, Request
 from .cache import CompressedCache, CompressibleLayer
 
 
@@ -75,4 +75,7 @@ class Driver:
             layer = cache.layers[li]
             if not isinstance(layer, CompressibleLayer):
                 raise ValueError(f"policy selected entries of layer {li}, which is not compressible (sliding window)")
-            layer.compact(sel)
+            if isinstance(sel, Eviction):
+                layer.evict(sel)
+            else:
+                layer.compact(sel)

@@ -1,6 +1,6 @@
 """Compression policies: one small dataclass per method, all on one base (`base.Policy`)."""
 
-from .base import LayerView, Plan, Policy, Request, Selection
+from .base import Eviction, LayerView, Plan, Policy, Request, Selection
 from .cake import CAKE
 from .elastic import ElasticCache
 from .full import Full
@@ -39,6 +39,7 @@ __all__ = [
     "LOOKM",
     "POLICIES",
     "ElasticCache",
+    "Eviction",
     "Full",
     "H2O",
     "LayerView",

@@ -40,6 +40,15 @@ class Selection:
 
 
 @dataclass
+class Eviction:
+    """What one layer drops while decoding: `slots` [B, Hk, E], E per row and head. The layer moves its last
+    surviving entries into the holes instead of copying every survivor (`Selection`), so the slots no longer
+    follow the sequence order: only for policies whose scores do not depend on it (`Policy.order_free`)."""
+
+    slots: torch.Tensor
+
+
+@dataclass
 class Request:
     """What a policy may reach beyond the layer in hand, for one request (one prompt batch).
 
@@ -179,6 +188,9 @@ class Policy:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_budget: ClassVar[bool] = True
+    # decode-time scores read slots by position, never by slot order (no pooling over neighbouring slots, no
+    # "last slots are recent"): evictions may then fill the holes in place (`Eviction`)
+    order_free: ClassVar[bool] = False
 
     def __post_init__(self):
         check_amount("budget", self.budget)
@@ -324,7 +336,19 @@ class Policy:
             return None
         forced = forced & valid
         k = (budget.view(-1, 1) - forced.sum(-1)).clamp(min=0)  # [B, Hk]
-        return {view.layer: Selection(*select_indices(scores, forced, [(valid & ~forced, k)], valid, with_filler=True))}
+        pool = valid & ~forced
+        if self.order_free:
+            # the steady state drops as many slots as tokens arrived (one a step), the same number in every row
+            # and head: drop the lowest-scoring ones in place rather than copy the whole layer every step
+            drop = pool.sum(-1) - k
+            e = int(drop.max())
+            if 0 < e <= IN_PLACE_MAX and bool((drop == e).all()):
+                s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~pool, float("inf"))
+                return {view.layer: Eviction(s.topk(e, dim=-1, largest=False).indices)}
+        return {view.layer: Selection(*select_indices(scores, forced, [(pool, k)], valid, with_filler=True))}
+
+
+IN_PLACE_MAX = 64  # evictions above this many slots per head compact instead (a chat's next turn, say)
 
 
 def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ class H2O(Policy):
     chunk: int = 256
 
     name = "h2o"
+    order_free = True  # accumulated per slot, moved with it: evictions may fill holes in place
     paper = "https://arxiv.org/abs/2306.14048"
 
     def __post_init__(self):

@@ -26,6 +26,7 @@ class StreamingLLM(Policy):
     sinks: int = 4
 
     name = "streamingllm"
+    order_free = True  # scores are by position: evictions may fill holes in place
     paper = "https://arxiv.org/abs/2309.17453"
 
     def __post_init__(self):
