@@ -138,6 +138,7 @@ class CompressibleLayer(DynamicLayer):
         keep = T - E
         dropped = torch.zeros(self.keys.shape[:3], dtype=torch.bool, device=dev).scatter_(-1, ev.slots.to(dev), True)
         slots = torch.arange(T, device=dev)
+        pos, state = self.slot_positions(), self.slot_state
         m = min(E, keep)  # holes (dropped below `keep`) and movers (kept at or above it) pair up one to one
         if m:
             holes = torch.where(dropped[..., :keep], slots[:keep], T).topk(m, dim=-1, largest=False).values
@@ -148,13 +149,10 @@ class CompressibleLayer(DynamicLayer):
                 d = t.shape[-1]
                 t.scatter_(2, dst[..., None].expand(-1, -1, -1, d), t.gather(2, src[..., None].expand(-1, -1, -1, d)))
             # positions and slot state are small: moved out of place (a caller may hold the old tensors)
-            pos = self.slot_positions()
-            self.positions = pos.scatter(-1, dst, pos.gather(-1, src))
-            self.slot_state = {k: t.scatter(-1, dst, t.gather(-1, src)) for k, t in self.slot_state.items()}
-        else:
-            self.positions = self.slot_positions()
-        self.positions = self.positions[..., :keep]
-        self.slot_state = {k: t[..., :keep] for k, t in self.slot_state.items()}
+            pos = pos.scatter(-1, dst, pos.gather(-1, src))
+            state = {k: t.scatter(-1, dst, t.gather(-1, src)) for k, t in state.items()}
+        self.positions = pos[..., :keep]
+        self.slot_state = {k: t[..., :keep] for k, t in state.items()}
         self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
 
     def crop(self, tokens_to_remove: int) -> None:

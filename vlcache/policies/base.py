@@ -25,6 +25,7 @@ from ..modality import Layout
 from .budget import check_amount, resolve
 
 PROTECTABLE = ("markers", "question")
+IN_PLACE_MAX = 64  # decode-time evictions above this many slots per head compact instead (a chat's next turn, say)
 
 
 @dataclass
@@ -339,16 +340,14 @@ class Policy:
         pool = valid & ~forced
         if self.order_free:
             # the steady state drops as many slots as tokens arrived (one a step), the same number in every row
-            # and head: drop the lowest-scoring ones in place rather than copy the whole layer every step
+            # and head: drop the lowest-scoring ones in place rather than copy the whole layer every step. Ties
+            # may fall otherwise than in select_indices (H2O's sums hardly tie, StreamingLLM's positions never).
             drop = pool.sum(-1) - k
-            e = int(drop.max())
-            if 0 < e <= IN_PLACE_MAX and bool((drop == e).all()):
+            low, e = torch.stack([drop.min(), drop.max()]).tolist()  # one device sync, not two
+            if 0 < e <= IN_PLACE_MAX and low == e:
                 s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~pool, float("inf"))
                 return {view.layer: Eviction(s.topk(e, dim=-1, largest=False).indices)}
         return {view.layer: Selection(*select_indices(scores, forced, [(pool, k)], valid, with_filler=True))}
-
-
-IN_PLACE_MAX = 64  # evictions above this many slots per head compact instead (a chat's next turn, say)
 
 
 def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
