@@ -2,13 +2,16 @@
 held-out questions (seeds no training batch drew) with the full cache."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vlcache.evaluation.model import EMBEDDED_DIR, batch_inputs, load_embedded
+from vlcache.evaluation.model import EMBEDDED_DIR, batch_inputs, build_untrained, load_embedded
 from vlcache.evaluation.tasks import TASKS, make_example, score
+from vlcache.evaluation.tensor_tasks import draw_batch
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +44,25 @@ def test_answers_held_out_questions(embedded, task):
     # falls to chance; the keyed lookup, which this model has only half learned (0.55), is held to its own level too
     recorded = json.loads((EMBEDDED_DIR / "training.json").read_text())["held_out_accuracy"][f"{task}@8"]
     assert accuracy >= recorded - 0.15, f"{task}: {accuracy:.2f}, training measured {recorded:.2f}"
+
+
+def test_projector_norm_penalty_follows_formula_and_pulls_rms_to_one():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from train_embedded import projector_norm_penalty, train_step
+
+    model = build_untrained(0, layers=1, hidden=32, heads=2, kv_heads=1)
+    penalty = projector_norm_penalty(model, 0.5)
+    inputs = draw_batch("needle", 2, 4, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        model(**inputs)
+        got = penalty()
+        features = model.get_image_features(pixel_values=inputs["pixel_values"])
+    features = torch.cat(list(getattr(features, "pooler_output", features)))  # [tokens, hidden] projector outputs
+    assert features.shape == (4 * 2 * 16, 32)
+    torch.testing.assert_close(got, 0.5 * features.pow(2).mean(-1).sqrt().log().pow(2).mean())
+    opt = torch.optim.Adam(model.model.multi_modal_projector.parameters(), lr=0.02)
+    for _ in range(30):  # the penalty (weighted up) moves the projector's output RMS towards 1
+        train_step(model, opt, inputs, lambda: 20 * penalty())
+    with torch.no_grad():
+        model(**inputs)
+        assert float(penalty()) < 0.5 * float(got)
