@@ -170,8 +170,7 @@ def main(argv=None) -> int:
     mine = [q for q in paths[rank::world] if str(q) not in done]
     skipped = len(paths[rank::world]) - len(mine)
     sink_path = out if world == 1 else out.with_name(f"{out.name}.shard{rank}")
-    ok = failed = 0
-    saved = 0
+    failed = 0
     started = time.time()
     with (
         open(sink_path, "a") as sink,
@@ -190,13 +189,10 @@ def main(argv=None) -> int:
         pending: list[tuple[Path, list]] = []
 
         def flush_pending():
-            nonlocal ok, saved
             if not pending:
                 return
             for rec in caption_batch(model, processor, pending, policy, args, compare):
                 emit(rec)
-                ok += 1
-                saved += rec["kv_bytes_saved"]
             bar.update(len(pending))
             pending.clear()
 

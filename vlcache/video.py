@@ -106,10 +106,4 @@ def collect_inputs(items: list[str]) -> list[Path]:
                     out.append(q if q.is_absolute() else base / q)
         else:
             out.append(p)
-    seen, unique = set(), []
-    for p in out:
-        key = str(p)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
+    return list(dict.fromkeys(out))  # each path once, first mention first
