@@ -67,6 +67,7 @@ class Driver:
             slot_state=layer.slot_state,
             request=request,
             query_positions=cache.query_positions if not cache.prefilled and query.shape[2] else None,
+            all_valid=not cache.padded and not layer.has_dead,
         )
 
     @staticmethod

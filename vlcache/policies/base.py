@@ -96,6 +96,7 @@ class LayerView:
     slot_state: dict = field(default_factory=dict)
     request: Request | None = None
     query_positions: torch.Tensor | None = None
+    all_valid: bool = False  # known on the host: no padding and no filler slots (slot_valid is all True)
 
     @property
     def slots(self) -> int:
@@ -124,6 +125,8 @@ class LayerView:
     def key_valid(self) -> torch.Tensor:
         """[B, T] if every KV head holds the same slots' validity, else [B, Hk, T]."""
         v = self.slot_valid
+        if self.all_valid:  # no device sync on every decode step of every layer
+            return v[:, 0]
         return v[:, 0] if bool((v == v[:, :1]).all()) else v
 
     def prompt_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -348,6 +351,35 @@ class Policy:
                 s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~pool, float("inf"))
                 return {view.layer: Eviction(s.topk(e, dim=-1, largest=False).indices)}
         return {view.layer: Selection(*select_indices(scores, forced, [(pool, k)], valid, with_filler=True))}
+
+
+@dataclass(kw_only=True)
+class DecodeEvicting(Policy):
+    """Base of the methods that hold the cache at its budget while decoding (H2O, StreamingLLM, CAKE).
+
+    - evict_every (1): evict once every this many appended tokens, that many at a time, instead of one a step as
+      the papers do. Between evictions the cache runs up to `evict_every - 1` tokens over its budget. Scores that
+      accumulate (H2O's) still take in every step's attention; what is saved is the per-step selection, masks and
+      eviction: dozens of small operations per layer and step, each a kernel launch on a GPU, which is what makes
+      per-step eviction slow there (README, "Speed and memory on a GPU"). 1 is the papers' behaviour.
+    """
+
+    evict_every: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.evict_every, bool) or not isinstance(self.evict_every, int) or self.evict_every < 1:
+            raise ValueError(f"evict_every must be an integer >= 1, got {self.evict_every!r}")
+
+    def eviction_due(self, view: LayerView) -> bool:
+        """Whether this append evicts: once `evict_every` tokens have arrived since the last eviction (a chat's
+        next turn, many tokens in one forward, is due at once)."""
+        pending = view.state.get("pending", 0) + view.new
+        if pending >= self.evict_every:
+            view.state["pending"] = 0
+            return True
+        view.state["pending"] = pending
+        return False
 
 
 def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
