@@ -12,7 +12,7 @@ from vlcache import tiny
 from vlcache.hf import CompressedCache, CompressibleLayer
 from vlcache.hf.model import decoder
 from vlcache.modality import layout_from_inputs
-from vlcache.policies import H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
+from vlcache.policies import CAKE, H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
 
 GREEDY = dict(do_sample=False)
 
@@ -197,6 +197,53 @@ def test_h2o_cache_stays_at_budget_every_step(tiny_model):
     n = inputs["input_ids"].shape[1]
     budget = int(0.4 * n)
     assert all(s == [budget] * len(s) for s in sizes)
+
+
+@pytest.mark.parametrize("policy", [H2O, StreamingLLM, CAKE], ids=lambda p: p.name)
+def test_evict_every_k_drops_the_k_lowest_scores_every_k_steps(tiny_model, policy):
+    """evict_every=4: the cache runs 0-3 tokens over its budget and, every fourth token, the four lowest-scoring
+    slots that are not forced (recent, sinks, protected) leave at once."""
+    model = tiny_model("qwen2_vl")
+    inputs = tiny.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    pol = policy(budget=0.4, evict_every=4) if policy is not CAKE else CAKE(budget=0.4, window=4, evict_every=4)
+    calls = []
+    keep_at_budget = pol.keep_at_budget
+
+    def spy(view, budget, scores, forced):
+        out = keep_at_budget(view, budget, scores, forced)
+        calls.append((scores.clone(), (forced & view.slot_valid).clone(), out[view.layer]))
+        return out
+
+    pol.keep_at_budget = spy
+    sizes = []
+    with vlcache.compress(model, pol) as session:
+        cache = session.new_cache()
+        handle = model.register_forward_hook(lambda *a: sizes.append(cache.physical_length(cache.compressible()[0])))
+        try:
+            model.generate(**inputs, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, **GREEDY)
+        finally:
+            handle.remove()
+    held = sizes[0]  # after the prefill; then forwards 1..11 each append one token
+    assert sizes == [held + i % 4 for i in range(12)]
+    assert len(calls) == 2 * len(cache.compressible())  # evictions at the 4th and 8th appended token only
+    for scores, forced, sel in calls:
+        gone = sel.slots if hasattr(sel, "slots") else _dropped(sel.indices, scores.shape[-1])
+        s = scores.float().masked_fill(forced, float("inf"))
+        lowest = s.topk(4, dim=-1, largest=False).indices
+        assert gone.shape[-1] == 4
+        assert torch.equal(gone.sort(-1).values, lowest.sort(-1).values)
+
+
+def _dropped(kept: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, Hk, T - K] the slots a Selection did not keep."""
+    mask = torch.ones(*kept.shape[:-1], T, dtype=torch.bool).scatter_(-1, kept, False)
+    return mask.nonzero()[:, -1].view(*kept.shape[:-1], -1)
+
+
+def test_evict_every_rejects_bad_values():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="evict_every"):
+            H2O(budget=0.2, evict_every=bad)
 
 
 def _positions_during(model, fn):

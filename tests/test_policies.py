@@ -116,6 +116,22 @@ def test_streamingllm_keeps_sinks_and_recent():
     assert idx[0, 0].tolist() == expect and idx[0, 1].tolist() == expect
 
 
+def test_streamingllm_evicting_every_4_tokens_lands_where_every_token_does():
+    """Scores by position: dropping the 4 oldest non-sinks every 4th token leaves, at those steps, exactly what
+    dropping the oldest every token leaves."""
+    layout = layout_from_ids(IDS)
+    n = len(IDS)
+    for steps in (4, 8):
+        kept = [
+            kept_positions(run_policy(StreamingLLM(budget=20, protect=(), evict_every=e), layout, decode=steps))
+            .sort(-1)
+            .values
+            for e in (1, 4)
+        ]
+        assert torch.equal(kept[0], kept[1])
+        assert kept[1][0, 0].tolist() == list(range(4)) + list(range(n + steps - 16, n + steps))
+
+
 def test_snapkv_keeps_top_window_scored_tokens():
     layout = layout_from_ids(IDS)
     view = view_for(layout, heads=4, kv_heads=2, d=16, seed=3)

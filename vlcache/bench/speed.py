@@ -15,6 +15,7 @@ on top of the model: torch.cuda's peak on a GPU; on a CPU, the peak of live tens
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -107,7 +108,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vlcache bench speed", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu", choices=list(PRESETS))
     p.add_argument("--sizes", default=None, help="prompt lengths in tokens (comma-separated)")
-    p.add_argument("--policies", default=",".join(n for n in POLICIES if n != "full"))
+    p.add_argument(
+        "--policies",
+        default=",".join(n for n in POLICIES if n != "full"),
+        help='comma-separated; settings after a colon, ";" between them: "h2o,h2o:evict_every=16"',
+    )
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="the 'quick' preset and two policies (CI)")
@@ -137,9 +142,13 @@ def main(argv=None) -> int:
     rows = []
 
     def make(name):
-        return (
-            None if name == "plain" else make_policy(name) if name == "full" else make_policy(name, budget=args.budget)
-        )
+        if name == "plain":
+            return None
+        if name == "full":
+            return make_policy(name)
+        base, _, extra = name.partition(":")  # "h2o:evict_every=16": settings after the name
+        settings = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in extra.split(";") if item)}
+        return make_policy(base, budget=args.budget, **settings)
 
     for i, n in enumerate(sizes):
         inputs = prompt(model, n, device)
@@ -182,8 +191,9 @@ def main(argv=None) -> int:
 
 def print_block(rows, n):
     print(f"\nprompt {n} tokens")
+    w = max(13, *(len(r["policy"]) for r in rows))
     print(
-        f"{'policy':<13} {'prefill s':>10} {'x full':>7} {'decode ms/t':>12} {'x full':>7} {'KV MiB':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'agree':>6}"
+        f"{'policy':<{w}} {'prefill s':>10} {'x full':>7} {'decode ms/t':>12} {'x full':>7} {'KV MiB':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'agree':>6}"
     )
     for r in rows:
         if r["n"] != n:
@@ -195,7 +205,7 @@ def print_block(rows, n):
         kv = f"{r['kv_bytes'] / 2**20:>8.1f}" if r["kv_bytes"] else f"{'-':>8}"
         agree = f"{r['agreement']:>6.2f}" if "agreement" in r else f"{'-':>6}"
         print(
-            f"{r['policy']:<13} {r['prefill_s']:>10.3f} {ratio('prefill_ratio')} {r['decode_ms']:>12.2f} {ratio('decode_ratio')} "
+            f"{r['policy']:<{w}} {r['prefill_s']:>10.3f} {ratio('prefill_ratio')} {r['decode_ms']:>12.2f} {ratio('decode_ratio')} "
             f"{kv} {ratio('kv_ratio')} {r['peak_bytes'] / 2**20:>9.1f} {ratio('peak_ratio')} {agree}"
         )
 

@@ -1,6 +1,6 @@
 """Compression policies: one small dataclass per method, all on one base (`base.Policy`)."""
 
-from .base import Eviction, LayerView, Plan, Policy, Request, Selection
+from .base import DecodeEvicting, Eviction, LayerView, Plan, Policy, Request, Selection
 from .cake import CAKE
 from .elastic import ElasticCache
 from .full import Full
@@ -36,6 +36,7 @@ def make_policy(name: str, **settings) -> Policy:
 
 __all__ = [
     "CAKE",
+    "DecodeEvicting",
     "LOOKM",
     "POLICIES",
     "ElasticCache",

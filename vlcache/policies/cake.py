@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerView, Plan, Policy, Request
+from .base import DecodeEvicting, LayerView, Plan, Request
 from .h2o import last_real
 
 
@@ -40,7 +40,7 @@ def cake_allocate(total: int, prefs: list[float], cap: int) -> list[int]:
 
 
 @dataclass(kw_only=True)
-class CAKE(Policy):
+class CAKE(DecodeEvicting):
     """Each layer gets a share of the model-wide budget in proportion to its preference, the product of how
     spread its observation-window attention is (entropy) and how much it shifts across the window's rows
     (variance), measured per prompt. Inside a layer, tokens are ranked by mean + gamma x variance of their window
@@ -55,6 +55,7 @@ class CAKE(Policy):
     - window (32), gamma (200), kernel (5): the observation window, the variance weight, the pooling width.
     - tau1, tau2 (1.0, 1.0): preference = entropy^(1/tau1) * variance^(1/tau2) (the code tunes them per model).
     - cascading (True): False cuts every layer once, after the last one (the whole cache is held until then).
+    - evict_every (1): see `DecodeEvicting`; then the entries leaving are those the latest token attends to least.
     """
 
     window: int = 32
@@ -139,7 +140,7 @@ class CAKE(Policy):
 
     def on_append(self, view: LayerView):
         hold = view.state.get("hold")
-        if hold is None:  # the prompt was not compressed
+        if hold is None or not self.eviction_due(view):  # the prompt was not compressed, or no eviction yet
             return None
         T = view.slots
         w = min(view.state["window"], T)

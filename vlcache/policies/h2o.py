@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerView, Policy
+from .base import DecodeEvicting, LayerView
 
 
 def last_real(valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def last_real(valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(kw_only=True)
-class H2O(Policy):
+class H2O(DecodeEvicting):
     """Keeps the tokens with the largest accumulated attention ("heavy hitters") plus the most recent ones.
 
     Prefill scores are attention column sums over every prompt row, computed in row tiles (no n x n matrix).
@@ -26,6 +26,7 @@ class H2O(Policy):
     - recent (0.5): share of the budget kept as the most recent tokens (the paper's 10% + 10%).
     - agg ("mean"): how the query heads of a GQA group combine into their KV head's score.
     - chunk (256): query rows per tile when summing the prefill attention.
+    - evict_every (1): see `DecodeEvicting`; the scores keep accumulating every step.
     """
 
     recent: float = 0.5
@@ -63,6 +64,8 @@ class H2O(Policy):
             view.stats(chunk=self.chunk).colsum, view.kv_heads, self.agg
         )
         view.slot_state["h2o"] = acc
+        if not self.eviction_due(view):
+            return None
         # recent = the newest `recent` real tokens of each row, by position
         end = view.positions.amax(-1, keepdim=True) + 1  # [B, Hk, 1]
         recent = view.positions >= end - view.state["recent"].view(-1, 1, 1)

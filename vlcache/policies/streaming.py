@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerView, Policy
+from .base import DecodeEvicting, LayerView
 
 
 def first_real(valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -13,7 +13,7 @@ def first_real(valid: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @dataclass(kw_only=True)
-class StreamingLLM(Policy):
+class StreamingLLM(DecodeEvicting):
     """Keeps the first `sinks` tokens and the most recent ones up to the budget, needing no attention scores.
 
     While decoding the cache stays at that size: as each token arrives the oldest non-sink entry leaves.
@@ -21,6 +21,7 @@ class StreamingLLM(Policy):
     context, which VLM prompts are not).
 
     - sinks (4): leading tokens that are never evicted.
+    - evict_every (1): see `DecodeEvicting`.
     """
 
     sinks: int = 4
@@ -46,5 +47,7 @@ class StreamingLLM(Policy):
         return {view.layer: self.select(view, plan, self.score(view))}
 
     def on_append(self, view: LayerView):
+        if not self.eviction_due(view):
+            return None
         forced = view.prompt_mask(self.protected(view.layout) | first_real(view.layout.valid, self.sinks))
         return self.keep_at_budget(view, view.state["budget"], self.score(view), forced)
