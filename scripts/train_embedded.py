@@ -4,7 +4,7 @@
     python scripts/train_embedded.py --device cuda --minutes 7       # scale every stage to fit about 7 minutes
     python scripts/train_embedded.py --init vlcache/embedded --curriculum 4-10:40000 --weights lookup=10
     python scripts/train_embedded.py --scale 0.01 --out /tmp/m       # a quick CPU trial
-    python scripts/train_embedded.py --device cuda --projector-norm 0.05 --out /tmp/m   # the next lookup attempt
+    python scripts/train_embedded.py --device cuda --projector-norm 0.05 --out /tmp/m   # tried: lookup stays ~0.6
 
 The shipped model came from three runs, each continuing the last; vlcache/embedded/training.json holds every run's
 exact command, device, wall time and held-out accuracy (`init_from`, nested). The default curriculum below has run
@@ -78,7 +78,8 @@ def projector_norm_penalty(model, weight: float):
     The projector's outputs grow to norms near 1,500 with their colours differing mostly in length along one
     direction; attention reads keys through RMSNorm, which divides the length out, and a one-head lookup of the named
     colour is then capped near 0.9 (scripts/lookup_probe.py). Pulling the RMS towards 1 keeps colours apart by
-    direction (a 1,000-step CPU continuation with weight 0.05 took that cap at the first layer to 1.00)."""
+    direction (a 1,000-step CPU continuation with weight 0.05 took that cap at the first layer to 1.00). It did not
+    make the lookup learnable: H100 runs with it, continued or from random weights, stayed near 0.6 (README)."""
     seen = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out))
 
