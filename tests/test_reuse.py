@@ -211,3 +211,5 @@ def test_reuse_errors(tiny_model):
     with vlcache.reuse(model, ImageKVStore()):
         with pytest.raises(ValueError, match="batch size 1"):
             model.generate(**batch, max_new_tokens=2)
+    with pytest.raises(ValueError, match="no images to link"):
+        _reuser(model).link(dict(tiny.make_inputs(model, ["only text"]).inputs))

@@ -146,6 +146,8 @@ class ImageReuse:
         layout = layout or layout_from_inputs(model.config, inputs, family=self.family)
         positions, text_pos = self._positions(inputs)
         chunks = self._chunks(inputs, layout)
+        if not chunks:
+            raise ValueError("this prompt has no images to link: call generate, which prefills it as usual")
         t_compiled = time.perf_counter()
 
         embeds = model.get_input_embeddings()(ids)  # text tokens; image tokens come from the chunks
