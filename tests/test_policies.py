@@ -116,20 +116,25 @@ def test_streamingllm_keeps_sinks_and_recent():
     assert idx[0, 0].tolist() == expect and idx[0, 1].tolist() == expect
 
 
-def test_streamingllm_evicting_every_4_tokens_lands_where_every_token_does():
-    """Scores by position: dropping the 4 oldest non-sinks every 4th token leaves, at those steps, exactly what
-    dropping the oldest every token leaves."""
+@pytest.mark.parametrize("name", ["streamingllm", "elastic"])
+def test_evicting_every_4_tokens_lands_where_every_token_does(name):
+    """Eviction by position (StreamingLLM's oldest non-sinks, Elastic Cache's first deletable slots from its fixed
+    point): dropping 4 every 4th token leaves, at those steps, exactly what dropping one every token leaves."""
     layout = layout_from_ids(IDS)
     n = len(IDS)
     for steps in (4, 8):
         kept = [
-            kept_positions(run_policy(StreamingLLM(budget=20, protect=(), evict_every=e), layout, decode=steps))
+            kept_positions(run_policy(make_policy(name, budget=20, protect=(), evict_every=e), layout, decode=steps))
             .sort(-1)
             .values
             for e in (1, 4)
         ]
         assert torch.equal(kept[0], kept[1])
-        assert kept[1][0, 0].tolist() == list(range(4)) + list(range(n + steps - 16, n + steps))
+        assert kept[1].shape[-1] == 20
+        if name == "streamingllm":
+            assert kept[1][0, 0].tolist() == list(range(4)) + list(range(n + steps - 16, n + steps))
+        else:  # a queue behind the fixed point: the first slot stays, the newest tokens all arrive
+            assert kept[1][0, 0, 0] == 0 and kept[1][0, 0, -steps:].tolist() == list(range(n, n + steps))
 
 
 def test_snapkv_keeps_top_window_scored_tokens():

@@ -5,13 +5,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerView, Policy, Selection
+from .base import DecodeEvicting, LayerView, Selection
 from .h2o import last_real
 from .streaming import first_real
 
 
 @dataclass(kw_only=True)
-class ElasticCache(Policy):
+class ElasticCache(DecodeEvicting):
     """Prefill: tokens are ranked by the attention they accumulate over all prompt rows, averaged over heads (one
     choice for every head); the top ones are anchors, and every other token is merged into its nearest anchor by
     position (the anchor's key and value become the mean of itself and its members). The first `start` tokens
@@ -25,6 +25,8 @@ class ElasticCache(Policy):
 
     - start (1): leading tokens always kept (the eval scripts' start_size).
     - distance (-25): the fixed point's offset from the post-prefill length; a positive value is an absolute index.
+    - evict_every (1): see `DecodeEvicting`; deleting k at once from the fixed point leaves what k single deletions
+      would have (the new tokens queue behind the deletable ones).
     """
 
     start: int = 1
@@ -85,6 +87,8 @@ class ElasticCache(Policy):
     def on_append(self, view: LayerView):
         seen = view.state["seen"] + view.new  # every appended token is real (generate extends with ones)
         view.state["seen"] = seen
+        if not self.eviction_due(view):
+            return None
         if isinstance(self.budget, int):
             budget = torch.full_like(seen, self.budget)
         else:
