@@ -21,6 +21,17 @@ def test_user_mistakes_are_one_line(capsys):
     assert err.startswith("vlcache: error: budget=1.5 is out of range") and err.count("\n") == 1
     assert main(["compare", "--policies", "nope", "--frames", "1"]) == 2
     assert "unknown policy" in capsys.readouterr().err
+    assert main(["compare", "--policies", "h2o", "--set", "nope=1", "--frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "h2o has no setting 'nope'" in err and "evict_every" in err and err.count("\n") == 1
+    assert main(["compare", "--policies", "h2o", "--set", "evict_every", "--frames", "1"]) == 2
+    assert "not a setting: 'evict_every'" in capsys.readouterr().err
+
+
+def test_set_passes_policy_settings(capsys):
+    args = ["compare", "--frames", "2", "--max-new-tokens", "3", "--policies", "h2o", "--set", "evict_every=4"]
+    assert main([*args, "--set", "recent=0.25"]) == 0
+    assert "h2o(budget=0.1, evict_every=4, recent=0.25)" in capsys.readouterr().out
 
 
 def test_policies_lists_every_policy(capsys):

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 
-from .policies import POLICIES, Full, make_policy
+from .policies import POLICIES, Full, make_policy, parse_settings
 
 
 def _amount(text: str):
@@ -31,7 +31,9 @@ def policy_from_args(name: str, args) -> object:
     if all(v is None for v in amounts.values()):  # the command's default, e.g. "--budget 0.1"
         flag, value = args.default_budget.split()
         amounts[flag.lstrip("-").replace("-", "_")] = _amount(value)
-    return make_policy(name, **{k: v for k, v in amounts.items() if v is not None})
+    return make_policy(
+        name, **{k: v for k, v in amounts.items() if v is not None}, **parse_settings(getattr(args, "set", None) or [])
+    )
 
 
 def add_budget_args(p: argparse.ArgumentParser, default: str = "--budget 0.1") -> None:
@@ -39,6 +41,12 @@ def add_budget_args(p: argparse.ArgumentParser, default: str = "--budget 0.1") -
     p.add_argument("--budget", type=_amount, help="kept per layer: a ratio in (0,1] or a token count")
     p.add_argument("--vision-budget", type=_amount, help="for vision tokens (text kept whole unless --text-budget)")
     p.add_argument("--text-budget", type=_amount, help="for text tokens")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a policy setting, repeatable: --set evict_every=16 --set recent=0.3 (`vlcache policies` lists them)",
+    )
     p.set_defaults(default_budget=default)
     p.epilog = ((p.epilog or "") + f" Without a budget flag: {default}.").strip()
 

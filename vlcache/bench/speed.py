@@ -15,7 +15,6 @@ on top of the model: torch.cuda's peak on a GPU; on a CPU, the peak of live tens
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import transformers as T
 
 from .. import pipeline, tiny
-from ..policies import POLICIES, make_policy
+from ..policies import POLICIES, make_policy, parse_settings
 from .figure import figure_row
 from .memprobe import PeakTensorMemory
 
@@ -147,8 +146,7 @@ def main(argv=None) -> int:
         if name == "full":
             return make_policy(name)
         base, _, extra = name.partition(":")  # "h2o:evict_every=16": settings after the name
-        settings = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in extra.split(";") if item)}
-        return make_policy(base, budget=args.budget, **settings)
+        return make_policy(base, budget=args.budget, **parse_settings([x for x in extra.split(";") if x]))
 
     for i, n in enumerate(sizes):
         inputs = prompt(model, n, device)

@@ -11,6 +11,7 @@ layer's full keys are freed before the next layer runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -135,12 +136,20 @@ class Session:
         return out
 
     def label(self) -> str:
+        """The policy's name, its budgets and every other setting that differs from its default (so that two runs
+        of one method with different settings are told apart in stats and outputs)."""
         p = self.policy
         amounts = {
             k: v
             for k, v in (("budget", p.budget), ("vision", p.vision_budget), ("text", p.text_budget))
             if v is not None
         }
+        for f in dataclasses.fields(p):
+            if f.name in ("budget", "vision_budget", "text_budget"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if getattr(p, f.name) != default:
+                amounts[f.name] = getattr(p, f.name)
         return p.name + (f"({', '.join(f'{k}={v}' for k, v in amounts.items())})" if amounts else "")
 
     # ------------------------------------------------------------------ hooks

@@ -1,5 +1,8 @@
 """Compression policies: one small dataclass per method, all on one base (`base.Policy`)."""
 
+import ast
+from dataclasses import fields
+
 from .base import DecodeEvicting, Eviction, LayerView, Plan, Policy, Request, Selection
 from .cake import CAKE
 from .elastic import ElasticCache
@@ -31,7 +34,30 @@ def make_policy(name: str, **settings) -> Policy:
     key = name.lower().replace("-", "").replace("_", "").replace("elasticcache", "elastic")
     if key not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[key](**settings)
+    cls = POLICIES[key]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"{key} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))}"
+        )
+    return cls(**settings)
+
+
+def parse_settings(items: list[str]) -> dict:
+    """Policy settings from "name=value" strings (the command line's --set, the speed benchmark's "h2o:k=v"): the
+    value as a Python literal ("16", "0.5", "('markers',)", "True"), else as a plain string ("pivot")."""
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"not a setting: {item!r} (write name=value, e.g. evict_every=16)")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        out[key.strip()] = value
+    return out
 
 
 __all__ = [
@@ -54,4 +80,5 @@ __all__ = [
     "StreamingLLM",
     "VLCache",
     "make_policy",
+    "parse_settings",
 ]
