@@ -90,6 +90,13 @@ def test_batched_captions_equal_one_at_a_time(videos, tmp_path):
     assert all(r["batch"] == 3 for r in _records(many))
 
 
+def test_policy_settings_reach_the_records(videos, tmp_path):
+    folder, _ = videos
+    out = tmp_path / "c.jsonl"
+    assert main([str(folder), "-o", str(out), "--policy", "h2o", "--budget", "0.3", "--set", "evict_every=4"]) == 0
+    assert all(r["policy"] == "h2o" and r["settings"] == {"evict_every": 4} for r in _records(out))
+
+
 def test_user_mistakes_are_one_line(tmp_path):
     from vlcache.cli import main as cli
 

@@ -88,7 +88,8 @@ def _policy_label(policy) -> dict:
     amounts = {
         k: getattr(policy, k) for k in ("budget", "vision_budget", "text_budget") if getattr(policy, k) is not None
     }
-    return {"policy": policy.name, **amounts}
+    changed = policy.changed_settings()
+    return {"policy": policy.name, **amounts, **({"settings": changed} if changed else {})}
 
 
 def caption_batch(model, processor, items, policy, args, compare: bool) -> list[dict]:
@@ -236,7 +237,10 @@ def print_summary(records, out, seconds, skipped, compare):
     bad = [r for r in records if r["status"] != "ok"]
     if ok:
         r = ok[0]
-        amounts = ", ".join(f"{k}={r[k]}" for k in ("budget", "vision_budget", "text_budget") if k in r)
+        amounts = ", ".join(
+            [f"{k}={r[k]}" for k in ("budget", "vision_budget", "text_budget") if k in r]
+            + [f"{k}={v}" for k, v in r.get("settings", {}).items()]
+        )
         print(f"\nmodel {r['model']}; policy {r['policy']}({amounts})" + (" against the full cache" if compare else ""))
     print(
         f"\n{'video':<28} {'tokens':>7} {'kept':>7} {'KV saved':>10}  caption" + ("  |  full cache" if compare else "")

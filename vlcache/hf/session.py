@@ -11,7 +11,6 @@ layer's full keys are freed before the next layer runs.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -144,12 +143,7 @@ class Session:
             for k, v in (("budget", p.budget), ("vision", p.vision_budget), ("text", p.text_budget))
             if v is not None
         }
-        for f in dataclasses.fields(p):
-            if f.name in ("budget", "vision_budget", "text_budget"):
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if getattr(p, f.name) != default:
-                amounts[f.name] = getattr(p, f.name)
+        amounts.update(p.changed_settings())
         return p.name + (f"({', '.join(f'{k}={v}' for k, v in amounts.items())})" if amounts else "")
 
     # ------------------------------------------------------------------ hooks

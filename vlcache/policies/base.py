@@ -15,7 +15,7 @@ Policies see tensors and the `Layout` only, so they are testable without transfo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -241,6 +241,18 @@ class Policy:
 
     def settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def changed_settings(self) -> dict:
+        """The settings other than the budgets that differ from their defaults (what tells two runs of one method
+        apart in labels and records)."""
+        out = {}
+        for f in fields(self):
+            if f.name in ("budget", "vision_budget", "text_budget"):
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()
+            if getattr(self, f.name) != default:
+                out[f.name] = getattr(self, f.name)
+        return out
 
     def protected(self, layout: Layout) -> torch.Tensor:
         """[B, n] the protected prompt tokens."""
