@@ -24,3 +24,9 @@ def figure_row(path, panels: int, size: tuple[float, float], title: str | None =
         fig.savefig(path, dpi=110)
     finally:
         plt.close(fig)
+
+
+def series_style(i: int) -> dict:
+    """Plot style of the i-th series: matplotlib's ten colours, then the same colours dashed, so that eleven or more
+    policies in one panel never share a look."""
+    return dict(color=f"C{i % 10}", linestyle="-" if i < 10 else "--", marker="o", ms=3)

@@ -23,7 +23,7 @@ from ..evaluation.model import batch_inputs, load_embedded
 from ..evaluation.quality import accuracy, fidelity
 from ..evaluation.tasks import TASKS, chance, make_example
 from ..policies import POLICIES, make_policy
-from .figure import figure_row
+from .figure import figure_row, series_style
 
 BUDGETS = (0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 HELD_OUT = 2 * 10**6  # training draws from seed 0; evaluation streams start here
@@ -113,8 +113,8 @@ def fidelity_table(model, processor, policies, budgets, frames, n):
 def plot(results, budgets, path):
     with figure_row(path, len(results), (3.6 * len(results), 3.4)) as axes:
         for ax, row in zip(axes, results):
-            for name, accs in row["policies"].items():
-                ax.plot([100 * b for b in budgets], accs, marker="o", ms=3, label=name)
+            for i, (name, accs) in enumerate(row["policies"].items()):
+                ax.plot([100 * b for b in budgets], accs, label=name, **series_style(i))
             ax.axhline(row["full"], color="k", lw=1, label="full cache")
             ax.axhline(row["ceiling"], color="g", ls=":", lw=1, label="ceiling")
             ax.axhline(row["floor"], color="r", ls="--", lw=1, label="floor")

@@ -24,7 +24,7 @@ import transformers as T
 
 from .. import pipeline, tiny
 from ..policies import POLICIES, make_policy, parse_settings
-from .figure import figure_row
+from .figure import figure_row, series_style
 from .memprobe import PeakTensorMemory
 
 PRESETS = {
@@ -211,12 +211,13 @@ def print_block(rows, n):
 def plot(rows, path, title):
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     with figure_row(path, 3, (13, 3.6), title) as axes:
-        for name in policies:
+        for i, name in enumerate(policies):
             pts = [r for r in rows if r["policy"] == name]
             ns = [r["n"] for r in pts]
-            axes[0].plot(ns, [r["prefill_s"] for r in pts], marker="o", ms=3, label=name)
-            axes[1].plot(ns, [r["decode_ms"] for r in pts], marker="o", ms=3, label=name)
-            axes[2].plot(ns, [r["peak_bytes"] / 2**20 for r in pts], marker="o", ms=3, label=name)
+            style = series_style(i)
+            axes[0].plot(ns, [r["prefill_s"] for r in pts], label=name, **style)
+            axes[1].plot(ns, [r["decode_ms"] for r in pts], label=name, **style)
+            axes[2].plot(ns, [r["peak_bytes"] / 2**20 for r in pts], label=name, **style)
         for ax, label in zip(axes, ("prefill (s)", "decode (ms / token)", "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("prompt tokens")
