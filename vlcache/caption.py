@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .policies import Full
+from .policies.base import BUDGET_FIELDS
 from .video import VideoError, collect_inputs, read_frames, write_video
 
 SAMPLE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlcache" / "samples"
@@ -85,9 +86,7 @@ def merge(out: Path) -> list[dict]:
 
 
 def _policy_label(policy) -> dict:
-    amounts = {
-        k: getattr(policy, k) for k in ("budget", "vision_budget", "text_budget") if getattr(policy, k) is not None
-    }
+    amounts = {k: getattr(policy, k) for k in BUDGET_FIELDS if getattr(policy, k) is not None}
     changed = policy.changed_settings()
     return {"policy": policy.name, **amounts, **({"settings": changed} if changed else {})}
 
@@ -238,8 +237,7 @@ def print_summary(records, out, seconds, skipped, compare):
     if ok:
         r = ok[0]
         amounts = ", ".join(
-            [f"{k}={r[k]}" for k in ("budget", "vision_budget", "text_budget") if k in r]
-            + [f"{k}={v}" for k, v in r.get("settings", {}).items()]
+            [f"{k}={r[k]}" for k in BUDGET_FIELDS if k in r] + [f"{k}={v}" for k, v in r.get("settings", {}).items()]
         )
         print(f"\nmodel {r['model']}; policy {r['policy']}({amounts})" + (" against the full cache" if compare else ""))
     print(

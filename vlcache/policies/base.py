@@ -25,6 +25,7 @@ from ..modality import Layout
 from .budget import check_amount, resolve
 
 PROTECTABLE = ("markers", "question")
+BUDGET_FIELDS = ("budget", "vision_budget", "text_budget")  # the amounts every policy takes (labels list them first)
 IN_PLACE_MAX = 64  # decode-time evictions above this many slots per head compact instead (a chat's next turn, say)
 
 
@@ -247,7 +248,7 @@ class Policy:
         apart in labels and records)."""
         out = {}
         for f in fields(self):
-            if f.name in ("budget", "vision_budget", "text_budget"):
+            if f.name in BUDGET_FIELDS:
                 continue
             default = f.default if f.default is not MISSING else f.default_factory()
             if getattr(self, f.name) != default:
@@ -367,7 +368,7 @@ class Policy:
 
 @dataclass(kw_only=True)
 class DecodeEvicting(Policy):
-    """Base of the methods that hold the cache at its budget while decoding (H2O, StreamingLLM, CAKE).
+    """Base of the methods that hold the cache at its budget while decoding (StreamingLLM, H2O, Elastic Cache, CAKE).
 
     - evict_every (1): evict once every this many appended tokens, that many at a time, instead of one a step as
       the papers do. Between evictions the cache runs up to `evict_every - 1` tokens over its budget. Scores that
