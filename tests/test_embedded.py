@@ -66,3 +66,34 @@ def test_projector_norm_penalty_follows_formula_and_pulls_rms_to_one():
     with torch.no_grad():
         model(**inputs)
         assert float(penalty()) < 0.5 * float(got)
+
+
+def test_attention_loss_follows_formula_and_moves_attention_onto_the_target():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from train_embedded import attention_loss, train_step
+
+    model = build_untrained(0, layers=2, hidden=32, heads=2, kv_heads=1)
+    assert model.config._attn_implementation == "sdpa"
+    inputs, _, targets = draw_batch("lookup", 2, 8, torch.Generator().manual_seed(0), targets=True)
+    loss = attention_loss(0.5, 1, targets)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(**inputs, output_attentions=True).attentions[1][:, 0]  # [batch, queries, keys] of head 0
+    equals = inputs["input_ids"] == processor_id("=")
+    assert equals[:, -2].all()  # the query it reads is the "=" that predicts the answer
+    want = -0.5 * probs[torch.arange(8), -2, targets].log().mean()
+    torch.testing.assert_close(loss([None, probs[:, None]]), want)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(20):  # the loss alone (weighted up) pulls head 0's attention onto the named object's patch
+        train_step(model, opt, inputs, attend=attention_loss(20.0, 1, targets))
+    assert model.config._attn_implementation == "sdpa"  # eager only for the step: the model saves as it was built
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        after = model(**inputs, output_attentions=True).attentions[1][:, 0, -2]
+    assert after[torch.arange(8), targets].mean() > 0.5 > probs[torch.arange(8), -2, targets].mean()
+
+
+def processor_id(token):
+    from vlcache.evaluation.tensor_tasks import processor
+
+    return processor().tokenizer.convert_tokens_to_ids(token)

@@ -87,3 +87,33 @@ def test_draw_batch_rejects_bad_frames():
         draw_batch("lookup", 1, 2, torch.Generator())
     with pytest.raises(ValueError, match="unknown task"):
         draw_batch("nope", 4, 2, torch.Generator())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_draw_batch_targets_point_at_the_answer_patch(task):
+    """`targets=True` adds the position of the vision token that holds the answer (training supervises attention
+    onto it): the same draw otherwise, an image token, and the patch there shows the object the answer is about."""
+    frames, image_id = 5, processor().tokenizer.convert_tokens_to_ids("<image>")
+    inputs, answers = draw_batch(task, frames, 32, torch.Generator().manual_seed(4))
+    got, answers_t, targets = draw_batch(task, frames, 32, torch.Generator().manual_seed(4), targets=True)
+    assert answers_t == answers and all(torch.equal(got[k], inputs[k]) for k in inputs)
+    if task in ("count", "describe"):  # answers read from many tokens: no single target
+        assert targets.tolist() == [-1] * 32
+        return
+    ids = inputs["input_ids"]
+    vision = (ids[0] == image_id).nonzero()[:, 0].tolist()
+    images = processor().image_processor
+    mean, std = torch.tensor(images.image_mean).view(3, 1, 1), torch.tensor(images.image_std).view(3, 1, 1)
+    for b, objs in enumerate(_objects(inputs["pixel_values"], frames)):
+        assert ids[b, targets[b]] == image_id
+        frame, patch = divmod(vision.index(int(targets[b])), GRID * GRID)
+        assert frame in objs  # the target token lies in a frame that shows an object ...
+        pix = (inputs["pixel_values"][b * frames + frame] * std + mean) * 255
+        r, c = divmod(patch, GRID)
+        assert pix[:, r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH].amax() > 150  # ... in its patch
+        if task == "lookup":
+            assert objs[frame] == decode(ids[b]).split("find ")[1][0] and answers[b] == str(frame)
+        elif task == "needle":
+            assert objs[frame] == answers[b]
+        else:
+            assert answers[b] == str(frame)

@@ -61,9 +61,13 @@ def _random_ranks(rows: int, n: int, g: torch.Generator, device) -> torch.Tensor
     return torch.rand(rows, n, generator=g, device=device).argsort(1).argsort(1)
 
 
-def draw_batch(task: str, frames: int, batch: int, g: torch.Generator, device=None) -> tuple[dict, list[str]]:
+def draw_batch(
+    task: str, frames: int, batch: int, g: torch.Generator, device=None, targets: bool = False
+) -> tuple[dict, list[str]] | tuple[dict, list[str], torch.Tensor]:
     """(`encode`'s inputs with labels, answers) for `batch` examples of `task` over `frames` frames, drawn from the
-    distribution `tasks.make_example` draws from."""
+    distribution `tasks.make_example` draws from. With `targets`, also [batch] the sequence position of the vision
+    token that holds the answer (the named object's patch for lookup; -1 for count and describe, whose answers
+    need many), for training that supervises attention."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     low = 2 if task == "lookup" else 1
@@ -98,7 +102,8 @@ def draw_batch(task: str, frames: int, batch: int, g: torch.Generator, device=No
     in_patch = (rows[:, None] == (patch // GRID)[..., None, None]) & (rows[None, :] == (patch % GRID)[..., None, None])
     pixels = torch.where((in_patch & has[..., None, None])[..., None], block, noise).to(torch.uint8)
 
-    has_c, color_c, count_c = has.cpu(), color.cpu(), count.cpu()
+    has_c, color_c, count_c, patch_c = has.cpu(), color.cpu(), count.cpu(), patch.cpu()
+    frame = has_c.long().argmax(1)  # needle and where: the one object's frame
     if task == "lookup":
         pick = _uniform_int(0, count - 1, g).cpu()  # which object (in frame order) the question names
         target = ((has_c.long().cumsum(1) - 1) == pick[:, None]) & has_c
@@ -119,4 +124,12 @@ def draw_batch(task: str, frames: int, batch: int, g: torch.Generator, device=No
                 for b in range(B)
             ]
     texts = [prompt_text(F, q) for q in questions]
-    return encode(pixels, texts, answers), answers
+    inputs = encode(pixels, texts, answers)
+    if not targets:
+        return inputs, answers
+    if task in ("count", "describe"):
+        return inputs, answers, torch.full((B,), -1, device=device)
+    image_id = processor().tokenizer.convert_tokens_to_ids(IMAGE)
+    vision = (inputs["input_ids"][0] == image_id).nonzero()[:, 0]  # every row has the same layout
+    token = frame * GRID * GRID + patch_c.gather(1, frame[:, None])[:, 0]
+    return inputs, answers, vision.cpu()[token].to(device)
