@@ -16,8 +16,8 @@ frames, loss still falling); its full length (46,600 steps of 256 videos) has no
 Batches are drawn as tensors on the training device (`vlcache.evaluation.tensor_tasks`), from the same distribution
 as `tasks.make_example`. A curriculum over 1, 2, 4, 8 frames, then 4 to 10 drawn per batch, over a mixture of all
 five tasks (the keyed lookup and counting weighted up); the loss is on the answer only, plus, with --attend, a loss
-on where one head looks while answering the lookup (`attention_loss`), which is what made the lookup learnable. At the end it measures
-held-out accuracy with `make_example` on 8-frame videos (seed offset 10**6, never drawn in training) and on 16-frame
+on where one head looks while answering the lookup (`attention_loss`: what made the lookup learnable). At the end
+it measures held-out accuracy with `make_example` on 8-frame videos (seed offset 10**6, never drawn in training) and on 16-frame
 ones (longer than any seen in training), and writes them with the wall time and the exact settings to
 training.json beside the weights. Seeded; a GPU run is reproducible up to the GPU's nondeterministic reductions.
 """
@@ -70,9 +70,10 @@ def train_step(model, opt, inputs: dict, penalty=None, attend=None) -> torch.Ten
         task_loss = model(**inputs).loss
         loss = task_loss
     else:
+        previous = model.config._attn_implementation
         model.set_attn_implementation("eager")  # the only one that returns attention probabilities
         out = model(**inputs, output_attentions=True)
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(previous)  # the saved model keeps what it was built with
         task_loss = out.loss
         loss = task_loss + attend(out.attentions)
     if penalty is not None:
@@ -91,7 +92,8 @@ def projector_norm_penalty(model, weight: float):
     direction; attention reads keys through RMSNorm, which divides the length out, and a one-head lookup of the named
     colour is then capped near 0.9 (scripts/lookup_probe.py). Pulling the RMS towards 1 keeps colours apart by
     direction (a 1,000-step CPU continuation with weight 0.05 took that cap at the first layer to 1.00). It did not
-    make the lookup learnable: H100 runs with it, continued or from random weights, stayed near 0.6 (README)."""
+    make the lookup learnable on its own: H100 runs with it, continued or from random weights, stayed near 0.6; with
+    `attention_loss` as well it is learned (README)."""
     seen = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out))
 
@@ -173,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--attend", type=float, default=0.0, help="weight of the lookup's attention loss (attention_loss)")
     p.add_argument("--attend-layer", type=int, default=1, help="the layer whose head 0 --attend supervises")
     args = p.parse_args(argv)
+    if args.attend and not 0 <= args.attend_layer < args.layers:
+        p.error(f"--attend-layer {args.attend_layer}: the model has layers 0 to {args.layers - 1}")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
