@@ -79,6 +79,7 @@ def test_attention_loss_follows_formula_and_moves_attention_onto_the_target():
     model.set_attn_implementation("eager")
     with torch.no_grad():
         probs = model(**inputs, output_attentions=True).attentions[1][:, 0]  # [batch, queries, keys] of head 0
+    model.set_attn_implementation("sdpa")
     equals = inputs["input_ids"] == processor_id("=")
     assert equals[:, -2].all()  # the query it reads is the "=" that predicts the answer
     want = -0.5 * probs[torch.arange(8), -2, targets].log().mean()
