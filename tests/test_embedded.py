@@ -12,6 +12,7 @@ import torch
 from vlcache.evaluation.model import EMBEDDED_DIR, batch_inputs, build_untrained, load_embedded
 from vlcache.evaluation.tasks import TASKS, make_example, score
 from vlcache.evaluation.tensor_tasks import draw_batch
+from vlcache.evaluation.tensor_tasks import processor as task_processor
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_attention_loss_follows_formula_and_moves_attention_onto_the_target():
     with torch.no_grad():
         probs = model(**inputs, output_attentions=True).attentions[1][:, 0]  # [batch, queries, keys] of head 0
     model.set_attn_implementation("sdpa")
-    equals = inputs["input_ids"] == processor_id("=")
+    equals = inputs["input_ids"] == task_processor().tokenizer.convert_tokens_to_ids("=")
     assert equals[:, -2].all()  # the query it reads is the "=" that predicts the answer
     want = -0.5 * probs[torch.arange(8), -2, targets].log().mean()
     torch.testing.assert_close(loss([None, probs[:, None]]), want)
@@ -92,9 +93,3 @@ def test_attention_loss_follows_formula_and_moves_attention_onto_the_target():
     with torch.no_grad():
         after = model(**inputs, output_attentions=True).attentions[1][:, 0, -2]
     assert after[torch.arange(8), targets].mean() > 0.5 > probs[torch.arange(8), -2, targets].mean()
-
-
-def processor_id(token):
-    from vlcache.evaluation.tensor_tasks import processor
-
-    return processor().tokenizer.convert_tokens_to_ids(token)

@@ -115,7 +115,7 @@ def draw_batch(
         if task == "needle":
             answers = [COLOR_KEYS[int(color_c[b][has_c[b]][0])] for b in range(B)]
         elif task == "where":
-            answers = [str(int(has_c[b].long().argmax())) for b in range(B)]
+            answers = [str(int(f)) for f in frame]
         elif task == "count":
             answers = [str(int(n)) for n in count_c]
         else:
