@@ -50,7 +50,7 @@ def decode(model, ids, policy, new_tokens):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench peer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vlcache bench peer", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--keep", type=float, default=0.1)

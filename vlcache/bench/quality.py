@@ -34,7 +34,7 @@ def policy_for(name: str, budget: float):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench quality", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vlcache bench quality", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--model", default=None, help="a trained embedded-model directory (default: the shipped one)")
     p.add_argument("--policies", default=",".join(n for n in POLICIES if n != "full"))
     p.add_argument("--tasks", default=",".join(TASKS))

@@ -82,7 +82,7 @@ def ttft(model, inputs, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench reuse", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vlcache bench reuse", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--images", default="1,2,4,8,16")
     p.add_argument("--ks", default="0,4,16,full", help="first-k values to recompute ('full': everything)")
     p.add_argument("--new-tokens", type=int, default=32)

@@ -104,7 +104,7 @@ def measure(model, inputs, policy, new_tokens: int, device) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench speed", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vlcache bench speed", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="cpu", choices=list(PRESETS))
     p.add_argument("--sizes", default=None, help="prompt lengths in tokens (comma-separated)")
     p.add_argument(
