@@ -145,6 +145,8 @@ def reproduce(args) -> str:
         parts.append(f"--projector-norm {args.projector_norm}")
     if args.attend:
         parts.append(f"--attend {args.attend} --attend-layer {args.attend_layer}")
+    if args.hard_colors is not None:
+        parts.append(f"--hard-colors {args.hard_colors} --hard-share {args.hard_share}")
     for name in ("init", "curriculum", "weights"):
         if getattr(args, name):
             parts.append(f"--{name} {getattr(args, name)}")
@@ -174,9 +176,22 @@ def main(argv=None) -> int:
     )
     p.add_argument("--attend", type=float, default=0.0, help="weight of the lookup's attention loss (attention_loss)")
     p.add_argument("--attend-layer", type=int, default=1, help="the layer whose head 0 --attend supervises")
+    p.add_argument(
+        "--hard-colors",
+        default=None,
+        help='colour keys a model confuses, e.g. "bcr": --hard-share of the lookup batches draw objects of only these',
+    )
+    p.add_argument("--hard-share", type=float, default=0.5, help="share of lookup batches --hard-colors draws")
     args = p.parse_args(argv)
     if args.attend and not 0 <= args.attend_layer < args.layers:
         p.error(f"--attend-layer {args.attend_layer}: the model has layers 0 to {args.layers - 1}")
+    if args.hard_colors is not None:
+        if not 0 < args.hard_share <= 1:
+            p.error(f"--hard-share {args.hard_share}: give a share in (0, 1]")
+        try:
+            draw_batch("lookup", 2, 1, torch.Generator(), colors=args.hard_colors)
+        except ValueError as e:
+            p.error(f"--hard-colors: {e}")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -221,11 +236,14 @@ def main(argv=None) -> int:
             tasks = tasks_for(frames)
             w = np.array([weights[t] for t in tasks], dtype=float)
             task = tasks[int(rng.choice(len(tasks), p=w / w.sum()))]
+            # the rng is drawn only with --hard-colors, so that runs without it repeat the earlier ones exactly
+            hard = task == "lookup" and args.hard_colors is not None and rng.random() < args.hard_share
+            colors = args.hard_colors if hard else None
             if args.attend and task == "lookup":
-                inputs, _, targets = draw_batch(task, frames, args.batch, g, device, targets=True)
+                inputs, _, targets = draw_batch(task, frames, args.batch, g, device, targets=True, colors=colors)
                 attend = attention_loss(args.attend, args.attend_layer, targets)
             else:
-                inputs, attend = draw_batch(task, frames, args.batch, g, device)[0], None
+                inputs, attend = draw_batch(task, frames, args.batch, g, device, colors=colors)[0], None
             loss = train_step(model, opt, inputs, penalty, attend)
             sched.step()
             step += 1
@@ -270,6 +288,8 @@ def main(argv=None) -> int:
         "projector_norm": args.projector_norm,
         "attend": args.attend,
         "attend_layer": args.attend_layer,
+        "hard_colors": args.hard_colors,
+        "hard_share": args.hard_share if args.hard_colors is not None else None,
         "command": "python scripts/train_embedded.py " + reproduce(args),
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,

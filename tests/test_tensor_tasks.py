@@ -89,6 +89,28 @@ def test_draw_batch_rejects_bad_frames():
         draw_batch("nope", 4, 2, torch.Generator())
 
 
+@pytest.mark.parametrize("task", ["needle", "lookup", "count", "describe"])
+def test_draw_batch_colors_restrict_the_objects(task):
+    """`colors` (training on confusable lookups) draws objects of those colours only, still distinct where the task
+    needs it; naming every colour in order is the default draw, token for token."""
+    frames = 6
+    full = draw_batch(task, frames, 16, torch.Generator().manual_seed(2))
+    same = draw_batch(task, frames, 16, torch.Generator().manual_seed(2), colors="".join(COLOR_KEYS))
+    assert same[1] == full[1] and all(torch.equal(same[0][k], full[0][k]) for k in full[0])
+    inputs, answers = draw_batch(task, frames, 48, torch.Generator().manual_seed(3), colors="bc")
+    seen = set()
+    for b, objs in enumerate(_objects(inputs["pixel_values"], frames)):
+        seen |= set(objs.values())
+        if task in ("lookup", "describe"):
+            assert len(set(objs.values())) == len(objs) <= 2
+        if task == "lookup":
+            assert len(objs) == 2 and objs[int(answers[b])] == decode(inputs["input_ids"][b]).split("find ")[1][0]
+    assert seen == {"b", "c"}
+    for bad in ("bb", "bx", "b"):
+        with pytest.raises(ValueError, match="colors"):
+            draw_batch("lookup", frames, 2, torch.Generator(), colors=bad)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_draw_batch_targets_point_at_the_answer_patch(task):
     """`targets=True` adds the position of the vision token that holds the answer (training supervises attention

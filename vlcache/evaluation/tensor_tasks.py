@@ -62,37 +62,50 @@ def _random_ranks(rows: int, n: int, g: torch.Generator, device) -> torch.Tensor
 
 
 def draw_batch(
-    task: str, frames: int, batch: int, g: torch.Generator, device=None, targets: bool = False
+    task: str,
+    frames: int,
+    batch: int,
+    g: torch.Generator,
+    device=None,
+    targets: bool = False,
+    colors: str | None = None,
 ) -> tuple[dict, list[str]] | tuple[dict, list[str], torch.Tensor]:
     """(`encode`'s inputs with labels, answers) for `batch` examples of `task` over `frames` frames, drawn from the
     distribution `tasks.make_example` draws from. With `targets`, also [batch] the sequence position of the vision
     token that holds the answer (the named object's patch for lookup; -1 for count and describe, whose answers
-    need many), for training that supervises attention."""
+    need many), for training that supervises attention. With `colors` (colour keys, e.g. "bcr"), objects take only
+    those colours: for training on the lookups a model confuses (the default draw is unchanged by the option)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     low = 2 if task == "lookup" else 1
     if not low <= frames <= (10 if task in ("where", "lookup") else 10**4):
         raise ValueError(f"{task!r} needs {low} to 10 frames" if task in ("where", "lookup") else "frames must be >= 1")
+    keys = list(range(len(COLOR_KEYS)))
+    if colors is not None:
+        if len(set(colors)) != len(colors) or not set(colors) <= set(COLOR_KEYS) or len(colors) < low:
+            raise ValueError(f"colors={colors!r}: give at least {low} distinct keys of {''.join(COLOR_KEYS)}")
+        keys = [COLOR_KEYS.index(k) for k in colors]
     device = torch.device(device or "cpu")
-    B, F, C = batch, frames, len(COLOR_KEYS)
+    B, F, C = batch, frames, len(keys)
+    keys = torch.tensor(keys, device=device)
     full = torch.full((B,), 0, device=device)
     slot_rank = _random_ranks(B, F, g, device)  # frames holding objects: those ranked below the object count
     if task in ("needle", "where"):
         count = full + 1
     elif task == "lookup":
-        count = _uniform_int(2, full + min(MAX_OBJECTS, F), g)
+        count = _uniform_int(2, full + min(MAX_OBJECTS, F, C), g)  # distinct colours: no more objects than colours
     elif task == "describe":
-        count = _uniform_int(0, full + min(MAX_OBJECTS, F), g)
+        count = _uniform_int(0, full + min(MAX_OBJECTS, F, C), g)
     else:
         count = _uniform_int(0, full + min(F, 9), g)
     has = slot_rank < count[:, None]  # (B, F)
     patch = torch.randint(GRID * GRID, (B, F), generator=g, device=device)
     if task in ("lookup", "describe"):  # distinct colours: the i-th object frame (in order) takes a permutation's i-th
-        perm = torch.rand(B, C, generator=g, device=device).argsort(1)
+        perm = keys[torch.rand(B, C, generator=g, device=device).argsort(1)]
         order = (has.long().cumsum(1) - 1).clamp(min=0)
         color = perm.gather(1, order)
     else:
-        color = torch.randint(C, (B, F), generator=g, device=device)
+        color = keys[torch.randint(C, (B, F), generator=g, device=device)]
 
     noise = torch.randint(0, 70, (B, F, SIZE, SIZE, 3), generator=g, device=device, dtype=torch.int16)
     jitter = torch.randint(-12, 13, (B, F, SIZE, SIZE, 3), generator=g, device=device, dtype=torch.int16)
