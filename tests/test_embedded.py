@@ -1,6 +1,7 @@
 """The embedded model ships inside the package, loads offline the way a hub checkpoint does, and answers
 held-out questions (seeds no training batch drew) with the full cache."""
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from vlcache.evaluation.model import EMBEDDED_DIR, batch_inputs, build_untrained, load_embedded
-from vlcache.evaluation.tasks import TASKS, make_example, score
+from vlcache.evaluation.tasks import COLOR_KEYS, TASKS, make_example, score
 from vlcache.evaluation.tensor_tasks import draw_batch
 from vlcache.evaluation.tensor_tasks import processor as task_processor
 
@@ -93,3 +94,22 @@ def test_attention_loss_follows_formula_and_moves_attention_onto_the_target():
     with torch.no_grad():
         after = model(**inputs, output_attentions=True).attentions[1][:, 0, -2]
     assert after[torch.arange(8), targets].mean() > 0.5 > probs[torch.arange(8), -2, targets].mean()
+
+
+def test_lookup_confusions_reads_the_colours_shown_and_counts_every_pair(embedded):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from lookup_confusions import SEED, colours_shown, confusions
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):  # describe keeps every object: the colours read from the pixels are those drawn
+        example = make_example("describe", 8, rng)
+        assert colours_shown(example) == {color for _, color in example.objects.values()}
+    model, processor = embedded
+    overall, named, pairs = confusions(model, processor, n=12, frames=4, batch=6)
+    rng = np.random.default_rng(SEED + 4)  # the same videos: each adds one pair per other colour it shows
+    expected = collections.Counter()
+    for example in [make_example("lookup", 4, rng) for _ in range(12)]:
+        key = example.question.split()[1][0]
+        expected.update((key, other) for other in colours_shown(example) - {key})
+    assert {pair: count for pair, (_, count) in pairs.items()} == expected
+    assert 0 <= overall <= 1 and set(named) <= set(COLOR_KEYS) and all(0 <= a <= 1 for a, _ in pairs.values())
