@@ -13,7 +13,7 @@ for step in "${@:-speed kernels peer reuse quality}"; do
       kernels) $PY -m vlcache bench kernels --device cpu --out out/kernels 2>&1 | tee out/kernels.txt ;;
       peer) $PY -m vlcache bench peer --out out/peer 2>&1 | tee out/peer.txt ;;
       reuse) $PY -m vlcache bench reuse --out out/reuse 2>&1 | tee out/reuse.txt ;;
-      quality) $PY -m vlcache bench quality --tasks needle,where,count,describe --out out/quality 2>&1 | tee out/quality.txt ;;
+      quality) $PY -m vlcache bench quality --out out/quality 2>&1 | tee out/quality.txt ;;
       *) echo "unknown step $s" ;;
     esac
   done

@@ -136,8 +136,8 @@ def build(runner: Runner | None = None):
             "Ask about a video with the full cache and with a compressed one. The embedded model reads synthetic "
             "videos of coloured squares. Its answer to `describe?` names the colours that appear, one place per "
             "colour in the order r g b y p o w c (red, green, blue, yellow, purple, orange, white, cyan), `.` for "
-            "absent; it also answers `color?` (one object), `where?` (its frame) and `count?` (frames with an "
-            "object)."
+            "absent; it also answers `color?` (one object), `where?` (its frame), `find r?` (the frame of the red "
+            "object, or of any colour named) and `count?` (frames with an object)."
         )
         with gr.Row():
             with gr.Column():
