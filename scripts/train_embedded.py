@@ -6,10 +6,12 @@
     python scripts/train_embedded.py --scale 0.01 --out /tmp/m       # a quick CPU trial
     python scripts/train_embedded.py --device cuda --projector-norm 0.05 --out /tmp/m   # tried: lookup stays ~0.6
     python scripts/train_embedded.py --batch 32 --lr 0.0015 --curriculum "1:300,2:1500,4:1500,8:1500,4-10:8000" \
-        --weights lookup=4 --projector-norm 0.1 --attend 1 --out /tmp/m   # CPU, 43 min: lookup 0.82 (README)
+        --weights lookup=4 --projector-norm 0.1 --attend 1 --out /tmp/m   # CPU, 43 min: lookup 0.82 (run 1)
+    python scripts/train_embedded.py --init /tmp/m --batch 32 --lr 0.0005 --curriculum 4-10:5000 \
+        --weights lookup=10,count=3 --projector-norm 0.1 --attend 1 --hard-colors bc --hard-share 0.4 --out /tmp/m6
 
-The shipped model came from three runs, each continuing the last; vlcache/embedded/training.json holds every run's
-exact command, device, wall time and held-out accuracy (`init_from`, nested). The default curriculum below has run
+The shipped model came from six CPU runs, each continuing the last (docs/lookup.md has the table); its
+training.json holds every run's exact command, device, wall time and held-out accuracy (`init_from`, nested). The default curriculum below has run
 from random weights only scaled down (--scale 0.137, 8 minutes on a shared H100: needle 0.76, count 0.29 at 8
 frames, loss still falling); its full length (46,600 steps of 256 videos) has not been run to the end.
 
@@ -93,7 +95,7 @@ def projector_norm_penalty(model, weight: float):
     colour is then capped near 0.9 (scripts/lookup_probe.py). Pulling the RMS towards 1 keeps colours apart by
     direction (a 1,000-step CPU continuation with weight 0.05 took that cap at the first layer to 1.00). It did not
     make the lookup learnable on its own: H100 runs with it, continued or from random weights, stayed near 0.6; with
-    `attention_loss` as well it is learned (README)."""
+    `attention_loss` as well it is learned (docs/lookup.md)."""
     seen = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out))
 
@@ -110,7 +112,7 @@ def attention_loss(weight: float, layer: int, targets: torch.Tensor):
 
     The keyed lookup needs a head whose query, made from the colour letter in the question, picks that colour's patch
     among the other objects. Trained on the answer alone, a head learns to find the objects but not which one (the
-    loss sits at log(objects), every try: README "Why the lookup stalled"); told where to look, the query is learned
+    loss sits at log(objects), every try: docs/lookup.md); told where to look, the query is learned
     in about a thousand steps, once the projector norm penalty keeps colours apart after RMSNorm."""
 
     def loss(attentions) -> torch.Tensor:
