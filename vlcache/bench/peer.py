@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 import vlcache
 
 from ..policies import SnapKV
+from . import first_paragraph
 from .greedy import greedy
 from .memprobe import PeakTensorMemory
 
@@ -50,7 +51,7 @@ def decode(model, ids, policy, new_tokens):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench peer", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="vlcache bench peer", description=first_paragraph(__doc__))
     p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--keep", type=float, default=0.1)

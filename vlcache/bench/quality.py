@@ -23,6 +23,7 @@ from ..evaluation.model import batch_inputs, load_embedded
 from ..evaluation.quality import accuracy, fidelity
 from ..evaluation.tasks import TASKS, chance, make_example
 from ..policies import POLICIES, make_policy
+from . import first_paragraph
 from .figure import figure_row, series_style
 
 BUDGETS = (0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -34,7 +35,7 @@ def policy_for(name: str, budget: float):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench quality", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="vlcache bench quality", description=first_paragraph(__doc__))
     p.add_argument("--model", default=None, help="a trained embedded-model directory (default: the shipped one)")
     p.add_argument("--policies", default=",".join(n for n in POLICIES if n != "full"))
     p.add_argument("--tasks", default=",".join(TASKS))

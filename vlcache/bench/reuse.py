@@ -32,6 +32,7 @@ import vlcache
 
 from .. import tiny
 from ..reuse import ImageKVStore
+from . import first_paragraph
 from .figure import figure_row
 
 SIZES = {
@@ -82,7 +83,7 @@ def ttft(model, inputs, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench reuse", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="vlcache bench reuse", description=first_paragraph(__doc__))
     p.add_argument("--images", default="1,2,4,8,16")
     p.add_argument("--ks", default="0,4,16,full", help="first-k values to recompute ('full': everything)")
     p.add_argument("--new-tokens", type=int, default=32)

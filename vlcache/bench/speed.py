@@ -24,6 +24,7 @@ import transformers as T
 
 from .. import pipeline, tiny
 from ..policies import POLICIES, make_policy, parse_settings
+from . import first_paragraph
 from .figure import figure_row, series_style
 from .memprobe import PeakTensorMemory
 
@@ -104,7 +105,7 @@ def measure(model, inputs, policy, new_tokens: int, device) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="vlcache bench speed", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(prog="vlcache bench speed", description=first_paragraph(__doc__))
     p.add_argument("--preset", default="cpu", choices=list(PRESETS))
     p.add_argument("--sizes", default=None, help="prompt lengths in tokens (comma-separated)")
     p.add_argument(
