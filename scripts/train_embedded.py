@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlcache.evaluation.model import EMBEDDED_DIR, build_untrained  # noqa: E402
 from vlcache.evaluation.quality import accuracy  # noqa: E402
 from vlcache.evaluation.tasks import TASKS  # noqa: E402
-from vlcache.evaluation.tensor_tasks import draw_batch, processor  # noqa: E402
+from vlcache.evaluation.tensor_tasks import color_indices, draw_batch, processor  # noqa: E402
 
 # task sampling weights
 WEIGHTS = {"needle": 1, "where": 1, "lookup": 3, "count": 2, "describe": 2}
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         if not 0 < args.hard_share <= 1:
             p.error(f"--hard-share {args.hard_share}: give a share in (0, 1]")
         try:
-            draw_batch("lookup", 2, 1, torch.Generator(), colors=args.hard_colors)
+            color_indices(args.hard_colors, least=2)  # a lookup names one of at least two objects
         except ValueError as e:
             p.error(f"--hard-colors: {e}")
 

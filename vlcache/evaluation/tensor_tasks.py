@@ -61,6 +61,15 @@ def _random_ranks(rows: int, n: int, g: torch.Generator, device) -> torch.Tensor
     return torch.rand(rows, n, generator=g, device=device).argsort(1).argsort(1)
 
 
+def color_indices(colors: str | None, least: int = 1) -> list[int]:
+    """Palette indices of the colour keys in `colors` (None: the whole palette); at least `least` distinct keys."""
+    if colors is None:
+        return list(range(len(COLOR_KEYS)))
+    if len(set(colors)) != len(colors) or not set(colors) <= set(COLOR_KEYS) or len(colors) < least:
+        raise ValueError(f"colors={colors!r}: give at least {least} distinct keys of {''.join(COLOR_KEYS)}")
+    return [COLOR_KEYS.index(k) for k in colors]
+
+
 def draw_batch(
     task: str,
     frames: int,
@@ -80,11 +89,7 @@ def draw_batch(
     low = 2 if task == "lookup" else 1
     if not low <= frames <= (10 if task in ("where", "lookup") else 10**4):
         raise ValueError(f"{task!r} needs {low} to 10 frames" if task in ("where", "lookup") else "frames must be >= 1")
-    keys = list(range(len(COLOR_KEYS)))
-    if colors is not None:
-        if len(set(colors)) != len(colors) or not set(colors) <= set(COLOR_KEYS) or len(colors) < low:
-            raise ValueError(f"colors={colors!r}: give at least {low} distinct keys of {''.join(COLOR_KEYS)}")
-        keys = [COLOR_KEYS.index(k) for k in colors]
+    keys = color_indices(colors, least=low)
     device = torch.device(device or "cpu")
     B, F, C = batch, frames, len(keys)
     keys = torch.tensor(keys, device=device)
