@@ -42,6 +42,7 @@ from vlcache.evaluation.model import EMBEDDED_DIR, build_untrained  # noqa: E402
 from vlcache.evaluation.quality import accuracy  # noqa: E402
 from vlcache.evaluation.tasks import TASKS  # noqa: E402
 from vlcache.evaluation.tensor_tasks import color_indices, draw_batch, processor  # noqa: E402
+from vlcache.hf.compat import attn_implementation  # noqa: E402
 
 # task sampling weights
 WEIGHTS = {"needle": 1, "where": 1, "lookup": 3, "count": 2, "describe": 2}
@@ -72,7 +73,7 @@ def train_step(model, opt, inputs: dict, penalty=None, attend=None) -> torch.Ten
         task_loss = model(**inputs).loss
         loss = task_loss
     else:
-        previous = model.config._attn_implementation
+        previous = attn_implementation(model.config)
         model.set_attn_implementation("eager")  # the only one that returns attention probabilities
         out = model(**inputs, output_attentions=True)
         model.set_attn_implementation(previous)  # the saved model keeps what it was built with

@@ -8,6 +8,7 @@ from util import prompt_for
 
 import vlcache
 from vlcache import tiny
+from vlcache.hf.compat import cache_kwargs
 from vlcache.policies import H2O, SnapKV
 
 
@@ -78,7 +79,7 @@ def test_foreign_cache_and_chunked_prefill(tiny_model):
     inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
     with vlcache.compress(model, SnapKV(budget=0.5)):
         with pytest.raises(ValueError, match="session.new_cache"):
-            model.generate(**inputs, past_key_values=DynamicCache(config=model.config), max_new_tokens=2)
+            model.generate(**inputs, **cache_kwargs(DynamicCache(config=model.config)), max_new_tokens=2)
         with pytest.raises(ValueError, match="chunked prefill"):
             model.generate(**inputs, prefill_chunk_size=8, max_new_tokens=2)
 

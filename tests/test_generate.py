@@ -10,6 +10,7 @@ from util import FAMILIES, prompt_for
 import vlcache
 from vlcache import tiny
 from vlcache.hf import CompressedCache, CompressibleLayer
+from vlcache.hf.compat import cache_kwargs
 from vlcache.hf.model import decoder
 from vlcache.modality import layout_from_inputs
 from vlcache.policies import CAKE, H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
@@ -54,7 +55,7 @@ def test_half_vision_budget_gives_exact_cache_length(tiny_model, family):
     n_text, n_vision = counts["text"], counts["image"] + counts["video"]
     with vlcache.compress(model, SnapKV(vision_budget=0.5)) as session:
         cache = session.new_cache()
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=1, **GREEDY)
+        model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=1, **GREEDY)
     layers = [layer for layer in cache.layers if isinstance(layer, CompressibleLayer)]
     assert layers, "every family has at least one full-attention layer"
     for layer in layers:
@@ -93,7 +94,7 @@ def _masked_reference_logits(model, inputs, keep, steps):
     """Uncompressed HF run where the dropped prompt tokens are masked out of every full-attention layer."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **cache_kwargs(cache), use_cache=True)
         logits = [out.logits[:, -1]]
         n = keep.shape[0]
         for s in range(steps):
@@ -104,7 +105,7 @@ def _masked_reference_logits(model, inputs, keep, steps):
                 mask = {"full_attention": cols, "sliding_attention": torch.ones_like(cols)}
             out = model(
                 input_ids=tok,
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 attention_mask=mask,
                 position_ids=_decode_position(model, n + s),
                 use_cache=True,
@@ -123,7 +124,7 @@ def test_logits_equal_masked_uncompressed_run(tiny_model, family):
         cache = session.new_cache()
         out = model.generate(
             **inputs,
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=steps,
             min_new_tokens=steps,
             output_logits=True,
@@ -191,7 +192,7 @@ def test_h2o_cache_stays_at_budget_every_step(tiny_model):
             lambda *a: sizes.append([cache.physical_length(i) for i in cache.compressible()])
         )
         try:
-            model.generate(**inputs, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, **GREEDY)
+            model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=12, min_new_tokens=12, **GREEDY)
         finally:
             handle.remove()
     n = inputs["input_ids"].shape[1]
@@ -220,7 +221,7 @@ def test_evict_every_k_drops_the_k_lowest_scores_every_k_steps(tiny_model, polic
         cache = session.new_cache()
         handle = model.register_forward_hook(lambda *a: sizes.append(cache.physical_length(cache.compressible()[0])))
         try:
-            model.generate(**inputs, past_key_values=cache, max_new_tokens=12, min_new_tokens=12, **GREEDY)
+            model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=12, min_new_tokens=12, **GREEDY)
         finally:
             handle.remove()
     held = sizes[0]  # after the prefill; then forwards 1..11 each append one token
@@ -267,14 +268,14 @@ def _two_turns(model, ex, policy):
     follow = torch.tensor([tiny.text_ids(" and then?")])
     with vlcache.compress(model, policy) if policy else contextlib.nullcontext() as session:
         cache = session.new_cache() if session else DynamicCache(config=model.config)
-        first = model.generate(**ex.inputs, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, **GREEDY)
+        first = model.generate(**ex.inputs, **cache_kwargs(cache), max_new_tokens=5, min_new_tokens=5, **GREEDY)
         ids = torch.cat([first, follow], dim=1)
         grown = ids.shape[1] - ex.inputs["input_ids"].shape[1]
         # the images are already in the cache: the next turn sends token ids only, as a chat client would
         mm = torch.cat([ex.inputs["mm_token_type_ids"], torch.zeros(1, grown, dtype=torch.int)], 1)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": mm}
         return _positions_during(
-            model, lambda: model.generate(**inputs, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, **GREEDY)
+            model, lambda: model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=5, min_new_tokens=5, **GREEDY)
         )
 
 
@@ -296,7 +297,7 @@ def test_memory_really_shrinks(tiny_model):
     inputs = tiny.make_inputs(model, prompt_for("llava_onevision")).inputs
     with vlcache.compress(model, SnapKV(budget=0.25)) as session:
         cache = session.new_cache()
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=1, **GREEDY)
+        model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=1, **GREEDY)
     n = inputs["input_ids"].shape[1]
     stats = session.prefill_stats
     per_token = stats.kv_bytes_full // (2 * n)  # 2 layers
@@ -341,9 +342,9 @@ def test_vlcache_cache_outside_generate_with_manual_forward(tiny_model):
     with vlcache.compress(model, SnapKV(budget=0.5)) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            out = model(**inputs, past_key_values=cache, use_cache=True)
+            out = model(**inputs, **cache_kwargs(cache), use_cache=True)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            out2 = model(input_ids=tok, past_key_values=cache, position_ids=torch.tensor([[n]]), use_cache=True)
+            out2 = model(input_ids=tok, **cache_kwargs(cache), position_ids=torch.tensor([[n]]), use_cache=True)
     assert isinstance(cache, CompressedCache) and cache.prefilled
     assert cache.physical_length(0) == int(0.5 * n) + 1
     expect = _generate(model, inputs, SnapKV(budget=0.5), max_new_tokens=2)[0, -1]

@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 import vlcache
 from vlcache import tiny
+from vlcache.hf.compat import cache_kwargs
 from vlcache.hf.model import decoder
 from vlcache.hf.reuse import ImageReuse
 from vlcache.policies import SnapKV
@@ -26,7 +27,7 @@ def test_recomputing_everything_equals_a_cold_prefill(tiny_model, family):
     model = tiny_model(family)
     inputs = tiny.make_inputs(model, PROMPT).inputs
     with torch.no_grad():
-        cold = model(**inputs, past_key_values=DynamicCache(config=model.config)).logits[:, -1]
+        cold = model(**inputs, **cache_kwargs(DynamicCache(config=model.config))).logits[:, -1]
     r = _reuser(model, k=10**6)
     r.link(dict(inputs))  # first sight: compiles and stores both images
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_rerotated_keys_equal_keys_computed_at_the_new_position(tiny_model, fami
             pos = torch.arange(offset, offset + ids.shape[1])[None]
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(input_ids=ids, position_ids=pos, past_key_values=cache, **image, **extra)
+            model(input_ids=ids, position_ids=pos, **cache_kwargs(cache), **image, **extra)
         caches.append(cache)
     inv_freq = decoder(model).rotary_emb.inv_freq
     for at0, atd in zip(caches[0].layers, caches[1].layers):

@@ -9,19 +9,21 @@ from contextlib import nullcontext
 import torch
 
 
-def greedy(model, ids, cache, new_tokens: int, prefill_context=None) -> dict:
+def greedy(model, ids, cache, new_tokens: int, prefill_context=None, cache_kwarg: str = "past_key_values") -> dict:
     """Prefill `ids` into `cache` (inside `prefill_context`, e.g. a kvpress press), then greedy steps with explicit
-    positions. Returns prefill seconds, decode ms per token, KV bytes held at the end and the generated tokens."""
+    positions. `cache_kwarg`: what the installed transformers calls the cache argument (kvpress's pinned 5.2 says
+    `past_key_values`; vlcache passes its compat name). Returns prefill seconds, decode ms per token, KV bytes
+    held at the end and the generated tokens."""
     n = ids.shape[1]
     with torch.inference_mode():
         t0 = time.perf_counter()
         with prefill_context if prefill_context is not None else nullcontext():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **{cache_kwarg: cache})
         t1 = time.perf_counter()
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [int(tok)]
         for s in range(new_tokens - 1):
-            out = model(input_ids=tok, past_key_values=cache, position_ids=torch.tensor([[n + s]]), use_cache=True)
+            out = model(input_ids=tok, position_ids=torch.tensor([[n + s]]), use_cache=True, **{cache_kwarg: cache})
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(tok))
         t2 = time.perf_counter()

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 import vlcache
 
+from ..hf.compat import CACHE_KWARG
 from ..policies import SnapKV
 from . import first_paragraph
 from .greedy import greedy
@@ -47,7 +48,7 @@ DIMS = dict(
 def decode(model, ids, policy, new_tokens):
     with vlcache.compress(model, policy) if policy is not None else nullcontext() as session:
         cache = session.new_cache() if session else T.DynamicCache(config=model.config)
-        return greedy(model, ids, cache, new_tokens)
+        return greedy(model, ids, cache, new_tokens, cache_kwarg=CACHE_KWARG)
 
 
 def main(argv=None) -> int:

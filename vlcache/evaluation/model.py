@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
+from ..hf.compat import quiet_progress
 from ..tiny.models import text_kwargs
 from ..tiny.processors import build_tokenizer
 from .tasks import ANSWER_PREFIX, PATCH, SIZE, Example, prompt_text
@@ -77,13 +78,8 @@ def load_embedded(path: str | Path | None = None, device: str | None = None):
     path = Path(path or EMBEDDED_DIR)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no embedded model at {path}; train it with `python scripts/train_embedded.py`")
-    progress = T.utils.logging.is_progress_bar_enabled()
-    T.utils.logging.disable_progress_bar()  # a 3 MB model loads at once; its bar would only clutter stderr
-    try:
+    with quiet_progress():  # a 3 MB model loads at once; its bar would only clutter stderr
         model = T.LlavaForConditionalGeneration.from_pretrained(path).eval()
-    finally:
-        if progress:
-            T.utils.logging.enable_progress_bar()
     if device:
         model = model.to(device)
     return model, T.LlavaProcessor.from_pretrained(path)

@@ -12,27 +12,24 @@ every old slot is in the past of the new rows, new slots follow the causal trian
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .compat import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    eager_attention_of,
+    eager_mask,
+    sdpa_attention_forward,
+    sdpa_mask,
+)
 
 NAMES = {"sdpa": "vlcache_sdpa", "eager": "vlcache_eager"}
 
 
-def _eager_of(module):
-    """The eager attention of the module's own modeling file (some add softcapping or sinks to Llama's)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-    return fn
-
-
 def _attend(module, query, key, value, attention_mask, *, base: str, **kwargs):
-    stock = sdpa_attention_forward if base == "sdpa" else _eager_of(module)
+    stock = sdpa_attention_forward if base == "sdpa" else eager_attention_of(module)
     session = getattr(module, "_vlcache_session", None)
     if session is None or session.cache is None:
         return stock(module, query, key, value, attention_mask, **kwargs)

@@ -13,13 +13,14 @@ RoPE phase of what survives and stats can say which modality was kept. Sliding-w
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from .. import kernels
 from ..modality import Layout
 from ..policies.base import Eviction, Selection
 from ..stats import CompressionStats, LayerStats
+from .compat import init_layer, replicate_layers_as, require
+
+DynamicCache, DynamicLayer = require("DynamicCache", "DynamicLayer")
 
 DEAD = -1  # position of a filler slot: kept for shape in a batch, never attended to
 
@@ -62,7 +63,7 @@ class CompressibleLayer(DynamicLayer):
         per-layer lengths that all differ after compression, those ever-changing sizes defeat the CUDA caching
         allocator (a 7B model decoding over 128K tokens ran several times slower)."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            init_layer(self, key_states, value_states)
         T, new = self.physical_length, key_states.shape[-2]
         if T == 0:  # the prompt: held exactly, it is usually compressed right away
             self.keys, self.values = key_states.contiguous(), value_states.contiguous()
@@ -94,7 +95,7 @@ class CompressibleLayer(DynamicLayer):
 
     def splice(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Start from a whole prompt's keys and values [B, Hk, n, d] (image reuse), before any update."""
-        self.lazy_initialization(keys, values)
+        init_layer(self, keys, values)
         self.keys, self.values = keys.contiguous(), values.contiguous()
         self.seen = keys.shape[-2]
 
@@ -194,7 +195,7 @@ class CompressedCache(DynamicCache):
             # only plain full-attention layers become compressible; sliding/chunked ones keep their own logic
             self.layers = [CompressibleLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         else:
-            self.layer_class_to_replicate = CompressibleLayer
+            replicate_layers_as(self, CompressibleLayer)
         self.layout: Layout | None = None
         self.seq_valid: torch.Tensor | None = None  # [B, logical] False at padding
         self.padded = False  # any padding at all (if not, slot validity needs no lookup)
@@ -202,6 +203,7 @@ class CompressedCache(DynamicCache):
         self.shared: dict = {}  # policy state shared by all layers of the request
         self.request = None  # the policies.base.Request built by the session on first use
         self.query_positions: torch.Tensor | None = None  # image reuse: slots of the recomputed rows
+        self.attended: set[int] = set()  # layers whose prompt attention went through vlcache (checked after it)
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 

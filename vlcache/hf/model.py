@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import NAMES
+from .compat import attn_implementation, set_text_attention
 
 
 def wrap_generate(model, wrapper):
@@ -51,15 +52,12 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 
 def current_implementation(model) -> str:
-    return text_config(model)._attn_implementation or "sdpa"
+    return attn_implementation(text_config(model)) or "sdpa"
 
 
 def set_text_implementation(model, name: str) -> None:
     """Select an attention implementation for the language model only (vision towers keep theirs)."""
-    if "text_config" in getattr(model.config, "sub_configs", {}):
-        model.set_attn_implementation({"text_config": name})
-    else:
-        model.set_attn_implementation(name)
+    set_text_attention(model, name)
 
 
 def vlcache_implementation(model) -> tuple[str, str]:

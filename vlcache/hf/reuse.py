@@ -21,13 +21,13 @@ import time
 from contextlib import contextmanager
 
 import torch
-from transformers import DynamicCache
 
 from ..modality import family_for, layout_from_inputs
 from ..modality.families import UnsupportedModelError
 from ..reuse.rope import rerotate
 from ..reuse.store import Chunk, ImageKVStore, chunk_key
-from .cache import CompressedCache, CompressibleLayer
+from .cache import CompressedCache, CompressibleLayer, DynamicCache
+from .compat import cache_kwargs, get_rope_index, pop_cache, set_rope_deltas
 from .model import current_implementation, decoder, unwrap_generate, wrap_generate
 
 REUSE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
@@ -111,11 +111,11 @@ class ImageReuse:
         if ids.shape[0] != 1 or (inputs.get("attention_mask") is not None and not bool(inputs["attention_mask"].all())):
             raise ValueError("image reuse links one prompt at a time: batch size 1, no padding")
         layout = layout_from_inputs(self.model.config, inputs, family=self.family)
-        given = kwargs.pop("past_key_values", None)  # e.g. from a compression session wrapped around this one
+        given = pop_cache(kwargs)  # e.g. from a compression session wrapped around this one
         if given is not None and given.get_seq_length() > 0:
-            return self._generate(**inputs, past_key_values=given, **kwargs)  # a later chat turn: nothing to link
+            return self._generate(**inputs, **cache_kwargs(given), **kwargs)  # a later chat turn: nothing to link
         if not layout.samples[0].images:
-            return self._generate(**inputs, **({"past_key_values": given} if given is not None else {}), **kwargs)
+            return self._generate(**inputs, **(cache_kwargs(given) if given is not None else {}), **kwargs)
         with torch.inference_mode():
             cache, logits = self.link(inputs, layout, cache=given)
         first = logits.argmax(-1, keepdim=True)  # greedy, like the generate call it replaces
@@ -129,7 +129,7 @@ class ImageReuse:
             nxt["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(mm[:, :1])], dim=1)
         if "min_new_tokens" in kwargs:
             kwargs["min_new_tokens"] = max(0, kwargs["min_new_tokens"] - 1)
-        return self._generate(**nxt, past_key_values=cache, max_new_tokens=max_new - 1, **kwargs)
+        return self._generate(**nxt, **cache_kwargs(cache), max_new_tokens=max_new - 1, **kwargs)
 
     # ------------------------------------------------------------------ linking
 
@@ -203,7 +203,7 @@ class ImageReuse:
                 inputs_embeds=embeds[:, rows],
                 position_ids=positions[..., rows],
                 attention_mask=mask,
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -214,7 +214,7 @@ class ImageReuse:
         if session is None:
             cache.prefilled = True  # with a session, its forward hook has done it (and compressed)
         if self.family.name in QWEN:
-            model.model.rope_deltas = self._rope_deltas  # generate continues from positions of the whole prompt
+            set_rope_deltas(model, self._rope_deltas)  # generate continues from positions of the whole prompt
         t_end = time.perf_counter()
         reused = [c for c in chunks if not c[3]]
         self.last = {
@@ -233,10 +233,10 @@ class ImageReuse:
         """(position ids for the model: [1, n] or M-RoPE [3, 1, n]; the text position of every token [n])."""
         ids = inputs["input_ids"]
         if self.family.name in QWEN:
-            pos, deltas = self.model.model.get_rope_index(
+            pos, deltas = get_rope_index(
+                self.model,
                 ids,
                 image_grid_thw=inputs.get("image_grid_thw"),
-                video_grid_thw=None,
                 attention_mask=inputs.get("attention_mask"),
                 mm_token_type_ids=inputs.get("mm_token_type_ids"),
             )
@@ -300,7 +300,7 @@ class ImageReuse:
             self.model(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
                 logits_to_keep=1,
                 **image_inputs,
@@ -321,7 +321,7 @@ class ImageReuse:
         values deviate most from the cached ones."""
         fresh = DynamicCache(config=self.model.config)
         with self._first_layers(2):
-            self.lm(inputs_embeds=embeds, position_ids=positions, past_key_values=fresh, use_cache=True)
+            self.lm(inputs_embeds=embeds, position_ids=positions, **cache_kwargs(fresh), use_cache=True)
         deviation = (
             ((fresh.layers[1].values - values[1].to(fresh.layers[1].values.dtype)) ** 2).float().sum((0, 1, 3))
         )  # [n]

@@ -20,6 +20,7 @@ from ..policies import Policy
 from ..stats import CompressionStats
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
+from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_untested
 from .driver import Driver
 from .model import (
     attention_modules,
@@ -73,6 +74,7 @@ class Session:
             return self
         if getattr(self.model, "_vlcache_session", None) is not None:
             raise RuntimeError("this model is already inside vlcache.compress(); detach that session first")
+        warn_if_untested()
         register()
         self._original_impl, impl = vlcache_implementation(self.model)
         self._modules = attention_modules(self.model)
@@ -118,17 +120,24 @@ class Session:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         if ids is not None and ids.shape[-1] == 0:
             raise ValueError("empty prompt: input_ids has no tokens")
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)  # either name, whatever the installed transformers calls it
         if cache is None:
-            kwargs["past_key_values"] = cache = self.new_cache()
+            cache = self.new_cache()
         elif not isinstance(cache, CompressedCache):
-            raise ValueError("inside vlcache.compress, pass past_key_values=session.new_cache() (or no cache at all)")
+            raise ValueError(f"inside vlcache.compress, pass {CACHE_KWARG}=session.new_cache() (or no cache at all)")
+        kwargs[CACHE_KWARG] = cache
         gc = kwargs.get("generation_config") or self.model.generation_config
         if kwargs.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None):
             raise ValueError(
                 "vlcache compresses after one prefill; chunked prefill (prefill_chunk_size) is not supported"
             )
         out = self._generate(*args, **kwargs)
+        if cache.layout is None or not cache.prefilled:
+            raise RuntimeError(
+                "vlcache never saw this generate's prompt forward, so nothing was compressed: "
+                f"{tested_note()}. The cache probably reached the model under a name or path vlcache does not "
+                "know; see vlcache/hf/compat.py"
+            )
         self.last_cache = cache
         self.stats = cache.stats(self.label())
         self.model._vlcache_stats = self.stats
@@ -149,7 +158,7 @@ class Session:
     # ------------------------------------------------------------------ hooks
 
     def _before(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         if not isinstance(cache, CompressedCache):
             self.cache = None
             return
@@ -173,6 +182,14 @@ class Session:
     def _after(self, module, args, kwargs, output):
         cache = self.cache
         if cache is not None and not cache.prefilled:
+            unseen = [i for i in cache.compressible() if i not in cache.attended]
+            if unseen:
+                self.cache = None
+                raise RuntimeError(
+                    f"vlcache's attention was not called in decoder layers {unseen} during the prompt, so they "
+                    f"cannot be compressed: {tested_note()}. transformers may have changed how it dispatches "
+                    "attention; see vlcache/hf/compat.py"
+                )
             self.driver.finish_prefill(cache)
             self.prefill_stats = cache.stats(self.label())
             B = cache.layout.batch_size
@@ -193,6 +210,8 @@ class Session:
             # one new row over unpadded slots needs no mask: skip building one on every decode step
             needs = q > 1 or cache.padded or layer.has_dead
             mask = layer_mask(cache.slot_valid(layer), q, query.shape[1], query.dtype, eager) if needs else None
+        if not cache.prefilled:
+            cache.attended.add(li)
         with _decode_backends(query) if cache.prefilled else contextlib.nullcontext():
             out = stock(module, query, key, value, mask, **kwargs)
         self.driver.layer_forward(cache, li, query, kwargs.get("scaling"))

@@ -144,14 +144,13 @@ def _idefics(cls, ip_cls, grid=8, patch=4):
 
 
 def idefics3(grid=8, patch=4):
-    # transformers 5.17's lazy module wrongly asks for torchvision when these come from the top-level namespace
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from ..hf.compat import Idefics3ImageProcessorPil  # from its own module: see compat (5.17's lazy import)
 
     return _idefics(T.Idefics3Processor, Idefics3ImageProcessorPil, grid, patch)
 
 
 def smolvlm(grid=8, patch=4):
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from ..hf.compat import SmolVLMImageProcessorPil
 
     return _idefics(image_only(T.SmolVLMProcessor), SmolVLMImageProcessorPil, grid, patch)
 
