@@ -188,3 +188,18 @@ def test_the_package_root_exports_what_it_lists():
         assert getattr(vlcache, name) is not None
     importlib.import_module("vlcache.reuse")  # the subpackage of the same name must not hide the function
     assert callable(vlcache.reuse) and vlcache.reuse.__module__ == "vlcache.api"
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen3_vl", "idefics3"])
+def test_the_layout_inside_generate_is_the_layout_of_the_inputs(tiny_model, family):
+    """From transformers 5.24, generate encodes images before the forward and drops pixel sizes and grids from the
+    forward's arguments; the layout vlcache builds must still tell every frame and image apart."""
+    from util import prompt_for
+
+    from vlcache.modality import layout_from_inputs
+
+    model = tiny_model(family)
+    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    with vlcache.compress(model, Full()) as session:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    assert session.last_cache.layout.samples == layout_from_inputs(model.config, inputs).samples

@@ -30,6 +30,7 @@ class CompressionStats:
     layers: list[LayerStats] = field(default_factory=list)
     kv_bytes: int = 0  # held now, every layer (sliding-window layers included)
     kv_bytes_full: int = 0  # what an uncompressed cache would hold for the same tokens
+    merged: dict[str, int] = field(default_factory=dict)  # vision tokens temporal merging dropped before the model
 
     @property
     def prompt_tokens(self) -> int:
@@ -55,9 +56,12 @@ class CompressionStats:
     def summary(self) -> str:
         seen = self.layers[0].seen * self.batch if self.layers else 0
         parts = [f"{m} {self.kept(m):.0f}/{self.prompt[m]}" for m in ("text", "image", "video") if self.prompt.get(m)]
+        merged = (
+            "; merged before the model: " + ", ".join(f"{m} {k}" for m, k in self.merged.items()) if self.merged else ""
+        )
         return (
             f"{self.policy}: kept {self.kept():.0f} of {seen} tokens per layer ({', '.join(parts) or 'no prompt tokens'}); "
-            f"KV {_mib(self.kv_bytes)} of {_mib(self.kv_bytes_full)} ({100 * (1 - self.kv_ratio):.1f}% saved)"
+            f"KV {_mib(self.kv_bytes)} of {_mib(self.kv_bytes_full)} ({100 * (1 - self.kv_ratio):.1f}% saved){merged}"
         )
 
     def table(self) -> str:
@@ -79,6 +83,7 @@ class CompressionStats:
             "kv_bytes": self.kv_bytes,
             "kv_bytes_full": self.kv_bytes_full,
             "kv_bytes_saved": self.kv_bytes_saved,
+            "merged": dict(self.merged),
         }
 
 

@@ -64,6 +64,10 @@ def layer_mask(
             mask = mask & slot_valid[:, :1, None, :]
         else:  # heads hold different slots: one mask per query head
             mask = mask & slot_valid.repeat_interleave(heads // Hk, dim=1)[:, :, None, :]
+    if q_len > 1 and not all_valid:
+        # a row that sees no key at all (a padding row at the left of a cut or merged prompt) would give NaN in
+        # sdpa, and NaN values leak into every row through zero attention weights: let it see everything
+        mask = mask | ~mask.any(-1, keepdim=True)
     if eager:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask

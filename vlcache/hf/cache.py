@@ -1,12 +1,16 @@
 """A transformers `Cache` whose full-attention layers can shrink, each to its own length.
 
-Two lengths are kept apart:
-- logical (`get_seq_length()`): tokens seen, prompt plus generated. `generate` slices new input and Qwen-VL builds
-  M-RoPE positions from it, so it must never shrink;
+Three lengths are kept apart:
+- logical (`get_seq_length()`): tokens of the request, prompt plus generated. `generate` slices new input and
+  Qwen-VL builds M-RoPE positions from it, so it must never shrink;
+- sequence (`layer.seen`): tokens that entered the language model. It is smaller than the logical length by the
+  vision tokens temporal merging dropped before the model (`layer.hidden`); slot positions count in it;
 - physical (`physical_length(l)`): entries a layer holds. Masks are built from it (by vlcache's attention hook).
 
-Every slot remembers the original position of its token (`positions`, [B, Hk, T]), so evicting never changes the
-RoPE phase of what survives and stats can say which modality was kept. Sliding-window layers (Gemma 3) stay stock
+Every slot remembers the position of its token in that sequence (`positions`, [B, Hk, T]), so evicting never
+changes what survives and stats can say which modality was kept. (RoPE phases are the model's own: vlcache gives
+the rotary embedding the original positions of the tokens it keeps.) A layer after `prune_at` receives only the
+tokens kept there: `incoming` gives their positions before its first update. Sliding-window layers (Gemma 3) stay stock
 `DynamicSlidingWindowLayer`s: their masks come from a running count, so they are never pruned.
 """
 
@@ -30,7 +34,11 @@ class CompressibleLayer(DynamicLayer):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.seen = 0  # logical tokens appended
+        self.seen = 0  # tokens appended in the language model's sequence (slot positions count in it)
+        self.hidden = 0  # prompt tokens dropped before the language model (temporal merging): logical = seen + hidden
+        self.incoming: tuple[torch.Tensor, int] | None = (
+            None  # (positions [B, Hk, m], prompt length) of the next update
+        )
         self.positions: torch.Tensor | None = None  # [B, Hk, T] long; None while slots == positions (never compacted)
         self.slot_state: dict[str, torch.Tensor] = {}  # per-slot policy tensors [B, Hk, T], kept aligned
         self.state: dict = {}  # per-layer policy state for the request
@@ -48,6 +56,14 @@ class CompressibleLayer(DynamicLayer):
             return self.keys, self.values
         keys, values = self._append(key_states, value_states)
         new = key_states.shape[-2]
+        if self.incoming is not None:  # a layer after prune_at: its rows are the kept tokens, not a contiguous run
+            positions, length = self.incoming
+            self.incoming = None
+            B, H = key_states.shape[:2]
+            self.positions = positions.to(key_states.device).expand(B, H, new).contiguous()
+            self.has_dead = bool((self.positions == DEAD).any())
+            self.seen = length
+            return keys, values
         start, self.seen = self.seen, self.seen + new
         if self.positions is not None:
             B, H = key_states.shape[:2]
@@ -91,7 +107,7 @@ class CompressibleLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.seen + self.hidden
 
     def splice(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Start from a whole prompt's keys and values [B, Hk, n, d] (image reuse), before any update."""
@@ -166,6 +182,7 @@ class CompressibleLayer(DynamicLayer):
         super().reset()
         self._kbuf = self._vbuf = None
         self.seen, self.positions, self.slot_state, self.state, self.has_dead = 0, None, {}, {}, False
+        self.hidden, self.incoming = 0, None
 
     def _batch_op(self, fn) -> None:
         if self.positions is not None:
@@ -204,6 +221,12 @@ class CompressedCache(DynamicCache):
         self.request = None  # the policies.base.Request built by the session on first use
         self.query_positions: torch.Tensor | None = None  # image reuse: slots of the recomputed rows
         self.attended: set[int] = set()  # layers whose prompt attention went through vlcache (checked after it)
+        # temporal merging: the prompt's layout before it, and where each token the model saw came from
+        self.source_layout: Layout | None = None
+        self.source_positions: torch.Tensor | None = None  # [B, m] original prompt position of each sequence position
+        self.hidden = 0  # prompt tokens dropped before the language model
+        # prune_at: the sequence positions kept at the prune layer [B, m'] and which of them are filler (or None)
+        self.cut: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 
@@ -214,6 +237,39 @@ class CompressedCache(DynamicCache):
         self.layout = layout
         self.seq_valid = valid.bool()
         self.padded = not bool(self.seq_valid.all())
+
+    def merge(self, keep: torch.Tensor, valid: torch.Tensor) -> None:
+        """Temporal merging kept original prompt positions `keep` [B, m] (ascending; `valid` False at the slots a
+        row holds only to be as long as the others): from now on the layout, padding and slot positions describe
+        that shorter sequence, while `get_seq_length()` still counts every prompt token."""
+        if self.layers and any(layer.get_seq_length() for layer in self.layers):
+            raise ValueError("temporal merging applies to a prompt's first forward only")
+        self.source_layout = self.layout
+        self.source_positions = keep
+        self.layout = self.layout.select(keep, valid)
+        self.seq_valid = self.layout.valid.clone()
+        self.padded = not bool(self.seq_valid.all())
+        self.hidden = self.source_layout.length - keep.shape[1]
+        if not self.layers:
+            raise ValueError("temporal merging needs a cache built with the model's config (session.new_cache())")
+        for layer in self.layers:
+            if not isinstance(layer, CompressibleLayer):
+                raise ValueError(
+                    "temporal merging needs full-attention layers only (sliding-window layers count tokens)"
+                )
+            layer.hidden = self.hidden
+
+    def original_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Slot positions (in the sequence the model saw) -> positions in the prompt as given (the same without
+        temporal merging); generated tokens follow the prompt, filler slots stay DEAD."""
+        if self.source_positions is None:
+            return positions
+        src = self.source_positions.to(positions.device)
+        m = src.shape[1]
+        flat = positions.flatten(1)
+        inside = src.gather(1, flat.clamp(0, m - 1))
+        out = torch.where(flat >= m, flat + self.hidden, inside)
+        return out.masked_fill(flat == DEAD, DEAD).view_as(positions)
 
     def extend(self, valid: torch.Tensor) -> None:
         """A later forward appends tokens; `valid` [B, q] marks which are real (not padding)."""
@@ -247,13 +303,16 @@ class CompressedCache(DynamicCache):
     def stats(self, policy: str = "", row: int | None = None) -> CompressionStats:
         """Tokens kept per layer and modality, and KV bytes, as of now; for one batch row if `row` is given (its
         share of the bytes: every row holds the same number of slots)."""
-        layout = self.layout
+        layout = self.source_layout or self.layout
         if layout is None:
             prompt = {"text": 0, "image": 0, "video": 0}
         else:
             prompt = layout.counts() if row is None else _row_counts(layout, row)
         batch = 0 if layout is None else layout.batch_size
         out = CompressionStats(policy=policy, batch=batch if row is None else 1, prompt=prompt)
+        if self.source_layout is not None:  # what temporal merging dropped before the model, per modality
+            seen = self.layout.counts() if row is None else _row_counts(self.layout, row)
+            out.merged = {k: prompt[k] - seen[k] for k in ("image", "video") if prompt[k] - seen[k]}
         share = 1 if row is None else max(1, batch)
         full = 0
         for i, layer in enumerate(self.layers):
@@ -265,8 +324,9 @@ class CompressedCache(DynamicCache):
                 continue
             B, H, T = layer.keys.shape[:3]
             per_slot = nbytes // max(1, B * H * T)
-            full += (B // share) * H * layer.seen * per_slot
-            out.layers.append(LayerStats(i, layer.seen, T, self._kept_by_modality(layer, row), nbytes // share))
+            full += (B // share) * H * layer.get_seq_length() * per_slot
+            kept = self._kept_by_modality(layer, row)
+            out.layers.append(LayerStats(i, layer.get_seq_length(), T, kept, nbytes // share))
         out.kv_bytes = self.nbytes() // share
         out.kv_bytes_full = full
         return out

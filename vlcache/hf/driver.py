@@ -18,16 +18,20 @@ class Driver:
         self.policy = policy
         self.heads = heads  # query heads, for views of a layer without new rows
         self.appends = type(policy).on_append is not Policy.on_append
+        self.prune_at = policy.prune_at
 
     def layer_forward(self, cache: CompressedCache, li: int, query: torch.Tensor, scaling: float | None) -> None:
-        """After layer `li`'s attention over `query` (its new rows): the prefill or the append hook."""
+        """After layer `li`'s attention over `query` (its new rows): the prefill or the append hook. With
+        prune_at = K, layers after K hold what K passed on and are left to themselves."""
         if scaling is not None:
             cache.layers[li].state.setdefault("_scale", scaling)
-        if cache.prefilled and not self.appends:
+        if (cache.prefilled and not self.appends) or (self.prune_at is not None and li > self.prune_at):
             return
         view = self.view(cache, li, query, scaling)
         with torch.no_grad():
             sels = self.policy.on_append(view) if cache.prefilled else self.policy.on_prefill(view)
+            if li == self.prune_at and not cache.prefilled:
+                cache.cut = self.policy.cut(view)  # before `apply`: the view still holds the whole prompt
         self.apply(cache, sels)
 
     def finish_prefill(self, cache: CompressedCache) -> None:
@@ -35,10 +39,14 @@ class Driver:
         with torch.no_grad():
             self.apply(cache, self.policy.after_prefill(self.request(cache)))
         cache.prefilled = True
+        cache.cut = None
 
     def request(self, cache: CompressedCache) -> Request:
         if cache.request is None:
-            cache.request = Request(cache.compressible(), cache.shared, lambda layer: self.view(cache, layer))
+            layers = cache.compressible()
+            if self.prune_at is not None:  # the policy spreads its budgets over the layers it manages
+                layers = [li for li in layers if li <= self.prune_at]
+            cache.request = Request(layers, cache.shared, lambda layer: self.view(cache, layer))
         return cache.request
 
     def view(self, cache: CompressedCache, li: int, query: torch.Tensor | None = None, scaling=None) -> LayerView:

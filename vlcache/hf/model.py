@@ -71,3 +71,41 @@ def vlcache_implementation(model) -> tuple[str, str]:
             "Load it with attn_implementation='sdpa' (the default) or call model.set_attn_implementation('sdpa')."
         )
     return current, NAMES[current]
+
+
+def sliding_layers(model) -> list[int]:
+    """Decoder layers with sliding-window attention (Gemma 3's local layers)."""
+    types = getattr(text_config(model), "layer_types", None) or []
+    return [i for i, t in enumerate(types) if t != "full_attention"]
+
+
+def check_reductions(model, policy) -> None:
+    """ValueError when the model cannot take the policy's prune_at / temporal_merge (checked at attach time).
+
+    Sliding-window layers (Gemma 3) are refused after K and with temporal merging: transformers masks them by
+    a running count of the tokens they were given, which dropping tokens would put out of step with the
+    positions. Qwen3-VL adds vision features (DeepStack) into its first layers' hidden states at the vision
+    positions, so K must come after the last of those layers."""
+    L = text_config(model).num_hidden_layers
+    sliding = sliding_layers(model)
+    K = policy.prune_at
+    if K is not None:
+        if K >= L:
+            raise ValueError(f"prune_at={K} is beyond the model's last decoder layer ({L - 1})")
+        after = [i for i in sliding if i >= K]
+        if after:
+            raise ValueError(
+                f"prune_at={K}: decoder layers {after} use sliding-window attention, which cannot compute on a "
+                "subset of the tokens (Gemma 3); choose a K at or after the last of them, or drop prune_at"
+            )
+        deep = getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", None)
+        if deep and K < len(deep) - 1:
+            raise ValueError(
+                f"prune_at={K}: Qwen3-VL adds vision features into decoder layers 0-{len(deep) - 1} (DeepStack); "
+                f"use prune_at >= {len(deep) - 1}"
+            )
+    if policy.temporal_merge is not None and sliding:
+        raise ValueError(
+            f"temporal_merge: decoder layers {sliding} use sliding-window attention, which counts the tokens it "
+            "was given (Gemma 3); temporal merging needs full-attention layers only"
+        )

@@ -11,6 +11,7 @@ layer's full keys are freed before the next layer runs.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -22,14 +23,18 @@ from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
 from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_untested
 from .driver import Driver
+from .merge import merge_inputs
 from .model import (
     attention_modules,
+    check_reductions,
+    decoder,
     set_text_implementation,
     text_config,
     unwrap_generate,
     vlcache_implementation,
     wrap_generate,
 )
+from .prune import cut_layer_inputs
 
 
 def _decode_backends(query: torch.Tensor):
@@ -55,12 +60,14 @@ class Session:
         self.model = model
         self.policy = policy
         self.family = family_for(model.config, processor)  # raises for unsupported families, before touching anything
+        check_reductions(model, policy)
         self.cache: CompressedCache | None = None  # the cache of the forward in flight
         self.prefill_stats: CompressionStats | None = None
         self.prefill_rows: list[CompressionStats] = []  # the same, one per batch row
         self.prefill_positions: dict[int, torch.Tensor] = {}  # layer -> [B, Hk, K] prompt positions kept after prefill
         self.stats: CompressionStats | None = None  # at the end of the last generate
         self.last_cache: CompressedCache | None = None
+        self._request_inputs: dict = {}  # the tensors of the generate call in flight
         self._handles = []
         self._modules = []
         self._original_impl = None
@@ -85,6 +92,13 @@ class Session:
             self.model.register_forward_pre_hook(self._before, with_kwargs=True),
             self.model.register_forward_hook(self._after, with_kwargs=True),
         ]
+        if self.policy.temporal_merge is not None:
+            self._handles.append(decoder(self.model).register_forward_pre_hook(self._merge, with_kwargs=True))
+        if self.policy.prune_at is not None:
+            for i, layer in enumerate(decoder(self.model).layers):
+                if i > self.policy.prune_at:
+                    hook = partial(self._cut, i)
+                    self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         self._generate, self._previous = wrap_generate(self.model, self.generate)  # image reuse may wrap too
         self.model._vlcache_session = self
         self._attached = True
@@ -131,7 +145,13 @@ class Session:
             raise ValueError(
                 "vlcache compresses after one prefill; chunked prefill (prefill_chunk_size) is not supported"
             )
-        out = self._generate(*args, **kwargs)
+        # what the caller gave generate, for the prompt's layout: from transformers 5.24 on, generate encodes the
+        # images itself and hands the forward only their features, without the sizes that tell frames apart
+        self._request_inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        try:
+            out = self._generate(*args, **kwargs)
+        finally:
+            self._request_inputs = {}
         if cache.layout is None or not cache.prefilled:
             raise RuntimeError(
                 "vlcache never saw this generate's prompt forward, so nothing was compressed: "
@@ -172,7 +192,9 @@ class Session:
         elif not cache.prefilled:
             if ids is None:
                 raise ValueError("vlcache needs input_ids on the prompt's forward to tell vision tokens from text")
-            layout = layout_from_inputs(self.model.config, {**kwargs, "attention_mask": mask}, family=self.family)
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            inputs = {**self._request_inputs, **given, "attention_mask": mask}
+            layout = layout_from_inputs(self.model.config, inputs, family=self.family)
             cache.begin(layout, mask if mask is not None else torch.ones(B, q, dtype=torch.bool, device=ids.device))
         else:
             valid = mask[:, -q:] if mask is not None else torch.ones(B, q, dtype=torch.bool, device=ref.device)
@@ -194,8 +216,18 @@ class Session:
             self.prefill_stats = cache.stats(self.label())
             B = cache.layout.batch_size
             self.prefill_rows = [cache.stats(self.label(), row=b) for b in range(B)] if B > 1 else [self.prefill_stats]
-            self.prefill_positions = {i: cache.layers[i].slot_positions().detach().cpu() for i in cache.compressible()}
+            self.prefill_positions = {
+                i: cache.original_positions(cache.layers[i].slot_positions()).detach().cpu()
+                for i in cache.compressible()
+            }
         self.cache = None
+
+    def _merge(self, module, args, kwargs):
+        out = merge_inputs(self.cache, self.policy, kwargs)
+        return None if out is None else (args, out)
+
+    def _cut(self, layer_idx, module, args, kwargs):
+        return cut_layer_inputs(self.cache, layer_idx, args, kwargs)
 
     # ------------------------------------------------------------------ per layer (called by the attention wrapper)
 
@@ -206,7 +238,9 @@ class Session:
         if not isinstance(layer, CompressibleLayer):
             return stock(module, query, key, value, mask, **kwargs)
         q = query.shape[2]
-        if layer.compacted:
+        if layer.compacted or cache.hidden:
+            # slots are not the prompt's positions 0..T-1 (compacted, or the sequence was shortened before the
+            # model), so transformers' mask does not fit: build the layer's own.
             # one new row over unpadded slots needs no mask: skip building one on every decode step
             needs = q > 1 or cache.padded or layer.has_dead
             mask = layer_mask(cache.slot_valid(layer), q, query.shape[1], query.dtype, eager) if needs else None

@@ -157,6 +157,45 @@ class Layout:
             self.samples,
         )
 
+    def select(self, keep: torch.Tensor, valid: torch.Tensor | None = None) -> Layout:
+        """The layout of the sequence that keeps positions `keep` [B, m] (ascending) of every row: what the language
+        model sees after vision tokens were dropped before it (temporal merging). `valid` [B, m] marks kept slots
+        that hold no token (a row that keeps fewer than m fills up with positions it dropped); default all True
+        where the position was valid. Spans shrink to their kept tokens (a frame dropped whole disappears); the
+        question starts after the last kept vision token."""
+        keep = keep.to(self.modality.device)
+        B, m = keep.shape
+        ok = self.valid.gather(1, keep)
+        if valid is not None:
+            ok = ok & valid.to(ok.device)
+        modality = self.modality.gather(1, keep).masked_fill(~ok, int(Modality.TEXT))
+        marker = self.marker.gather(1, keep) & ok
+        rows = keep.cpu().tolist()
+        ok_rows = ok.cpu().tolist()
+        samples, qstart = [], torch.empty(B, dtype=torch.long)
+        for b, sample in enumerate(self.samples):
+            new_index = {p: i for i, (p, good) in enumerate(zip(rows[b], ok_rows[b])) if good}
+            spans = []
+            for span in sample.spans:
+                kept = [new_index[p] for p in range(span.start, span.end) if p in new_index]
+                for start, end in _runs(kept):
+                    spans.append(Span(start, end, span.modality, span.item, span.frame))
+            pad = 0
+            while pad < m and not ok_rows[b][pad]:
+                pad += 1
+            q = max((s.end for s in spans), default=m)
+            qstart[b] = q
+            samples.append(
+                SampleLayout(
+                    length=m,
+                    pad=pad,
+                    spans=tuple(spans),
+                    markers=tuple(i for i, mk in enumerate(marker[b].tolist()) if mk),
+                    question_start=q,
+                )
+            )
+        return Layout(self.family, modality, ok, marker, qstart.to(self.modality.device), tuple(samples))
+
     def describe(self, b: int = 0) -> str:
         """A one-line picture of sample b: T text, I image, V video, M marker, . padding."""
         mod, valid, marker = self.modality[b].tolist(), self.valid[b].tolist(), self.marker[b].tolist()

@@ -14,8 +14,9 @@ Policies see tensors and the `Layout` only, so they are testable without transfo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,7 @@ from .budget import check_amount, resolve
 
 PROTECTABLE = ("markers", "question")
 BUDGET_FIELDS = ("budget", "vision_budget", "text_budget")  # the amounts every policy takes (labels list them first)
+TEMPORAL_MODES = ("drop", "mean")
 IN_PLACE_MAX = 64  # decode-time evictions above this many slots per head compact instead (a chat's next turn, say)
 
 
@@ -182,6 +184,19 @@ class Policy:
     - protect: token groups never evicted, from ("markers", "question"); () lets everything compete.
     - frame_min: every image and video frame keeps at least this many of its best-scoring tokens (0: off), so
       no frame disappears entirely; they count against the budget.
+
+    Settings that make the prefill itself cheaper (FastV / PyramidDrop, FrameFusion / DyCoke style):
+
+    - prune_at (None): a decoder layer index K. After layer K's attention the policy's selection there (its own
+      scores, one choice for every KV head, its per-layer budget before any layer-adaptive spread) also drops the
+      evicted tokens from the hidden states: layers after K compute on the kept tokens only and cache exactly
+      them. Layers up to K compress as usual; the policy manages only them while decoding.
+    - temporal_merge (None): a cosine threshold in (0, 1]. Before the language model, a video-frame (or image)
+      token whose projected embedding has at least this cosine similarity with the token at the same place in
+      the frame that last kept that place is dropped, so the model never sees it. Applies to every policy,
+      `full` included. Frames are the spans of one video, or consecutive images of the same token count.
+    - temporal_mode ("drop"): "drop" removes such tokens; "mean" also folds each into the token it matched
+      (the kept embedding becomes the mean of its group).
     """
 
     budget: float | int | None = None
@@ -189,6 +204,9 @@ class Policy:
     text_budget: float | int | None = None
     protect: tuple[str, ...] = PROTECTABLE
     frame_min: int = 0
+    prune_at: int | None = None
+    temporal_merge: float | None = None
+    temporal_mode: str = "drop"
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -212,6 +230,16 @@ class Policy:
             raise ValueError(f"protect={bad} not understood; choose from {PROTECTABLE}")
         if self.frame_min < 0:
             raise ValueError(f"frame_min must be >= 0, got {self.frame_min}")
+        if self.prune_at is not None and (
+            isinstance(self.prune_at, bool) or not isinstance(self.prune_at, int) or self.prune_at < 0
+        ):
+            raise ValueError(f"prune_at must be a decoder layer index >= 0, got {self.prune_at!r}")
+        if self.temporal_merge is not None:
+            t = self.temporal_merge
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 < t <= 1.0:
+                raise ValueError(f"temporal_merge must be a cosine threshold in (0, 1], got {t!r}")
+        if self.temporal_mode not in TEMPORAL_MODES:
+            raise ValueError(f"temporal_mode must be one of {TEMPORAL_MODES}, got {self.temporal_mode!r}")
 
     # ------------------------------------------------------------------ hooks
 
@@ -223,6 +251,30 @@ class Policy:
 
     def after_prefill(self, request: Request) -> dict[int, Selection] | None:
         return None
+
+    def cut(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prune_at: the prompt slots [B, m] (ascending) whose hidden states go on past this layer, and which of
+        them are filler [B, m] (kept only so every row has m; None if none). One choice for all KV heads (the
+        hidden state of a token is dropped whole): the heads' scores are averaged. The budget is the policy's
+        nominal one (`Policy.plan`, before PyramidKV's or VL-Cache's spread over layers); the last prompt token
+        always goes on (its hidden state gives the first generated token)."""
+        scores = self.cut_scores(view)
+        B, T = view.slot_valid.shape[0], view.slots
+        if scores is None:
+            return torch.arange(T, device=view.keys.device).expand(B, T), None
+        shared = torch.nan_to_num(scores.float(), nan=float("-inf")).mean(1, keepdim=True)  # [B, 1, T]
+        one = replace(view, slot_valid=view.slot_valid[:, :1], positions=view.positions[:, :1])
+        plan = Policy.plan(self, one)
+        last = torch.zeros_like(plan.forced)
+        last[:, -1] = True
+        plan = Plan(plan.forced | (last & view.layout.valid), plan.pools)
+        sel = self.select(one, plan, shared)
+        return sel.indices[:, 0], None if sel.filler is None else sel.filler[:, 0]
+
+    def cut_scores(self, view: LayerView) -> torch.Tensor | None:
+        """[B, Hk, T] the scores `cut` ranks by (default: `score`). Called right after `on_prefill` of the same
+        layer, so it may reuse what that stored in `view.slot_state`."""
+        return self.score(view)
 
     def on_append(self, view: LayerView) -> dict[int, Selection] | None:
         return None

@@ -107,6 +107,9 @@ class CAKE(DecodeEvicting):
             return self.allocate(view.request, view.depth + 1)
         return None
 
+    def cut_scores(self, view: LayerView) -> torch.Tensor | None:
+        return view.slot_state.get("cake")  # None when the prompt fits (CAKE leaves it whole)
+
     def after_prefill(self, request: Request):
         if self.cascading or request.shared.get("cake_skip"):
             return None

@@ -13,5 +13,10 @@ class Full(Policy):
     paper = ""
     needs_budget = False
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.prune_at is not None:
+            raise ValueError("full keeps every token, so it has nothing to prune at a layer: use a scoring policy")
+
     def score(self, view: LayerView):
         return None

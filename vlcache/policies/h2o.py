@@ -59,6 +59,9 @@ class H2O(DecodeEvicting):
         view.state["recent"] = self._recent(self.total_budget(view.layout))
         return {view.layer: self.select(view, plan, scores)}
 
+    def cut_scores(self, view: LayerView) -> torch.Tensor:
+        return view.slot_state["h2o"]  # on_prefill's accumulated attention of this layer
+
     def on_append(self, view: LayerView):
         acc = view.slot_state["h2o"] + kernels.group_reduce(
             view.stats(chunk=self.chunk).colsum, view.kv_heads, self.agg

@@ -92,6 +92,9 @@ class VLCache(Policy):
         view.shared.setdefault("vlcache_density", {})[view.layer] = (1.0 - sparsity.mean(1)).tolist()  # [B]
         return None  # budgets need every layer's density: see after_prefill
 
+    def cut_scores(self, view: LayerView) -> torch.Tensor:
+        return view.slot_state["vlcache"]  # on_prefill's post-vision attention of this layer
+
     def layer_budgets(self, density: list[float], total: int, n: int) -> list[int]:
         """Per-layer budgets out of n candidates, `total` per layer on average, in proportion to density."""
         L = len(density)
