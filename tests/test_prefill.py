@@ -317,3 +317,13 @@ def test_random_policy_takes_the_new_settings_too():
     assert (
         Random(budget=0.5, prune_at=1, temporal_merge=0.8, temporal_mode="mean").settings()["temporal_mode"] == "mean"
     )
+
+
+def test_image_reuse_with_prefill_cuts_is_refused(tiny_model):
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, ["ab", tiny.IMAGE, "what?"]).inputs
+    store = vlcache.ImageKVStore(max_bytes=1 << 24)
+    for policy in (SnapKV(budget=0.5, prune_at=0), Full(temporal_merge=0.9)):
+        with vlcache.compress(model, policy), vlcache.reuse(model, store):
+            with pytest.raises(ValueError, match="image reuse recomputes only part of the prompt"):
+                model.generate(**inputs, max_new_tokens=2, do_sample=False)

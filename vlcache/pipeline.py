@@ -93,6 +93,7 @@ class RunResult:
     texts: list[str] = field(default_factory=list)  # every row's
     row_stats: list[CompressionStats] = field(default_factory=list)  # every row's prefill stats
     kept_positions: dict = field(default_factory=dict)  # layer -> [B, Hk, K] prompt positions kept after prefill
+    total_s: float = 0.0  # wall time of the whole generate call: what a user waits for
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -119,7 +120,11 @@ def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: i
         handles = [model.register_forward_pre_hook(pre, prepend=True), model.register_forward_hook(post)]
         try:
             with torch.inference_mode():
+                _sync(model)
+                start = time.perf_counter()
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kw)
+                _sync(model)
+                total = time.perf_counter() - start
         finally:
             for h in handles:
                 h.remove()
@@ -129,7 +134,17 @@ def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: i
     rows = list(session.prefill_rows) if session else []
     kept = dict(session.prefill_positions) if session else {}
     return RunResult(
-        out[0, n:].tolist(), texts[0], stats, prefill_stats, times[0], sum(times[1:]), len(times) - 1, texts, rows, kept
+        out[0, n:].tolist(),
+        texts[0],
+        stats,
+        prefill_stats,
+        times[0],
+        sum(times[1:]),
+        len(times) - 1,
+        texts,
+        rows,
+        kept,
+        total,
     )
 
 

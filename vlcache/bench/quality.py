@@ -3,10 +3,12 @@ fidelity (token agreement and KL against the full cache).
 
     vlcache bench quality                     # the embedded model, 8-frame held-out videos and 16-frame ones
     vlcache bench quality --quick             # a tiny grid (what CI runs)
+    vlcache bench quality --policies "vlcache,vlcache:prune_at=2,full:temporal_merge=0.9" --tasks static
 
 Budgets are vision budgets (`vision_budget`: a share of the image tokens; all text kept, markers and question
-protected). Held-out examples come from seeds no training batch used. Prints tables, writes
-<out>/quality.json and <out>/quality.png.
+protected). A policy may carry settings after a colon, ";" between them (`vlcache:prune_at=2`); rows with
+temporal merging also print the share of vision tokens it removed before the model. Held-out examples come
+from seeds no training batch used. Prints tables, writes <out>/quality.json and <out>/quality.png.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation.model import batch_inputs, load_embedded
-from ..evaluation.quality import accuracy, fidelity
-from ..evaluation.tasks import TASKS, chance, make_example
-from ..policies import POLICIES, make_policy
+from ..evaluation.quality import accuracy, fidelity, merged_share
+from ..evaluation.tasks import EVAL_TASKS, chance, make_example
+from ..policies import POLICIES, make_policy, parse_settings
 from . import first_paragraph
 from .figure import figure_row, series_style
 
@@ -30,15 +32,22 @@ BUDGETS = (0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 HELD_OUT = 2 * 10**6  # training draws from seed 0; evaluation streams start here
 
 
-def policy_for(name: str, budget: float):
-    return make_policy(name) if name == "full" else make_policy(name, vision_budget=budget)
+# the new prefill settings next to the methods they modify (prune_at=2 of the embedded model's 4 layers)
+EXTRA_ROWS = ("vlcache:prune_at=2", "snapkv:prune_at=2", "vlcache:temporal_merge=0.9", "full:temporal_merge=0.9")
+
+
+def policy_for(spec: str, budget: float):
+    """A policy from "name" or "name:setting=value;setting=value" at a vision budget (`full` takes none)."""
+    name, _, extra = spec.partition(":")
+    settings = parse_settings([x for x in extra.split(";") if x])
+    return make_policy(name, **settings) if name == "full" else make_policy(name, vision_budget=budget, **settings)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vlcache bench quality", description=first_paragraph(__doc__))
     p.add_argument("--model", default=None, help="a trained embedded-model directory (default: the shipped one)")
-    p.add_argument("--policies", default=",".join(n for n in POLICIES if n != "full"))
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--policies", default=",".join([*(n for n in POLICIES if n != "full"), *EXTRA_ROWS]))
+    p.add_argument("--tasks", default=",".join(EVAL_TASKS))
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     p.add_argument("--frames", default="8,16", help="video lengths (training saw 1 to 10 frames)")
     p.add_argument("--n", type=int, default=100, help="held-out examples per cell")
@@ -58,14 +67,16 @@ def main(argv=None) -> int:
         for task in tasks:
             if task in ("where", "lookup") and frames > 10:
                 continue
-            seed = HELD_OUT + 1000 * frames + TASKS.index(task)
+            seed = HELD_OUT + 1000 * frames + EVAL_TASKS.index(task)
             ref = {k: accuracy(model, processor, task, frames, k, args.n, seed) for k in ("floor", "ceiling")}
             ref["full"] = accuracy(model, processor, task, frames, None, args.n, seed)
-            row = {"task": task, "frames": frames, "chance": chance(task, frames), **ref, "policies": {}}
+            row = {"task": task, "frames": frames, "chance": chance(task, frames), **ref, "policies": {}, "merged": {}}
             for name in policies:
                 row["policies"][name] = [
                     accuracy(model, processor, task, frames, policy_for(name, b), args.n, seed) for b in budgets
                 ]
+                if "temporal_merge" in name:
+                    row["merged"][name] = merged_share(model, processor, task, frames, policy_for(name, 1.0), 50, seed)
             results.append(row)
             print_table(row, budgets)
     fid = fidelity_table(model, processor, policies, budgets, frame_counts[0], n=min(args.n, 50))
@@ -85,9 +96,12 @@ def print_table(row, budgets):
         f"\n{row['task']} @ {row['frames']} frames: full {row['full']:.2f}, floor (no vision) {row['floor']:.2f}, "
         f"ceiling (answer tokens only) {row['ceiling']:.2f}, chance {row['chance']:.2f}"
     )
-    print(f"{'vision budget':<14}" + "".join(f"{100 * b:>7.0f}%" for b in budgets))
+    w = max(14, *(len(name) + 1 for name in row["policies"]))
+    print(f"{'vision budget':<{w}}" + "".join(f"{100 * b:>7.0f}%" for b in budgets))
     for name, accs in row["policies"].items():
-        print(f"{name:<14}" + "".join(f"{a:>8.2f}" for a in accs))
+        merged = row.get("merged", {}).get(name)
+        note = f"   ({100 * merged:.0f}% of vision tokens merged before the model)" if merged is not None else ""
+        print(f"{name:<{w}}" + "".join(f"{a:>8.2f}" for a in accs) + note)
 
 
 def fidelity_table(model, processor, policies, budgets, frames, n):
@@ -99,7 +113,8 @@ def fidelity_table(model, processor, policies, budgets, frames, n):
     reference = None
     table = {}
     print(f"\nfidelity vs the full cache (describe, {frames} frames, {steps} tokens): agreement / KL")
-    print(f"{'vision budget':<14}" + "".join(f"{100 * b:>14.0f}%" for b in budgets))
+    w = max(14, *(len(name) + 1 for name in policies))
+    print(f"{'vision budget':<{w}}" + "".join(f"{100 * b:>14.0f}%" for b in budgets))
     for name in policies:
         cells = []
         for b in budgets:
@@ -107,7 +122,7 @@ def fidelity_table(model, processor, policies, budgets, frames, n):
             reference = f.pop("reference")
             cells.append(f)
         table[name] = cells
-        print(f"{name:<14}" + "".join(f"{c['agreement']:>7.2f} /{c['kl']:>6.3f}" for c in cells))
+        print(f"{name:<{w}}" + "".join(f"{c['agreement']:>7.2f} /{c['kl']:>6.3f}" for c in cells))
     return table
 
 

@@ -1,9 +1,12 @@
-"""Speed and memory benchmark: prefill time, decode time per token, KV bytes and peak memory of every policy, as
-ratios to the full cache measured in the same run.
+"""Speed and memory benchmark: prefill time, decode time per token, end-to-end time, KV bytes and peak memory of
+every policy, as ratios to the full cache (and end to end to plain Hugging Face) measured in the same run.
 
     vlcache bench speed                              # CPU preset: ~25M-parameter model, 1K..16K-token prompts
     vlcache bench speed --preset qwen2vl-7b          # GPU: Qwen2-VL-7B text dimensions, bf16, 8K..128K tokens
     vlcache bench speed --quick                      # tiny, for CI
+    vlcache bench speed --sizes 8192 --vision-budget 0.1 --new-tokens 32 \
+        --policies "snapkv,snapkv:prune_at=2,vlcache:prune_at=2"   # prefill cut inside the language model
+    vlcache bench speed --scene static --policies "full:temporal_merge=0.9"   # repeated frames, merged before it
 
 The model is a Qwen2-VL built from a config with random weights (speed does not depend on them) and a one-layer
 vision tower; prompts are many images of 256 tokens each plus a question. Peak memory is what the run allocates
@@ -76,16 +79,26 @@ def _mrope(dims) -> list[int]:
     return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
-def prompt(model, n_tokens: int, device) -> dict:
+def prompt(model, n_tokens: int, device, scene: str = "random") -> dict:
+    """Frames as images of 256 tokens each, a text marker before each, then a question. scene "random": every
+    frame its own random pixels (nothing to merge); "static": every frame the first one plus 1% noise, as a
+    fixed camera gives (what temporal merging removes)."""
     images = max(1, n_tokens // (GRID * GRID // 4))
     segs = []
     for i in range(images):
         segs += [f"f{i}", tiny.IMAGE]
     ex = tiny.make_inputs(model, segs + [" what happens in the video?"], qwen_grid=GRID)
+    if scene == "static":
+        pv = ex.inputs["pixel_values"]
+        per = GRID * GRID
+        noise = torch.randn(pv.shape, generator=torch.Generator().manual_seed(1)) * 0.01 * pv.std()
+        ex.inputs["pixel_values"] = pv[:per].repeat(images, 1) + noise
     return {k: v.to(device) for k, v in ex.inputs.items()}
 
 
-def measure(model, inputs, policy, new_tokens: int, device) -> dict:
+def measure(model, inputs, policy, new_tokens: int, device, repeat: int = 1) -> dict:
+    """One policy's figures; times are medians over `repeat` runs (a shared machine is noisy)."""
+
     def run():
         return pipeline.run(model, None, inputs, policy, new_tokens, min_new_tokens=new_tokens)
 
@@ -93,15 +106,31 @@ def measure(model, inputs, policy, new_tokens: int, device) -> dict:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        r = run()
+        runs = [run()]
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        r = run()  # timed alone: the memory probe below slows every op down
+        runs = [run()]  # timed alone: the memory probe below slows every op down
         with PeakTensorMemory() as probe:
             run()
         peak = probe.peak
+    runs += [run() for _ in range(repeat - 1)]
+    r = runs[0]
     kv = r.prefill_stats.kv_bytes if r.prefill_stats else None
-    return dict(prefill_s=r.prefill_s, decode_ms=r.decode_ms_per_token, kv_bytes=kv, peak_bytes=peak, tokens=r.tokens)
+    merged = sum(r.prefill_stats.merged.values()) if r.prefill_stats else 0
+    return dict(
+        prefill_s=_median([x.prefill_s for x in runs]),
+        decode_ms=_median([x.decode_ms_per_token for x in runs]),
+        total_s=_median([x.total_s for x in runs]),
+        kv_bytes=kv,
+        peak_bytes=peak,
+        merged=merged,
+        tokens=r.tokens,
+    )
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
 def main(argv=None) -> int:
@@ -113,8 +142,13 @@ def main(argv=None) -> int:
         default=",".join(n for n in POLICIES if n != "full"),
         help='comma-separated; settings after a colon, ";" between them: "h2o,h2o:evict_every=16"',
     )
-    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--budget", type=float, default=0.1, help="keep this share of the prompt in every layer")
+    p.add_argument(
+        "--vision-budget", type=float, default=None, help="keep this share of the vision tokens and all text instead"
+    )
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--scene", default="random", choices=("random", "static"), help="frames: random, or one repeated")
+    p.add_argument("--repeat", type=int, default=1, help="runs per cell; times are their medians")
     p.add_argument("--quick", action="store_true", help="the 'quick' preset and two policies (CI)")
     p.add_argument("--out", default="out/speed")
     args = p.parse_args(argv)
@@ -129,7 +163,11 @@ def main(argv=None) -> int:
     model = build_model(preset, max(sizes))
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
     names = ["plain", "full"] + [x for x in args.policies.split(",") if x and x != "full"]
+    amount = {"vision_budget": args.vision_budget} if args.vision_budget is not None else {"budget": args.budget}
+    amount_label = ", ".join(f"{k} {v}" for k, v in amount.items())
     bandwidth = None
     if device == "cuda":
         from .kernels import copy_bandwidth
@@ -137,32 +175,35 @@ def main(argv=None) -> int:
         bandwidth = copy_bandwidth("cuda")
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"{where}; model: Qwen2-VL text {preset['num_hidden_layers']}x{preset['hidden_size']} ({params / 1e6:.1f}M parameters, {preset['dtype']}); budget {args.budget}"
+        f"{where}; model: Qwen2-VL text {preset['num_hidden_layers']}x{preset['hidden_size']} ({params / 1e6:.1f}M parameters, {preset['dtype']}); "
+        f"{amount_label}; {args.new_tokens} new tokens; {args.scene} frames"
     )
     rows = []
 
     def make(name):
         if name == "plain":
             return None
-        if name == "full":
-            return make_policy(name)
         base, _, extra = name.partition(":")  # "h2o:evict_every=16": settings after the name
-        return make_policy(base, budget=args.budget, **parse_settings([x for x in extra.split(";") if x]))
+        settings = parse_settings([x for x in extra.split(";") if x])
+        return make_policy(base, **settings) if base == "full" else make_policy(base, **amount, **settings)
 
     for i, n in enumerate(sizes):
-        inputs = prompt(model, n, device)
+        inputs = prompt(model, n, device, args.scene)
         real_n = inputs["input_ids"].shape[1]
         pipeline.run(model, None, inputs, None, 2)  # warm-up: one-time costs stay out of the numbers
         if i == 0:  # and each policy's own (Triton compiles, autotuning): without this, H2O's first
             # prefill on an H100 (8K tokens) measured 3.2 s, longer than its 33K one
             for name in names[1:]:
                 pipeline.run(model, None, inputs, make(name), 2)
-        base = None
+        base = plain = None
         for name in names:
-            m = measure(model, inputs, make(name), args.new_tokens, device)
+            m = measure(model, inputs, make(name), args.new_tokens, device, args.repeat)
             if name == "full":
                 base = m
+            if name == "plain":
+                plain = m
             row = dict(n=real_n, policy=name, **{k: v for k, v in m.items() if k != "tokens"})
+            row["total_vs_plain"] = m["total_s"] / plain["total_s"]
             if base is not None:
                 row.update(
                     prefill_ratio=m["prefill_s"] / base["prefill_s"],
@@ -180,7 +221,13 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         setup = dict(
-            device=where, preset=args.preset, parameters=params, budget=args.budget, new_tokens=args.new_tokens
+            device=where,
+            preset=args.preset,
+            parameters=params,
+            **amount,
+            new_tokens=args.new_tokens,
+            scene=args.scene,
+            repeat=args.repeat,
         )
         (out / "speed.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
         plot(rows, out / "speed.png", where)
@@ -192,7 +239,8 @@ def print_block(rows, n):
     print(f"\nprompt {n} tokens")
     w = max(13, *(len(r["policy"]) for r in rows))
     print(
-        f"{'policy':<{w}} {'prefill s':>10} {'x full':>7} {'decode ms/t':>12} {'x full':>7} {'KV MiB':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'agree':>6}"
+        f"{'policy':<{w}} {'prefill s':>10} {'x full':>7} {'decode ms/t':>12} {'x full':>7} {'e2e s':>8} {'x plain':>7} "
+        f"{'KV MiB':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'merged':>7} {'agree':>6}"
     )
     for r in rows:
         if r["n"] != n:
@@ -205,26 +253,29 @@ def print_block(rows, n):
         agree = f"{r['agreement']:>6.2f}" if "agreement" in r else f"{'-':>6}"
         print(
             f"{r['policy']:<{w}} {r['prefill_s']:>10.3f} {ratio('prefill_ratio')} {r['decode_ms']:>12.2f} {ratio('decode_ratio')} "
-            f"{kv} {ratio('kv_ratio')} {r['peak_bytes'] / 2**20:>9.1f} {ratio('peak_ratio')} {agree}"
+            f"{r['total_s']:>8.3f} {ratio('total_vs_plain')} "
+            f"{kv} {ratio('kv_ratio')} {r['peak_bytes'] / 2**20:>9.1f} {ratio('peak_ratio')} {r.get('merged', 0):>7} {agree}"
         )
 
 
 def plot(rows, path, title):
     policies = list(dict.fromkeys(r["policy"] for r in rows))
-    with figure_row(path, 3, (13, 3.6), title) as axes:
+    with figure_row(path, 4, (17, 3.6), title) as axes:
         for i, name in enumerate(policies):
             pts = [r for r in rows if r["policy"] == name]
             ns = [r["n"] for r in pts]
             style = series_style(i)
             axes[0].plot(ns, [r["prefill_s"] for r in pts], label=name, **style)
             axes[1].plot(ns, [r["decode_ms"] for r in pts], label=name, **style)
-            axes[2].plot(ns, [r["peak_bytes"] / 2**20 for r in pts], label=name, **style)
-        for ax, label in zip(axes, ("prefill (s)", "decode (ms / token)", "peak memory (MiB)")):
+            axes[2].plot(ns, [r.get("total_s", float("nan")) for r in pts], label=name, **style)
+            axes[3].plot(ns, [r["peak_bytes"] / 2**20 for r in pts], label=name, **style)
+        labels = ("prefill (s)", "decode (ms / token)", "end to end (s)", "peak memory (MiB)")
+        for ax, label in zip(axes, labels):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("prompt tokens")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-        axes[2].legend(fontsize=7)
+        axes[3].legend(fontsize=7)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,18 @@ def accuracy(
     return right / n
 
 
+def merged_share(model, processor, task: str, frames: int, policy: Policy, n: int = 50, seed: int = 0) -> float:
+    """The share of the prompts' vision tokens that `policy`'s temporal merging removed before the model."""
+    examples = _examples(task, frames, n, seed)
+    inputs = batch_inputs(processor, examples, device=model.device)
+    with vlcache.compress(model, policy) as session:
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    stats = session.prefill_stats
+    vision = stats.prompt["image"] + stats.prompt["video"]
+    return sum(stats.merged.values()) / vision if vision else 0.0
+
+
 class _Recorder(LogitsProcessor):
     """Records each step's log-probabilities and, if given tokens, forces them (teacher forcing)."""
 

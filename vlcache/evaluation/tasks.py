@@ -14,6 +14,9 @@ Tasks (answers are single characters, but for the caption):
 - count: a random number of frames hold an object; "count?" -> how many (needs every frame).
 - describe: up to 4 objects; "describe?" -> which colours appear, one character per palette colour in a fixed order
   (its letter, or "." when absent), a caption scored per character.
+- static: describe, filmed by a still camera: every frame is the first frame's background plus a little noise
+  (+-3 of 255), with the objects placed as for describe. Most tokens repeat from frame to frame, which is what
+  temporal merging removes. An evaluation task only (`EVAL_TASKS`): the model was trained on `TASKS`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ COLORS = {
 COLOR_KEYS = list(COLORS)
 SIZE, PATCH = 16, 4
 GRID = SIZE // PATCH  # 4 x 4 patches = 16 vision tokens a frame
-TASKS = ("needle", "where", "lookup", "count", "describe")
-QUESTIONS = {"needle": "color?", "where": "where?", "count": "count?", "describe": "describe?"}
+TASKS = ("needle", "where", "lookup", "count", "describe")  # what the embedded model was trained on
+EVAL_TASKS = (*TASKS, "static")
+QUESTIONS = {"needle": "color?", "where": "where?", "count": "count?", "describe": "describe?", "static": "describe?"}
+STATIC_NOISE = 3  # +- this much per pixel between frames of a static scene
 MAX_OBJECTS = 4  # lookup and describe
 ANSWER_PREFIX = "="
 
@@ -55,8 +60,12 @@ class Example:
         return [(f, p) for f, (p, _) in self.objects.items()]
 
 
-def _frame(rng: np.random.Generator, obj: tuple[int, str] | None) -> Image.Image:
-    pix = rng.integers(0, 70, size=(SIZE, SIZE, 3), dtype=np.uint8)
+def _frame(rng: np.random.Generator, obj: tuple[int, str] | None, background: np.ndarray | None = None) -> Image.Image:
+    if background is None:
+        pix = rng.integers(0, 70, size=(SIZE, SIZE, 3), dtype=np.uint8)
+    else:
+        jitter = rng.integers(-STATIC_NOISE, STATIC_NOISE + 1, size=background.shape)
+        pix = np.clip(background.astype(np.int16) + jitter, 0, 255).astype(np.uint8)
     if obj is not None:
         patch, color = obj
         r, c = divmod(patch, GRID)
@@ -67,8 +76,16 @@ def _frame(rng: np.random.Generator, obj: tuple[int, str] | None) -> Image.Image
 
 def make_example(task: str, frames: int, rng: np.random.Generator) -> Example:
     """One example of `task` over `frames` frames."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(EVAL_TASKS)}")
+    if task == "static":
+        background = rng.integers(0, 70, size=(SIZE, SIZE, 3), dtype=np.uint8)
+        ex = _make("describe", frames, rng, background)
+        return Example("static", ex.frames, ex.question, ex.answer, ex.objects)
+    return _make(task, frames, rng, None)
+
+
+def _make(task: str, frames: int, rng: np.random.Generator, background: np.ndarray | None) -> Example:
     if task in ("where", "lookup") and frames > 10:
         raise ValueError(f"{task!r} answers with one digit: at most 10 frames")
     objects: dict[int, tuple[int, str]] = {}
@@ -87,7 +104,7 @@ def make_example(task: str, frames: int, rng: np.random.Generator) -> Example:
     else:  # count: a uniform number of frames hold an object
         for f in sorted(int(x) for x in rng.permutation(frames)[: int(rng.integers(0, min(frames, 9) + 1))]):
             put(f)
-    images = [_frame(rng, objects.get(f)) for f in range(frames)]
+    images = [_frame(rng, objects.get(f), background) for f in range(frames)]
     if task == "needle":
         (patch_color,) = objects.values()
         question, answer = QUESTIONS[task], patch_color[1]
@@ -115,7 +132,7 @@ def score(task: str, predicted: str, answer: str) -> float:
     if not predicted.startswith(ANSWER_PREFIX):
         return 0.0
     predicted = predicted[len(ANSWER_PREFIX) :]
-    if task == "describe":
+    if task in ("describe", "static"):
         return sum(a == b for a, b in zip(predicted, answer)) / len(answer)
     return float(predicted == answer)
 
@@ -128,4 +145,4 @@ def chance(task: str, frames: int) -> float:
         return 1 / frames
     if task == "count":
         return 1 / (min(frames, 9) + 1)
-    return 0.5  # describe, per character: present or not
+    return 0.5  # describe and static, per character: present or not

@@ -56,6 +56,11 @@ def layer_mask(
     all_valid = bool(slot_valid.all())
     if q_len == 1 and all_valid:
         return None
+    if q_len == T and all_valid and not eager:
+        # every slot is a new row (the prompt of a layer after prune_at, or of a merged sequence): slot order is
+        # position order, so sdpa's own causal mask is right, and lets it use flash attention instead of
+        # materialising a [q, T] mask
+        return None
     slots = torch.arange(T, device=slot_valid.device)
     rows = torch.arange(T - q_len, T, device=slot_valid.device)
     mask = (slots[None, :] <= rows[:, None])[None, None]  # [1, 1, q, T]

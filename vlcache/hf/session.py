@@ -187,8 +187,13 @@ class Session:
         B, q = ref.shape[0], ref.shape[1]
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        if not cache.prefilled and cache.layout is not None:
-            pass  # spliced by image reuse, which already gave the prompt's layout
+        if not cache.prefilled and cache.layout is not None:  # spliced by image reuse, which gave the layout
+            if self.policy.prune_at is not None or self.policy.temporal_merge is not None:
+                self.cache = None
+                raise ValueError(
+                    "image reuse recomputes only part of the prompt, so prune_at and temporal_merge cannot apply: "
+                    "drop them from the policy, or generate without vlcache.reuse"
+                )
         elif not cache.prefilled:
             if ids is None:
                 raise ValueError("vlcache needs input_ids on the prompt's forward to tell vision tokens from text")
