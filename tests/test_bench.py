@@ -26,6 +26,31 @@ def test_speed_quick(tmp_path):
     assert (tmp_path / "speed.png").exists()
 
 
+def test_speed_rows_for_the_prefill_settings(tmp_path):
+    """Static frames: temporal merging removes every repeated frame; prune_at keeps the budget; e2e is reported."""
+    args = ["bench", "speed", "--quick", "--sizes", "600", "--new-tokens", "2", "--scene", "static"]
+    args += [
+        "--vision-budget",
+        "0.25",
+        "--policies",
+        "snapkv:prune_at=0,full:temporal_merge=0.9",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "speed.json").read_text())
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert data["setup"]["vision_budget"] == 0.25 and data["setup"]["scene"] == "static"
+    from vlcache.bench.speed import GRID
+
+    per_image = GRID * GRID // 4
+    images = rows["full"]["n"] // per_image  # plus a few text tokens per image and the question
+    assert rows["full:temporal_merge=0.9"]["merged"] == (images - 1) * per_image  # every frame but the first
+    assert rows["full"]["merged"] == 0
+    assert rows["snapkv:prune_at=0"]["kv_ratio"] < 0.5
+    assert all(r["total_s"] > 0 and "total_vs_plain" in r for r in rows.values())
+
+
 def test_kernels_on_cpu(tmp_path):
     args = [
         "bench",

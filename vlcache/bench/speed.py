@@ -139,8 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=None, help="prompt lengths in tokens (comma-separated)")
     p.add_argument(
         "--policies",
-        default=",".join(n for n in POLICIES if n != "full"),
-        help='comma-separated; settings after a colon, ";" between them: "h2o,h2o:evict_every=16"',
+        default=None,
+        help='comma-separated; settings after a colon, ";" between them: "h2o,h2o:evict_every=16" (default: every '
+        "policy, and snapkv and vlcache with prune_at=2)",
     )
     p.add_argument("--budget", type=float, default=0.1, help="keep this share of the prompt in every layer")
     p.add_argument(
@@ -149,11 +150,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--scene", default="random", choices=("random", "static"), help="frames: random, or one repeated")
     p.add_argument("--repeat", type=int, default=1, help="runs per cell; times are their medians")
-    p.add_argument("--quick", action="store_true", help="the 'quick' preset and two policies (CI)")
+    p.add_argument("--quick", action="store_true", help="the 'quick' preset (and two policies unless given: CI)")
     p.add_argument("--out", default="out/speed")
     args = p.parse_args(argv)
     if args.quick:
-        args.preset, args.policies = "quick", "snapkv,h2o"
+        args.preset = "quick"
+    if args.policies is None:
+        every = [*(n for n in POLICIES if n != "full"), "snapkv:prune_at=2", "vlcache:prune_at=2"]
+        args.policies = "snapkv,h2o" if args.quick else ",".join(every)
     preset = PRESETS[args.preset]
     device = preset["device"]
     if device == "cuda" and not torch.cuda.is_available():

@@ -84,7 +84,8 @@ def check_reductions(model, policy) -> None:
 
     Sliding-window layers (Gemma 3) are refused after K and with temporal merging: transformers masks them by
     a running count of the tokens they were given, which dropping tokens would put out of step with the
-    positions. Qwen3-VL adds vision features (DeepStack) into its first layers' hidden states at the vision
+    positions. (Gemma 3 would also need its bidirectional attention inside each image rebuilt on the shorter
+    sequence, which vlcache's causal per-layer masks do not do.) Qwen3-VL adds vision features (DeepStack) into its first layers' hidden states at the vision
     positions, so K must come after the last of those layers."""
     L = text_config(model).num_hidden_layers
     sliding = sliding_layers(model)
