@@ -214,3 +214,35 @@ def test_reuse_errors(tiny_model):
             model.generate(**batch, max_new_tokens=2)
     with pytest.raises(ValueError, match="no images to link"):
         _reuser(model).link(dict(tiny.make_inputs(model, ["only text"]).inputs))
+
+
+def test_a_model_retrained_and_saved_over_the_old_checkpoint_gets_its_own_kv(tmp_path):
+    """The store key names the weights, not the path: B saved to A's directory, with A's config, must not be
+    handed A's stored images (it was, even with recompute="full", and answered differently from its cold run)."""
+    ckpt, disk = tmp_path / "ckpt", tmp_path / "kv"
+    tiny.build("llava", seed=0).save_pretrained(ckpt)
+    model_a = type(tiny.build("llava")).from_pretrained(ckpt).eval()
+    inputs = tiny.make_inputs(model_a, PROMPT).inputs
+    with vlcache.reuse(model_a, ImageKVStore(disk_dir=disk), recompute="full"):
+        model_a.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert len(list(disk.glob("*.safetensors"))) == 2
+
+    tiny.build("llava", seed=1).save_pretrained(ckpt)  # retrained: same path, same config
+    model_b = type(model_a).from_pretrained(ckpt).eval()
+    assert model_b.name_or_path == model_a.name_or_path and model_b.config == model_a.config
+    cold = model_b.generate(**inputs, max_new_tokens=8, do_sample=False)
+    with vlcache.reuse(model_b, ImageKVStore(disk_dir=disk), recompute="full") as r:
+        warm = model_b.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert r.last["reused"] == 0 and r.last["compiled"] == 2
+    assert torch.equal(warm, cold)
+
+
+def test_weights_digest_notices_training_in_place(tiny_model):
+    from vlcache.fingerprint import weights_digest
+
+    model = tiny.build("llava")
+    before = weights_digest(model)
+    assert weights_digest(model) == before  # cached
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert weights_digest(model) != before
