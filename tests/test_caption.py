@@ -143,3 +143,29 @@ def test_frame_sampling_and_round_trip(tmp_path):
     got = read_frames(write_video(tmp_path / "b.mp4", big), frames=4)
     err = max(np.abs(np.asarray(g, int)[4::8, 4::8] - np.asarray(f, int)).max() for g, f in zip(got, small))
     assert err <= 4
+
+
+@pytest.mark.parametrize("width", [8, 16, 48])
+def test_narrow_h264_videos_are_read_with_pyav(tmp_path, width):
+    """decord fails on H.264 frames 8-48 pixels wide ('from_size == to_size'); PyAV reads them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(width)
+    frames = [Image.fromarray(rng.integers(0, 255, (width, width, 3), dtype=np.uint8)) for _ in range(6)]
+    got = read_frames(write_video(tmp_path / "v.mp4", frames, exact_rgb=True), frames=3)
+    assert [np.asarray(g).tolist() for g in got] == [np.asarray(frames[i]).tolist() for i in (0, 2, 5)]
+
+
+def test_an_animated_gif_is_read_as_a_video(tmp_path):
+    """It was read as one image (its first frame)."""
+    from PIL import Image
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
+    frames = [Image.new("RGB", (16, 16), c) for c in colours]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=250, loop=0)
+    got = read_frames(tmp_path / "a.gif", frames=3)
+    assert [g.getpixel((8, 8)) for g in got] == [colours[0], colours[2], colours[5]]
+    assert len(read_frames(tmp_path / "a.gif", frames=None, target_fps=2.0)) == 3  # 4 fps played at 2
+    frames[0].save(tmp_path / "still.gif")
+    assert len(read_frames(tmp_path / "still.gif", frames=8)) == 1
