@@ -92,3 +92,11 @@ def test_an_unreachable_hub_fails_in_seconds(tmp_path):
     assert time.time() - started < 30
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "cannot reach the Hugging Face hub (hub.invalid)" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr
+
+
+def test_a_setting_of_the_wrong_type_is_one_line(capsys):
+    """--set recent=abc was a TypeError traceback."""
+    base = ["compare", "--frames", "1", "--policies", "h2o"]
+    err = _one_line_error(capsys, [*base, "--set", "recent=abc"])
+    assert "--set recent='abc': recent takes a number (default 0.5)" in err
+    assert "evict_every takes a whole number" in _one_line_error(capsys, [*base, "--set", "evict_every=2.5"])
