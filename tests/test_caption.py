@@ -184,9 +184,10 @@ def _caption_process(*args):
 
 def test_two_runs_writing_one_output_lose_nothing(tmp_path):
     """`caption DIR30 -o o.jsonl & caption DIR5 -o o.jsonl`: the 30-video run lost 25 records (the other run's
-    merge replaced the file it was appending to). Now the second is refused while the first holds the output."""
-    many = ensure_samples(tmp_path / "many", count=30)
-    few = ensure_samples(tmp_path / "few", count=5)
+    merge replaced the file it was appending to). Now the second is refused while the first holds the output.
+    (16 and 4 videos here: enough for the runs to overlap.)"""
+    many = ensure_samples(tmp_path / "many", count=16)
+    few = ensure_samples(tmp_path / "few", count=4)
     out = tmp_path / "o.jsonl"
     a = _caption_process(tmp_path / "many", "-o", out)
     b = _caption_process(tmp_path / "few", "-o", out)

@@ -45,7 +45,8 @@ def read(path: Path) -> tuple[list[dict], list[str]]:
     if not path.exists():
         return [], []
     records, bad = [], []
-    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+    for raw in path.read_bytes().split(b"\n"):  # records never hold a raw newline (json.dumps escapes it)
+        line = raw.decode("utf-8", errors="replace")
         if not line.strip():
             continue
         try:
