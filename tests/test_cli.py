@@ -100,3 +100,8 @@ def test_a_setting_of_the_wrong_type_is_one_line(capsys):
     err = _one_line_error(capsys, [*base, "--set", "recent=abc"])
     assert "--set recent='abc': recent takes a number (default 0.5)" in err
     assert "evict_every takes a whole number" in _one_line_error(capsys, [*base, "--set", "evict_every=2.5"])
+
+
+def test_a_bare_name_that_is_neither_a_directory_nor_cached_says_both(capsys):
+    err = _one_line_error(capsys, ["compare", "--frames", "1", "--model", "ckpt"])
+    assert "--model ckpt (no directory of that name here either): not in the local Hugging Face cache" in err

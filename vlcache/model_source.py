@@ -35,11 +35,12 @@ def resolve(name: str) -> Source:
     if not HUB_ID.fullmatch(name):
         raise ValueError(f"--model {name}: no such directory (and not a hub id, which reads owner/name)")
     cached = _cached(name)
+    label = f"--model {name}" + ("" if "/" in name else " (no directory of that name here either)")
     if _offline():
         if not cached:
             raise ValueError(
-                f"--model {name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; unset it to "
-                "download, or give a local directory"
+                f"{label}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; unset it to download, "
+                "or give a local directory"
             )
         return Source(name, local_only=True)
     host = _hub_host()
@@ -47,7 +48,7 @@ def resolve(name: str) -> Source:
         if cached:
             return Source(name, local_only=True)  # the cache has it: no minutes of retries against a dead hub
         raise ValueError(
-            f"--model {name}: cannot reach the Hugging Face hub ({host[0]}) and the model is not in the local cache; "
+            f"{label}: cannot reach the Hugging Face hub ({host[0]}) and the model is not in the local cache; "
             f"check the network or give a local directory ({OFFLINE_HINT})"
         )
     return Source(name, local_only=False)
