@@ -195,8 +195,9 @@ def main(argv=None) -> int:
     ]
     not_ok = [r["path"] for r in records if r["status"] != "ok"]
     leftovers = [f.name for f in work.glob("o.jsonl.*") if not f.name.endswith((".lock", ".torn"))]
-    for what, bad in (("missing", missing), ("unexpected", extra), ("duplicated", duplicated),
-                      ("caption differs from the reference", wrong), ("not ok", not_ok), ("leftover files", leftovers)):  # fmt: skip
+    checks = {"missing": missing, "unexpected": extra, "duplicated": duplicated, "not ok": not_ok,
+              "caption differs from the reference": wrong, "leftover files": leftovers}  # fmt: skip
+    for what, bad in checks.items():
         if bad:
             violations.append(f"final file: {len(bad)} {what}, e.g. {sorted(bad)[0]}")
     torn = work / "o.jsonl.torn"

@@ -298,8 +298,11 @@ class Captioner:
         need = kv_memory.per_video_bytes(stats, new_tokens, self.policy, self.compare)
         fits = kv_memory.capacity(self.args.kv_memory, need, self.args.batch)
         if need > self.args.kv_memory:
-            print(f"vlcache: warning: a video of {stats.prompt_tokens} tokens needs about {need:,} bytes of KV, "
-                  f"more than --kv-memory {self.args.kv_memory:,}; captioning those one at a time", file=sys.stderr)  # fmt: skip
+            warning = (
+                f"vlcache: warning: a video of {stats.prompt_tokens} tokens needs about {need:,} bytes of KV, "
+                f"more than --kv-memory {self.args.kv_memory:,}; captioning those one at a time"
+            )
+            print(warning, file=sys.stderr)
         return fits
 
     def emit(self, rec: dict) -> None:

@@ -4,9 +4,9 @@ captioner's resume.
 
 A path or hub id says where weights came from, not what they are, and a sample of parameters misses a fine-tune
 of the tensors outside the sample. Hashing everything costs one pass over the weights (1.1 GB/s measured on the
-2-core CPU: 0.54 GB of bf16 in 0.49 s, so about 15 s for a 7B model, plus the copy from the GPU), paid once per model: the digest is cached on the model and reused
-while no tensor has been replaced or written in place since (their storage pointers and version counters are
-unchanged), so training between calls is noticed.
+2-core CPU: 0.54 GB of bf16 in 0.49 s, so about 15 s for a 7B model, plus the copy from the GPU), paid once per
+model: the digest is cached on the model and reused while no tensor has been replaced or written in place since
+(their storage pointers and version counters are unchanged), so training between calls is noticed.
 """
 
 from __future__ import annotations
