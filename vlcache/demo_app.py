@@ -243,7 +243,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     for name in args.models:
         if name not in MODELS:
-            resolve(name)  # a missing directory or unreachable hub fails at launch, not on a visitor's request
+            resolve(
+                name, "--models"
+            )  # a missing directory or unreachable hub fails at launch, not on a visitor's request
     runner = Runner(args.models, load_timeout=args.load_timeout, keep=args.keep_models)
     launch(build(runner), args.host, args.port, args.share)
     return 0

@@ -23,19 +23,19 @@ class Source:
     local_only: bool  # load from disk or the cache, never the network
 
 
-def resolve(name: str) -> Source:
-    """A loadable source for `name`, or ValueError saying what is wrong with it."""
+def resolve(name: str, flag: str = "--model") -> Source:
+    """A loadable source for `name`, or ValueError saying what is wrong with it (naming `flag`)."""
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"--model {name}: is a file; give a model directory (with config.json) or a hub id")
+            raise ValueError(f"{flag} {name}: is a file; give a model directory (with config.json) or a hub id")
         if not (path / "config.json").exists():
-            raise ValueError(f"--model {name}: the directory has no config.json, so it is not a saved model")
+            raise ValueError(f"{flag} {name}: the directory has no config.json, so it is not a saved model")
         return Source(str(path), local_only=True)
     if not HUB_ID.fullmatch(name):
-        raise ValueError(f"--model {name}: no such directory (and not a hub id, which reads owner/name)")
+        raise ValueError(f"{flag} {name}: no such directory (and not a hub id, which reads owner/name)")
     cached = _cached(name)
-    label = f"--model {name}" + ("" if "/" in name else " (no directory of that name here either)")
+    label = f"{flag} {name}" + ("" if "/" in name else " (no directory of that name here either)")
     if _offline():
         if not cached:
             raise ValueError(
