@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     set_aside = len(torn.read_text().splitlines()) if torn.exists() else 0
 
     print(f"soak: {args.jobs} caption jobs over {args.videos} videos x {len(CONFIGS)} configurations, "
-          f"{outcome['pairs']} pairs started together, in {time.time() - started:.0f}s ({work})")  # fmt: skip
+          f"{outcome['pairs']} pairs started together, in {time.time() - started:.0f}s")  # fmt: skip
     for what in ("finished", "refused: output busy", "killed", "torn lines added"):
         print(f"  {what:<24} {outcome[what]}")
     print(f"  {'torn lines set aside':<24} {set_aside} (pieces cut twice with no run between make one line)")
@@ -213,7 +214,9 @@ def main(argv=None) -> int:
           f"all equal the reference captions: {not wrong}")  # fmt: skip
     for v in violations[:20]:
         print("  VIOLATION", v)
-    print("soak: OK" if not violations else f"soak: FAILED ({len(violations)} violations)")
+    print("soak: OK" if not violations else f"soak: FAILED ({len(violations)} violations; see {work})")
+    if not violations and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if violations else 0
 
 
