@@ -2,6 +2,7 @@
 
 import sys
 
+from vlcache.cli import run_main
 from vlcache.demo_app import main
 
-sys.exit(main())
+sys.exit(run_main(main))

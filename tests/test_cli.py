@@ -47,3 +47,61 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line)
     assert command.strip() in (ROOT / "README.md").read_text()
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlcache: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_model_that_is_not_there_says_so(capsys, tmp_path):
+    """A missing directory was reported as 'Repo id must use alphanumeric chars'."""
+    base = ["compare", "--frames", "1", "--policies", "snapkv"]
+    assert "/nonexistent: no such directory" in _one_line_error(capsys, [*base, "--model", "/nonexistent"])
+    assert "no config.json" in _one_line_error(capsys, [*base, "--model", str(tmp_path)])
+    err = _one_line_error(capsys, [*base, "--model", "someone/not-cached"])  # the tests run with HF_HUB_OFFLINE=1
+    assert "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set" in err
+
+
+def test_a_text_only_model_is_refused_with_the_families(capsys, tmp_path):
+    import transformers as T
+
+    config = T.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, bos_token_id=0, eos_token_id=0)
+    T.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["compare", "--frames", "1", "--model", str(tmp_path / "gpt2")])
+    assert "text-only gpt2 model" in err and "Supported vision-language families: llava" in err
+
+
+def test_an_unreachable_hub_fails_in_seconds(tmp_path):
+    """It took 148 s of retries before the error when the hub cannot be reached."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))  # .invalid never resolves
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlcache", "compare", "--frames", "1", "--model", "someone/some-model"],
+        capture_output=True, text=True, env=env, timeout=45,
+    )  # fmt: skip
+    assert time.time() - started < 30
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot reach the Hugging Face hub (hub.invalid)" in proc.stderr and "HF_HUB_OFFLINE=1" in proc.stderr
+
+
+def test_a_setting_of_the_wrong_type_is_one_line(capsys):
+    """--set recent=abc was a TypeError traceback."""
+    base = ["compare", "--frames", "1", "--policies", "h2o"]
+    err = _one_line_error(capsys, [*base, "--set", "recent=abc"])
+    assert "--set recent='abc': recent takes a number (default 0.5)" in err
+    assert "evict_every takes a whole number" in _one_line_error(capsys, [*base, "--set", "evict_every=2.5"])
+
+
+def test_a_bare_name_that_is_neither_a_directory_nor_cached_says_both(capsys):
+    err = _one_line_error(capsys, ["compare", "--frames", "1", "--model", "ckpt"])
+    assert "--model ckpt (no directory of that name here either): not in the local Hugging Face cache" in err

@@ -87,3 +87,22 @@ def test_foreign_cache_and_chunked_prefill(tiny_model):
 def test_settings_next_to_a_policy_object(tiny_model):
     with pytest.raises(ValueError, match="go into the policy"):
         vlcache.attach(tiny_model("llava"), SnapKV(budget=0.5), window=8)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32)),
+        lambda: T.BertForMaskedLM(
+            T.BertConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32)
+        ),
+    ],
+    ids=["gpt2", "bert"],
+)
+def test_models_without_llama_style_layers_are_unsupported(build):
+    """The README promises UnsupportedModelError listing the families (it was a bare ValueError)."""
+    model = build()
+    with pytest.raises(vlcache.UnsupportedModelError, match="Supported vision-language families: llava.*gemma3"):
+        with vlcache.compress(model, SnapKV(budget=0.5)):
+            pass
+    assert "generate" not in model.__dict__

@@ -153,9 +153,67 @@ def test_disk_tier_survives_a_restart_and_rejects_corruption(tmp_path):
     data[-10] ^= 0xFF  # flip bits in the tensor data
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptChunkError, match="corrupted"):
-        ImageKVStore(disk_dir=tmp_path).get(key)
+        ImageKVStore(disk_dir=tmp_path).load(key)
     with pytest.raises(ValueError, match="not a chunk key"):
         ImageKVStore(disk_dir=tmp_path).get("../../etc/passwd")
+
+
+def test_a_corrupt_chunk_is_dropped_and_rewritten(tiny_model, tmp_path):
+    """A corrupt file is a miss with a warning, not an error on every later request: the image is compiled
+    again and `put` writes a good file in its place."""
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, PROMPT).inputs
+    with vlcache.reuse(model, ImageKVStore(disk_dir=tmp_path)):
+        want = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    files[0].write_bytes(files[0].read_bytes()[:-7])  # cut short, as a crash or a full disk would
+    store = ImageKVStore(disk_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="dropped it"), vlcache.reuse(model, store, recompute="full") as r:
+        got = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want) and r.last["compiled"] == 1 and r.last["reused"] == 1
+    fresh = ImageKVStore(disk_dir=tmp_path)
+    assert all(fresh.load(f.stem) is not None for f in files)  # rewritten whole
+
+
+def test_a_full_disk_falls_back_to_memory(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    model = tiny_model("llava")
+    inputs = tiny.make_inputs(model, PROMPT).inputs
+    store = ImageKVStore(disk_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="No space left on device.*memory"), vlcache.reuse(model, store) as r:
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert r.last["reused"] == 2 and len(store) == 2  # served from memory
+    assert not list(tmp_path.iterdir())  # no half-written temporary left
+
+
+def _put_many(disk_dir, count):
+    store = ImageKVStore(max_bytes=0, disk_dir=disk_dir)
+    for i in range(count):
+        key = chunk_key(torch.tensor([float(i)]), "race")
+        store.put(Chunk(key, [torch.ones(2, 3, 4)], [torch.ones(2, 3, 4)], torch.ones(3, 8)))
+        store._path(key).unlink(missing_ok=True)  # so that the next round writes it again, racing the other
+
+
+def test_two_processes_share_one_disk_dir(tmp_path):
+    """Both write the same chunks at the same time: unique temporary names, atomic renames, no error."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_put_many, args=(tmp_path, 1500)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -214,3 +272,35 @@ def test_reuse_errors(tiny_model):
             model.generate(**batch, max_new_tokens=2)
     with pytest.raises(ValueError, match="no images to link"):
         _reuser(model).link(dict(tiny.make_inputs(model, ["only text"]).inputs))
+
+
+def test_a_model_retrained_and_saved_over_the_old_checkpoint_gets_its_own_kv(tmp_path):
+    """The store key names the weights, not the path: B saved to A's directory, with A's config, must not be
+    handed A's stored images (it was, even with recompute="full", and answered differently from its cold run)."""
+    ckpt, disk = tmp_path / "ckpt", tmp_path / "kv"
+    tiny.build("llava", seed=0).save_pretrained(ckpt)
+    model_a = type(tiny.build("llava")).from_pretrained(ckpt).eval()
+    inputs = tiny.make_inputs(model_a, PROMPT).inputs
+    with vlcache.reuse(model_a, ImageKVStore(disk_dir=disk), recompute="full"):
+        model_a.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert len(list(disk.glob("*.safetensors"))) == 2
+
+    tiny.build("llava", seed=1).save_pretrained(ckpt)  # retrained: same path, same config
+    model_b = type(model_a).from_pretrained(ckpt).eval()
+    assert model_b.name_or_path == model_a.name_or_path and model_b.config == model_a.config
+    cold = model_b.generate(**inputs, max_new_tokens=8, do_sample=False)
+    with vlcache.reuse(model_b, ImageKVStore(disk_dir=disk), recompute="full") as r:
+        warm = model_b.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert r.last["reused"] == 0 and r.last["compiled"] == 2
+    assert torch.equal(warm, cold)
+
+
+def test_weights_digest_notices_training_in_place(tiny_model):
+    from vlcache.fingerprint import weights_digest
+
+    model = tiny.build("llava")
+    before = weights_digest(model)
+    assert weights_digest(model) == before  # cached
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert weights_digest(model) != before

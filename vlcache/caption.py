@@ -2,13 +2,16 @@
 
     vlcache caption                                  # the bundled sample videos, full cache vs VL-Cache at 25% of the vision tokens, a summary table
     vlcache caption videos/ list.txt a.mp4 -o captions.jsonl --policy snapkv --budget 0.1
-    accelerate launch --num_processes 2 -m vlcache.caption videos/ -o captions.jsonl   # sharded over processes
+    vlcache caption videos/ --kv-memory 8GB          # batches as large as 8 GB of compressed KV cache allows
+    torchrun --nproc_per_node 2 -m vlcache.caption videos/ -o captions.jsonl   # sharded (or accelerate launch)
 
-One JSON record per video, appended and flushed as soon as it is done, so an interrupted run loses nothing and a
-rerun skips what is done (--no-resume to redo everything). A video that cannot be read gets an error record with
-the reason and the run goes on; the exit status is 1 if any video failed. Under `accelerate launch` every process
-takes its share of the inputs and writes its own shard; the first process merges them at the end, one record per
-video.
+One JSON record per video and configuration, appended and made durable as soon as it is done (see record_file.py:
+one run holds the output's lock, a torn last line is set aside, a full disk stops the run without damaging the
+file), so an interrupted run loses nothing and a rerun with the same configuration (model weights, policy and its
+settings, frames, question, ...) skips what is done (--no-resume to redo it); a rerun with another configuration
+adds its own records beside the old ones. A video that cannot be read gets an error record with the reason and the
+run goes on; the exit status is 1 if any video failed. Under torchrun or `accelerate launch` every process takes
+its share of the inputs and writes its own shard; the first process merges them at the end, one record per video.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from . import kv_memory, record_file
+from .kv_memory import parse_size
 from .policies import Full
 from .policies.base import BUDGET_FIELDS
 from .video import VideoError, collect_inputs, read_frames, write_video
 
+KV_MEMORY_BATCH_CAP = 64  # with --kv-memory: the frames of a whole batch are held in memory at once
 SAMPLE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlcache" / "samples"
 
 
@@ -48,57 +55,26 @@ def ensure_samples(folder: Path = SAMPLE_DIR, count: int = 4, frames: int = 8) -
     return paths
 
 
-def read_done(out: Path) -> set[str]:
-    """Paths with a successful record in the output or any of its shards."""
-    done = set()
-    for f in [out, *out.parent.glob(out.name + ".shard*")]:
-        for rec in _records(f):
-            if rec.get("status") == "ok":
-                done.add(rec["path"])
-    return done
-
-
-def _records(path: Path):
-    if not path.exists():
-        return
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interruption
-
-
-def merge(out: Path) -> list[dict]:
-    """Fold the shards into `out`: one record per path (the last success, else the last error)."""
-    files = [out, *sorted(out.parent.glob(out.name + ".shard*"))]
-    best: dict[str, dict] = {}
-    for f in files:
-        for rec in _records(f):
-            prev = best.get(rec["path"])
-            if prev is None or rec.get("status") == "ok" or prev.get("status") != "ok":
-                best[rec["path"]] = rec
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in best.values()))
-    tmp.replace(out)
-    for f in files[1:]:
-        f.unlink()
-    return list(best.values())
-
-
 def _policy_label(policy) -> dict:
     amounts = {k: getattr(policy, k) for k in BUDGET_FIELDS if getattr(policy, k) is not None}
     changed = policy.changed_settings()
     return {"policy": policy.name, **amounts, **({"settings": changed} if changed else {})}
 
 
-def caption_batch(model, processor, items, policy, args, compare: bool) -> list[dict]:
-    """Caption equally long frame lists in one generate call; one record per item."""
+def max_new_tokens(model, args, frames: int) -> int:
+    from . import pipeline
+
+    return args.max_new_tokens or (frames + 1 if pipeline.is_embedded(model) else 64)
+
+
+def caption_batch(model, processor, items, policy, args, compare: bool, config: dict) -> tuple[list[dict], object]:
+    """Caption equally long frame lists in one generate call: (one record per item, the compressed run)."""
     from . import pipeline
 
     inputs = pipeline.frames_inputs(
         processor, [fr for _, fr in items], args.question, device=next(model.parameters()).device
     )
-    max_new = args.max_new_tokens or (len(items[0][1]) + 1 if pipeline.is_embedded(model) else 64)
+    max_new = max_new_tokens(model, args, len(items[0][1]))
     run = pipeline.run(model, processor, inputs, policy, max_new)
     full = pipeline.run(model, processor, inputs, Full(), max_new) if compare else None
     records = []
@@ -118,16 +94,17 @@ def caption_batch(model, processor, items, policy, args, compare: bool) -> list[
             "batch": len(items),
             **_policy_label(policy),
             "model": args.model,
+            "config": config,
         }
         if full is not None:
             rec["caption_full"] = full.texts[b].strip()
             rec["agrees_with_full"] = rec["caption"] == rec["caption_full"]
         records.append(rec)
-    return records
+    return records, run
 
 
-def main(argv=None) -> int:
-    from .cli import add_budget_args, policy_from_args
+def parse_args(argv=None) -> argparse.Namespace:
+    from .cli import add_budget_args
 
     p = argparse.ArgumentParser(prog="vlcache caption", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -140,21 +117,82 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=8, help="frames spread uniformly over each video")
     p.add_argument("--fps", type=float, default=None, help="sample at this rate instead of --frames")
     p.add_argument("--max-frames", type=int, default=64, help="cap on frames per video")
-    p.add_argument("--batch", type=int, default=1, help="videos per generate call")
+    p.add_argument("--batch", type=int, default=None, help="videos per generate call (default 1; with --kv-memory, "
+                   f"the most a batch may hold, default {KV_MEMORY_BATCH_CAP})")  # fmt: skip
+    p.add_argument("--kv-memory", default=None, metavar="SIZE", help="pack videos of one shape into batches whose KV "
+                   "cache stays within SIZE (8GB, 512MiB, ...), measured on the first video of each shape")  # fmt: skip
     p.add_argument("--question", default=None, help="the prompt (default: the model's caption question)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--compare", action="store_true", help="also caption with the full cache (default with the samples)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="redo videos already in the output")
     args = p.parse_args(argv)
-    if args.batch < 1 or args.frames < 1 or args.max_frames < 1:
-        raise ValueError("--batch, --frames and --max-frames must be >= 1")
+    for flag in ("batch", "frames", "max_frames", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.fps is not None and not args.fps > 0:  # also NaN
+        raise ValueError(f"--fps must be more than 0, got {args.fps}")
+    if args.question is not None and not args.question.strip():
+        raise ValueError("--question is empty")
+    args.kv_memory = parse_size(args.kv_memory) if args.kv_memory is not None else None
+    args.batch = args.batch or (KV_MEMORY_BATCH_CAP if args.kv_memory else 1)
+    return args
 
+
+def run_config(args, policy, model, compare: bool) -> dict:
+    """Everything that changes a caption; a video is done only if it has a success under exactly this. The
+    weights' digest, not just --model: a checkpoint retrained in place is another model."""
+    from .fingerprint import weights_digest
+
+    config = {
+        "model": args.model,
+        "weights": weights_digest(model),
+        **_policy_label(policy),
+        "frames": None if args.fps else args.frames,
+        "fps": args.fps,
+        "max_frames": args.max_frames,
+        "question": args.question,
+        "max_new_tokens": args.max_new_tokens,
+        "compare": compare,
+    }
+    return json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
+
+
+@contextmanager
+def exclusive_output(out: Path, state):
+    """The output's lock, taken by the first process for the whole job; every process learns whether it got it,
+    so that all of them stop when another run holds it."""
+    with ExitStack() as stack:
+        error = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(record_file.locked(out))
+            except record_file.OutputBusyError as e:
+                error = str(e)
+        if state.num_processes > 1:
+            import torch.distributed as dist
+
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise record_file.OutputBusyError(error)
+        yield
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    import torch
     from accelerate import PartialState
     from tqdm import tqdm
 
     from . import pipeline
+    from .cli import policy_from_args
 
-    state = PartialState()
+    # cpu=True without CUDA: under torchrun a plain PartialState() on a CPU machine sets up no process group,
+    # and every process takes itself for rank 0 of 1 (each captions everything)
+    state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     policy = policy_from_args(args.policy, args)  # bad settings fail before any work
     samples = not args.inputs
@@ -162,84 +200,134 @@ def main(argv=None) -> int:
     compare = args.compare or samples
     if not paths:
         raise ValueError("no inputs: give videos, images, folders or .txt lists")
-    model, processor = pipeline.load(args.model)
-    args.question = args.question or pipeline.default_question(model)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out) if args.resume else set()
-    mine = [q for q in paths[rank::world] if str(q) not in done]
-    skipped = len(paths[rank::world]) - len(mine)
-    sink_path = out if world == 1 else out.with_name(f"{out.name}.shard{rank}")
-    failed = 0
-    started = time.time()
-    with (
-        open(sink_path, "a") as sink,
-        tqdm(
-            total=len(mine),
-            desc=f"caption[{rank}]" if world > 1 else "caption",
-            unit="video",
-            disable=rank > 0 and not sys.stderr.isatty(),
-        ) as bar,
-    ):
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot write {out}: {e.strerror or e}") from None
+    with exclusive_output(out, state):
+        model, processor = pipeline.load(args.model, device=state.device if world > 1 else None)
+        args.question = args.question or pipeline.default_question(model)
+        config = run_config(args, policy, model, compare)
+        if rank == 0:
+            record_file.merge(out)  # folds a killed run's shards in and sets a torn last line aside
+        state.wait_for_everyone()
+        key = json.dumps(config, sort_keys=True)
+        done = {p for p, c in map(record_file.record_key, _ok(record_file.read(out)[0])) if c == key}
+        skipped = sum(str(q) in done for q in paths)
+        mine = [q for q in paths[rank::world] if str(q) not in done]
+        sink_path = out if world == 1 else out.with_name(f"{out.name}.shard{rank}")
+        started = time.time()
+        with (
+            record_file.Appender(sink_path) as sink,
+            tqdm(
+                total=len(mine),
+                desc=f"caption[{rank}]" if world > 1 else "caption",
+                unit="video",
+                disable=rank > 0 and not sys.stderr.isatty(),
+            ) as bar,
+        ):
+            Captioner(model, processor, policy, args, compare, config, sink, bar, rank if world > 1 else None).run(mine)
+        state.wait_for_everyone()
+        if rank != 0:
+            return 0
+        these = {str(q) for q in paths}
+        records = [r for r in record_file.merge(out) if r["path"] in these and record_file.record_key(r)[1] == key]
+        seconds = time.time() - started
+        print_summary(records, out, seconds, skipped, compare, policy)
+        return 1 if any(r["status"] != "ok" for r in records) else 0
 
-        def emit(rec):
-            sink.write(json.dumps(rec) + "\n")
-            sink.flush()
 
-        pending: list[tuple[Path, list]] = []
+def _ok(records):
+    return [r for r in records if r["status"] == "ok"]
 
-        def flush_pending():
-            if not pending:
-                return
-            for rec in caption_batch(model, processor, pending, policy, args, compare):
-                emit(rec)
-            bar.update(len(pending))
-            pending.clear()
 
-        for path in mine:
+class Captioner:
+    """One process's share of the job: read each video, batch videos of one shape, append a record per video as
+    soon as its batch is done."""
+
+    def __init__(self, model, processor, policy, args, compare, config, sink, bar, rank):
+        self.model, self.processor, self.policy, self.args = model, processor, policy, args
+        self.compare, self.config, self.sink, self.bar, self.rank = compare, config, sink, bar, rank
+        self.pending: dict[tuple, list] = {}
+        self.capacity: dict[tuple, int] = {}  # --kv-memory: videos per batch, per shape
+
+    def run(self, paths) -> None:
+        args = self.args
+        for path in paths:
             try:
                 frames = read_frames(
                     path, frames=None if args.fps else args.frames, target_fps=args.fps, cap=args.max_frames
                 )
             except VideoError as e:
-                emit(
-                    {
-                        "path": str(path),
-                        "status": "error",
-                        "error": str(e),
-                        **_policy_label(policy),
-                        "model": args.model,
-                    }
-                )
-                failed += 1
-                bar.update(1)
+                self.emit({"path": str(path), "status": "error", "error": str(e), **_policy_label(self.policy),
+                           "model": args.model, "config": self.config})  # fmt: skip
+                self.bar.update(1)
                 continue
-            if pending and len(pending[0][1]) != len(frames):
-                flush_pending()  # a batch holds videos of one length
-            pending.append((path, frames))
-            if len(pending) == args.batch:
-                flush_pending()
-        flush_pending()
-    state.wait_for_everyone()
-    if rank == 0:
-        records = merge(out)
-        these = {str(q) for q in paths}
-        mine_all = [r for r in records if r["path"] in these]
-        total_failed = sum(r["status"] != "ok" for r in mine_all)
-        print_summary(mine_all, out, time.time() - started, skipped, compare)
-        return 1 if total_failed else 0
-    return 1 if failed else 0
+            if args.kv_memory is None:
+                shape, cap = len(frames), args.batch  # a batch holds videos of one length
+                if self.pending and shape not in self.pending:
+                    self.flush_all()
+            else:
+                shape = (len(frames), frames[0].size)  # one prompt length: rows without padding
+                if shape not in self.capacity:
+                    run = self.caption([(path, frames)])
+                    self.capacity[shape] = self.measure(run, len(frames))
+                    continue
+                cap = self.capacity[shape]
+            self.pending.setdefault(shape, []).append((path, frames))
+            if len(self.pending[shape]) >= cap:
+                self.caption(self.pending.pop(shape))
+        self.flush_all()
+
+    def flush_all(self) -> None:
+        for shape in list(self.pending):
+            self.caption(self.pending.pop(shape))
+
+    def caption(self, items):
+        records, run = caption_batch(self.model, self.processor, items, self.policy, self.args, self.compare,
+                                     self.config)  # fmt: skip
+        for rec in records:
+            self.emit(rec)
+        self.bar.update(len(items))
+        return run
+
+    def measure(self, run, frames: int) -> int:
+        stats = run.prefill_stats
+        new_tokens = max_new_tokens(self.model, self.args, frames)  # the limit: a later video may not stop early
+        need = kv_memory.per_video_bytes(stats, new_tokens, self.policy, self.compare)
+        fits = kv_memory.capacity(self.args.kv_memory, need, self.args.batch)
+        if need > self.args.kv_memory:
+            warning = (
+                f"vlcache: warning: a video of {stats.prompt_tokens} tokens needs about {need:,} bytes of KV, "
+                f"more than --kv-memory {self.args.kv_memory:,}; captioning those one at a time"
+            )
+            print(warning, file=sys.stderr)
+        return fits
+
+    def emit(self, rec: dict) -> None:
+        if self.rank is not None:
+            rec["rank"] = self.rank
+        try:
+            self.sink.write(rec)
+        except OSError as e:
+            raise OSError(
+                f"cannot write {self.sink.path}: {e.strerror or e}; the {self.sink.written} records this run "
+                "wrote are kept, rerun to finish the rest"
+            ) from None
 
 
-def print_summary(records, out, seconds, skipped, compare):
+def print_summary(records, out, seconds, skipped, compare, policy):
     ok = [r for r in records if r["status"] == "ok"]
     bad = [r for r in records if r["status"] != "ok"]
-    if ok:
-        r = ok[0]
+    if records:  # the header names this run's configuration: every record listed was made under it
+        label = _policy_label(policy)
         amounts = ", ".join(
-            [f"{k}={r[k]}" for k in BUDGET_FIELDS if k in r] + [f"{k}={v}" for k, v in r.get("settings", {}).items()]
+            [f"{k}={label[k]}" for k in BUDGET_FIELDS if k in label]
+            + [f"{k}={v}" for k, v in label.get("settings", {}).items()]
         )
-        print(f"\nmodel {r['model']}; policy {r['policy']}({amounts})" + (" against the full cache" if compare else ""))
+        model = records[0]["model"]
+        print(f"\nmodel {model}; policy {label['policy']}({amounts})" + (" against the full cache" if compare else ""))
     print(
         f"\n{'video':<28} {'tokens':>7} {'kept':>7} {'KV saved':>10}  caption" + ("  |  full cache" if compare else "")
     )
@@ -252,10 +340,12 @@ def print_summary(records, out, seconds, skipped, compare):
         print(f"{Path(r['path']).name[:28]:<28} error: {r['error']}")
     total_saved = sum(r["kv_bytes_saved"] for r in ok)
     agree = sum(r.get("agrees_with_full", False) for r in ok)
+    fresh = max(len(ok) - skipped, 0)  # captioned by this run
     print(
         f"\ndone {len(ok)}, skipped {skipped} (already in {out}), failed {len(bad)}; KV saved {total_saved:,} bytes"
         + (f"; captions equal to the full cache's: {agree}/{len(ok)}" if compare and ok else "")
         + f"; {seconds:.1f}s"
+        + (f"; {3600 * fresh / seconds:,.0f} videos/hour" if fresh and seconds > 0 else "")
     )
 
 

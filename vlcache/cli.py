@@ -31,9 +31,37 @@ def policy_from_args(name: str, args) -> object:
     if all(v is None for v in amounts.values()):  # the command's default, e.g. "--budget 0.1"
         flag, value = args.default_budget.split()
         amounts[flag.lstrip("-").replace("-", "_")] = _amount(value)
-    return make_policy(
-        name, **{k: v for k, v in amounts.items() if v is not None}, **parse_settings(getattr(args, "set", None) or [])
-    )
+    amounts = {k: v for k, v in amounts.items() if v is not None}
+    settings = parse_settings(getattr(args, "set", None) or [])
+    _check_setting_types(type(make_policy(name, **amounts)), settings)  # also reports a bad name or budget
+    try:
+        return make_policy(name, **amounts, **settings)
+    except TypeError as e:  # a value of a type the policy's checks cannot compare; named, not a traceback
+        raise ValueError(f"{name}: a --set value has the wrong type ({e})") from None
+
+
+def _check_setting_types(cls, settings: dict) -> None:
+    """--set values of the kind each setting's default is: a number for a number, True/False for a flag."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for key, value in settings.items():
+        if key not in defaults or defaults[key] is None:
+            continue  # unknown names are make_policy's to report, with the list of settings
+        default = defaults[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok, wanted = isinstance(value, bool), "True or False"
+        elif isinstance(default, int):
+            ok, wanted = number and isinstance(value, int), "a whole number"
+        elif isinstance(default, float):
+            ok, wanted = number, "a number"
+        elif isinstance(default, str):
+            ok, wanted = isinstance(value, str), "a word"
+        elif isinstance(default, tuple):
+            ok, wanted = isinstance(value, (tuple, list)), "a tuple such as ('markers',)"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"--set {key}={value!r}: {key} takes {wanted} (default {default!r})")
 
 
 def add_budget_args(p: argparse.ArgumentParser, default: str = "--budget 0.1") -> None:
@@ -159,12 +187,12 @@ def run_main(fn, *args) -> int:
     """Run a command; user mistakes end in one line on stderr and exit status 2, not a traceback."""
     try:
         return fn(*args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"vlcache: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head` and closed early
+    except BrokenPipeError:  # output piped into `head` and closed early (an OSError: caught before the rest)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return 0
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: an unwritable or full output, a missing input
+        print(f"vlcache: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("vlcache: interrupted", file=sys.stderr)
         return 130

@@ -1,10 +1,18 @@
 """The Gradio demo: ask about a video (or a few images) with and without KV-cache compression, side by side.
 
     vlcache demo                      # http://127.0.0.1:7860, the embedded model, CPU is fine
+    vlcache demo --models embedded,Qwen/Qwen2-VL-2B-Instruct --port 7861
     python demo/app.py --port 7861
 
 Shows both answers, the KV memory each one held, prefill and decode times, and for each frame which of its patches
 the policy kept (one layer, or averaged over layers and heads). A thin consumer of the public API.
+
+Visitors choose only among the models given at launch (`--models`), never a path or hub id of their own. A model
+loads in a worker thread, outside any lock a request waits on: a request for a model still loading gets "try
+again" after `--load-timeout` seconds, and requests for other models go on meanwhile. At most `--keep-models`
+models stay loaded (least recently used leaves first). Questions are capped at MAX_QUESTION_CHARS characters and
+uploads at MAX_FILE_MB, the latter by Gradio while the upload streams in, before anything is stored. It listens on
+127.0.0.1 unless `--host` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,28 +21,56 @@ import argparse
 import os
 import sys
 import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 MAX_FRAMES = 32
 MAX_FILE_MB = 50
-MODELS = ["embedded", "tiny"]
+MAX_QUESTION_CHARS = 500  # the embedded tokenizer is per character: a 100,000-character question ran for minutes
+MODELS = ["embedded", "tiny"]  # the built-in ones; any others come from --models
+LOAD_TIMEOUT_S = 20.0
 
 
 class Runner:
-    """Loads models once and runs one comparison at a time (the model is shared, the session is not)."""
+    """Loads the configured models in the background and runs one comparison at a time per model (a model is
+    shared between requests, its compression session is not)."""
 
-    def __init__(self):
-        self._models: dict[str, tuple] = {}
-        self._lock = threading.Lock()
-
-    def model(self, name: str):
+    def __init__(self, models=("embedded",), *, load_timeout: float = LOAD_TIMEOUT_S, keep: int = 2, loader=None):
         from . import pipeline
 
-        if name not in self._models:
-            self._models[name] = pipeline.load(name)
-        return self._models[name]
+        if not models:
+            raise ValueError("give at least one model")
+        if keep < 1:
+            raise ValueError(f"--keep-models must be at least 1, got {keep}")
+        self.models = tuple(dict.fromkeys(models))
+        self.load_timeout, self.keep = load_timeout, keep
+        self._load = loader or pipeline.load
+        self._loads: OrderedDict[str, object] = OrderedDict()  # name -> Future of (model, processor)
+        self._loads_lock = threading.Lock()  # held for bookkeeping only, never while a model loads or runs
+        self._run_locks = {name: threading.Lock() for name in self.models}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlcache-demo-load")
+
+    def model(self, name: str):
+        if name not in self.models:
+            raise ValueError(f"model {name!r} is not offered here; choose one of {', '.join(self.models)}")
+        with self._loads_lock:
+            future = self._loads.get(name)
+            if future is None or (future.done() and future.exception() is not None):  # first use, or retry
+                future = self._loads[name] = self._pool.submit(self._load, name)
+            self._loads.move_to_end(name)
+            evictable = [n for n, f in self._loads.items() if n != name and f.done()]  # least recently used first
+            for old in evictable[: max(0, len(self._loads) - self.keep)]:
+                del self._loads[old]  # its memory goes once no request still holds it
+        try:
+            return future.result(timeout=self.load_timeout)
+        except FutureTimeout:
+            raise ValueError(f"model {name!r} is still loading; try again in a moment") from None
+        except Exception as e:  # the loader's own error, kept for the page in one line
+            raise ValueError(f"cannot load model {name!r}: {str(e).strip().splitlines()[0][:300]}") from None
 
     def compare(
         self, frames, question: str, model_name: str, policy_name: str, budget: float, vision_only: bool, layer: str
@@ -44,10 +80,11 @@ class Runner:
         from .policies import Full, make_policy
         from .viz import heatmap, kept_fraction
 
+        check_question(question)
         amounts = {"vision_budget": budget} if vision_only else {"budget": budget}
         policy = make_policy(policy_name, **amounts)
-        with self._lock:
-            model, processor = self.model(model_name)
+        model, processor = self.model(model_name)  # outside the run lock: a slow load blocks nobody else
+        with self._run_locks[model_name]:
             question = question.strip() or pipeline.default_question(model)
             inputs = pipeline.frames_inputs(processor, frames, question, device=next(model.parameters()).device)
             width = len(frames) + 1 if pipeline.is_embedded(model) else 48
@@ -59,6 +96,11 @@ class Runner:
             raise ValueError(f"layer {which} is not compressible; choose one of {sorted(small.kept_positions)}")
         picture = heatmap(frames, layout, kept_fraction(layout, small.kept_positions, which))
         return report(full, small, policy), picture
+
+
+def check_question(question: str) -> None:
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"the question has {len(question):,} characters; the demo takes up to {MAX_QUESTION_CHARS}")
 
 
 def report(full, small, policy) -> str:
@@ -123,6 +165,7 @@ def build(runner: Runner | None = None):
 
     def run(video, images, question, model_name, policy_name, budget, vision_only, frames, layer):
         try:
+            check_question(question or "")  # before any frame is decoded
             picked = load_frames(video, images, int(frames))
             return runner.compare(
                 picked, question or "", model_name, policy_name, float(budget), bool(vision_only), str(layer)
@@ -143,9 +186,11 @@ def build(runner: Runner | None = None):
             with gr.Column():
                 video = gr.Video(label="video", sources=["upload"])
                 images = gr.File(label="or images", file_count="multiple", file_types=["image"])
-                question = gr.Textbox(label="question (empty: the model's caption question)", value="")
+                question = gr.Textbox(
+                    label="question (empty: the model's caption question)", value="", max_length=MAX_QUESTION_CHARS
+                )
                 with gr.Row():
-                    model_name = gr.Dropdown(MODELS, value="embedded", label="model", allow_custom_value=True)
+                    model_name = gr.Dropdown(list(runner.models), value=runner.models[0], label="model")
                     policy_name = gr.Dropdown([p for p in POLICIES if p != "full"], value="snapkv", label="policy")
                 with gr.Row():
                     budget = gr.Slider(0.01, 1.0, value=0.25, step=0.01, label="budget (share kept)")
@@ -169,13 +214,40 @@ def build(runner: Runner | None = None):
     return app
 
 
-def main(argv=None) -> int:
+def launch(app, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs):
+    """Start the app with the demo's upload limit, which Gradio enforces while the upload streams in (the check in
+    load_frames sees files only after they were stored)."""
+    return app.launch(server_name=host, server_port=port, share=share, max_file_size=f"{MAX_FILE_MB}mb", **kwargs)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vlcache demo", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="a public gradio.live link")
+    p.add_argument("--models", default="embedded", help="comma-separated models visitors may pick: embedded, "
+                   "tiny, hub ids or local directories (default: embedded)")  # fmt: skip
+    p.add_argument("--keep-models", type=int, default=2, help="models kept loaded at once (default 2)")
+    p.add_argument("--load-timeout", type=float, default=LOAD_TIMEOUT_S, help="seconds a request waits for a model "
+                   f"that is loading before it is told to try again (default {LOAD_TIMEOUT_S:.0f})")  # fmt: skip
     args = p.parse_args(argv)
-    build().launch(server_name=args.host, server_port=args.port, share=args.share)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.load_timeout > 0:
+        raise ValueError(f"--load-timeout must be more than 0, got {args.load_timeout}")
+    return args
+
+
+def main(argv=None) -> int:
+    from .model_source import resolve
+
+    args = parse_args(argv)
+    for name in args.models:
+        if name not in MODELS:
+            resolve(
+                name, "--models"
+            )  # a missing directory or unreachable hub fails at launch, not on a visitor's request
+    runner = Runner(args.models, load_timeout=args.load_timeout, keep=args.keep_models)
+    launch(build(runner), args.host, args.port, args.share)
     return 0
 
 

@@ -29,16 +29,36 @@ def load(name: str | None = None, *, device: str | None = None, dtype: torch.dty
         from . import tiny
 
         return tiny.build("llava").to(device), tiny.processor("llava")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from .model_source import resolve
+
+    source = resolve(name)  # a missing directory or an unreachable hub fails here, in seconds
+    kw = {"local_files_only": True} if source.local_only else {}
     try:
-        processor = AutoProcessor.from_pretrained(name)
+        _check_family(name, AutoConfig.from_pretrained(source.name, **kw))  # before any weight is read
+        processor = AutoProcessor.from_pretrained(source.name, **kw)
         model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=dtype or (torch.bfloat16 if device == "cuda" else torch.float32), device_map=device
-        )
+            source.name, **kw, dtype=dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32),
+            device_map=device,
+        )  # fmt: skip
     except OSError as e:
-        raise ValueError(f"cannot load model {name!r}: {e}") from e
+        raise ValueError(f"cannot load model {name!r}: {_first_line(e)}") from e
     return model.eval(), processor
+
+
+def _check_family(name: str, config) -> None:
+    from .modality import SUPPORTED_FAMILIES, UnsupportedModelError, family_for
+
+    if family_for(config).name == "text":  # raises itself, listing the families, for anything else unknown
+        raise UnsupportedModelError(
+            f"--model {name}: a text-only {config.model_type} model; the apps need a vision-language model. "
+            f"Supported vision-language families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def is_embedded(model) -> bool:

@@ -1,5 +1,5 @@
-"""Reading frames from videos (decord) and images, and writing sample videos (PyAV), with errors that say what is
-wrong with the file."""
+"""Reading frames from videos (decord, PyAV where decord fails) and images (animated ones as videos), and writing
+sample videos (PyAV), with errors that say what is wrong with the file."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def sample_indices(
 def read_frames(
     path: str | Path, frames: int | None = 8, target_fps: float | None = None, cap: int = 64
 ) -> list[Image.Image]:
-    """RGB frames of a video (or the single frame of an image)."""
+    """RGB frames of a video, or of an animated image (GIF, WebP, APNG) read as one; a still image is one frame.
+    Videos go through decord, and through PyAV where decord fails on a file (it cannot convert H.264 frames a few
+    dozen pixels wide, for one)."""
     path = Path(path)
     if not path.exists():
         raise VideoError(f"file not found: {path}")
@@ -45,27 +47,84 @@ def read_frames(
     if path.stat().st_size == 0:
         raise VideoError(f"empty file: {path}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _read_image(path, frames, target_fps, cap)
+    try:
+        return _read_decord(path, frames, target_fps, cap)
+    except VideoError as first:
         try:
-            with Image.open(path) as im:
+            return _read_av(path, frames, target_fps, cap)
+        except VideoError:
+            raise first from None  # decord's reason: it read the file first
+
+
+def _read_image(path: Path, frames, target_fps, cap) -> list[Image.Image]:
+    try:
+        with Image.open(path) as im:
+            total = getattr(im, "n_frames", 1)
+            if total <= 1:
                 return [im.convert("RGB")]
-        except (OSError, ValueError) as e:
-            raise VideoError(f"cannot read image: {e}") from e
+            durations = []
+            for i in range(total):
+                im.seek(i)
+                durations.append(im.info.get("duration") or 100)  # ms; GIFs without one play at 10 fps
+            idx = sample_indices(total, 1000.0 * total / sum(durations), frames, target_fps, cap)
+            out = []
+            for i in idx:
+                im.seek(i)
+                out.append(im.convert("RGB"))
+            return out
+    except (OSError, ValueError, EOFError) as e:
+        raise VideoError(f"cannot read image: {e}") from e
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _read_decord(path: Path, frames, target_fps, cap) -> list[Image.Image]:
     try:
         import decord
-    except ImportError as e:  # pragma: no cover - the video extra is missing
-        raise VideoError("reading videos needs decord: pip install 'vlcache[video]'") from e
+    except ImportError as e:  # pragma: no cover - the video extra is missing; PyAV may still be there
+        raise VideoError("reading videos needs decord or PyAV: pip install 'vlcache[video]'") from e
     try:
         reader = decord.VideoReader(str(path))
         total = len(reader)
         fps = float(reader.get_avg_fps() or 0.0)
     except Exception as e:  # decord raises its own DECORDError (and RuntimeError) for corrupt files
-        raise VideoError(f"cannot decode video: {str(e).splitlines()[0][:200]}") from e
+        raise VideoError(f"cannot decode video: {_first_line(e)}") from e
     idx = sample_indices(total, fps, frames, target_fps, cap)
     try:
         batch = reader.get_batch(idx).asnumpy()
     except Exception as e:
-        raise VideoError(f"cannot decode frames {idx[:4]}...: {str(e).splitlines()[0][:200]}") from e
+        raise VideoError(f"cannot decode frames {idx[:4]}...: {_first_line(e)}") from e
     return [Image.fromarray(f) for f in batch]
+
+
+def _read_av(path: Path, frames, target_fps, cap) -> list[Image.Image]:
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover
+        raise VideoError("reading videos needs decord or PyAV: pip install 'vlcache[video]'") from e
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 0.0)
+            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+        idx = sample_indices(total, fps, frames, target_fps, cap)
+        wanted, out = set(idx), []
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    out.append(frame.to_image().convert("RGB"))
+                if len(out) == len(wanted):
+                    break
+    except VideoError:
+        raise
+    except Exception as e:  # PyAV raises its own error types (av.error.*) for unreadable files
+        raise VideoError(f"cannot decode video: {_first_line(e)}") from e
+    if not out:
+        raise VideoError("video has no frames")
+    return out
 
 
 def write_video(path: str | Path, frames: list[Image.Image], fps: int = 4, exact_rgb: bool = False) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..modality.families import SUPPORTED_FAMILIES, UnsupportedModelError
 from .attention import NAMES
 from .compat import attn_implementation, set_text_attention
 
@@ -33,8 +34,15 @@ def decoder(model) -> torch.nn.Module:
     """The language model (the part whose KV cache vlcache manages)."""
     lm = model.get_decoder() if hasattr(model, "get_decoder") else None
     if lm is None or not hasattr(lm, "layers"):
-        raise ValueError(f"{type(model).__name__}: cannot find its language model's decoder layers")
+        raise _unsupported(f"{type(model).__name__} has no language model with Llama-style decoder layers")
     return lm
+
+
+def _unsupported(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{what}, which vlcache needs. Supported vision-language families: {', '.join(SUPPORTED_FAMILIES)}; "
+        "text-only decoders built the same way (Llama, Qwen2, Mistral, ...) work too."
+    )
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -43,9 +51,9 @@ def attention_modules(model) -> list[torch.nn.Module]:
     for layer in decoder(model).layers:
         attn = getattr(layer, "self_attn", None)
         if attn is None or getattr(attn, "layer_idx", None) is None:
-            raise ValueError(
-                f"{type(model).__name__}: decoder layer {type(layer).__name__} has no self_attn with a layer_idx; "
-                "vlcache needs transformers' AttentionInterface-based attention"
+            raise _unsupported(
+                f"{type(model).__name__}: decoder layer {type(layer).__name__} has no self_attn with a layer_idx "
+                "(transformers' AttentionInterface-based attention)"
             )
         mods.append(attn)
     return mods

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..fingerprint import weights_digest
 from ..modality import family_for, layout_from_inputs
 from ..modality.families import UnsupportedModelError
 from ..reuse.rope import rerotate
@@ -76,8 +77,10 @@ class ImageReuse:
             if processor is not None and hasattr(processor, "image_processor")
             else {}
         )
+        # the weights themselves, not their path: a model retrained and saved over the old checkpoint must not be
+        # handed the old one's KV (the same path, config and dtype say nothing about what the weights are)
         self.identity = [
-            str(getattr(model, "name_or_path", "")),
+            weights_digest(model),
             model.config.to_json_string(),
             str(model.dtype),
             settings,

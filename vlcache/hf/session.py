@@ -11,6 +11,7 @@ layer's full keys are freed before the next layer runs.
 from __future__ import annotations
 
 import contextlib
+import threading
 from functools import partial
 
 import torch
@@ -131,6 +132,13 @@ class Session:
     # ------------------------------------------------------------------ generate
 
     def generate(self, *args, **kwargs):
+        # Calls from several threads take turns: the hooks keep the forward in flight in `self.cache`, so two
+        # interleaved generates would compress each other's caches. setdefault on the instance dict is atomic,
+        # so the first callers agree on one lock. Parallel requests need one model (and session) each.
+        with self.__dict__.setdefault("_generate_lock", threading.RLock()):
+            return self._generate_one(*args, **kwargs)
+
+    def _generate_one(self, *args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         if ids is not None and ids.shape[-1] == 0:
             raise ValueError("empty prompt: input_ids has no tokens")

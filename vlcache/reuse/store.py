@@ -1,6 +1,11 @@
 """A store of image KV chunks: bounded by bytes with least-recently-used eviction, thread-safe, with an optional
 on-disk tier (safetensors, never pickle).
 
+The disk tier is a cache, so it never fails a request: a corrupt or unreadable file is a miss with a warning (a
+corrupt one is deleted, so the image is compiled again and written anew), and a full or read-only disk leaves
+the chunk in memory with a warning. Several processes may share one `disk_dir`: each writes under a temporary
+name of its own and renames it into place, which is atomic, so a reader sees a whole file or none.
+
 A chunk is the KV of one image's token span (its markers included), computed with the image alone at position 0,
 plus the input embeddings of those tokens (so a reused image skips the vision tower). Keys are full SHA-256 digests
 of the pixel data and of everything that changes the KV: model, dtype, processor settings. A truncated hash could
@@ -11,7 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 import threading
+import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +92,15 @@ class ImageKVStore:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
-        if self.disk_dir is not None:
-            self.disk_dir.mkdir(parents=True, exist_ok=True)
         self._memory: OrderedDict[str, Chunk] = OrderedDict()
         self._lock = threading.RLock()
         self.hits = self.misses = 0
+        self._warned_write = False
+        if self.disk_dir is not None:
+            try:
+                self.disk_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                self._write_failed(e)
 
     @property
     def nbytes(self) -> int:
@@ -114,8 +127,8 @@ class ImageKVStore:
                 self._memory.move_to_end(key)
                 self.hits += 1
                 return chunk
-            if self.disk_dir is not None and self._path(key).exists():
-                chunk = self._load(key)
+            chunk = self._from_disk(key) if self.disk_dir is not None else None
+            if chunk is not None:
                 self._insert(chunk)
                 self.hits += 1
                 return chunk
@@ -125,8 +138,21 @@ class ImageKVStore:
     def put(self, chunk: Chunk) -> None:
         with self._lock:
             if self.disk_dir is not None and not self._path(chunk.key).exists():
-                self._save(chunk)
+                try:
+                    self._save(chunk)
+                except OSError as e:
+                    self._write_failed(e)
             self._insert(chunk)
+
+    def load(self, key: str) -> Chunk | None:
+        """The chunk on disk under `key` (None if there is none); raises CorruptChunkError for a bad file."""
+        if self.disk_dir is None:
+            return None
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return _parse(key, self._path(key).name, data)
 
     def clear(self) -> None:
         with self._lock:
@@ -145,8 +171,31 @@ class ImageKVStore:
             raise ValueError(f"not a chunk key (a 64-digit SHA-256 hex digest): {key!r}")
         return self.disk_dir / f"{key}.safetensors"
 
+    def _from_disk(self, key: str) -> Chunk | None:
+        try:
+            return self.load(key)
+        except CorruptChunkError as e:
+            warnings.warn(f"{e}; dropped it, the image will be compiled again", RuntimeWarning, stacklevel=3)
+            self._path(key).unlink(missing_ok=True)
+        except OSError as e:
+            warnings.warn(
+                f"cannot read chunk file {self._path(key).name} ({e}); compiling the image again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+
+    def _write_failed(self, error: OSError) -> None:
+        if not self._warned_write:  # once per store: a full disk would otherwise warn on every image
+            warnings.warn(
+                f"image KV store: cannot write to {self.disk_dir} ({error}); keeping chunks in memory only",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._warned_write = True
+
     def _save(self, chunk: Chunk) -> None:
-        from safetensors.torch import save_file
+        from safetensors import torch as st
 
         tensors = chunk.tensors()
         meta = {
@@ -156,24 +205,31 @@ class ImageKVStore:
             "base": str(chunk.base),
             "checksum": _checksum(tensors),
         }
-        tmp = self._path(chunk.key).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(self._path(chunk.key))  # a reader never sees half a file
-
-    def _load(self, key: str) -> Chunk:
-        from safetensors import safe_open
-
-        path = self._path(key)
+        final = self._path(chunk.key)
+        # a name no other thread or process uses: two writers of one key must not rename each other's file away
+        tmp = final.with_name(f"{chunk.key}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:
-            raise CorruptChunkError(f"cannot read chunk file {path.name}: {e}") from e
-        if meta.get("format") != FORMAT or meta.get("key") != key:
-            raise CorruptChunkError(f"chunk file {path.name} is not a vlcache chunk for this key")
-        if _checksum(tensors) != meta.get("checksum"):
-            raise CorruptChunkError(f"chunk file {path.name} is corrupted: its contents do not match its checksum")
+            st.save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, final)  # atomic: a reader never sees half a file
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _parse(key: str, name: str, data: bytes) -> Chunk:
+    """A chunk from a file's bytes, checked against its name and its checksum."""
+    from safetensors.torch import load
+
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error type for a bad header or short data
+        raise CorruptChunkError(f"cannot read chunk file {name}: {e}") from e
+    if meta.get("format") != FORMAT or meta.get("key") != key:
+        raise CorruptChunkError(f"chunk file {name} is not a vlcache chunk for this key")
+    if _checksum(tensors) != meta.get("checksum"):
+        raise CorruptChunkError(f"chunk file {name} is corrupted: its contents do not match its checksum")
+    try:
         layers = int(meta["layers"])
         return Chunk(
             key,
@@ -182,3 +238,5 @@ class ImageKVStore:
             tensors["embeds"],
             int(meta.get("base", 0)),
         )
+    except (KeyError, ValueError) as e:
+        raise CorruptChunkError(f"chunk file {name} lacks {e}") from e
