@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -302,6 +303,7 @@ def main(argv=None) -> int:
         new_tokens=new_tokens,
         repeat=args.repeat,
         threads=threads,
+        load_average_at_start=os.getloadavg()[0],  # timings on a shared machine mean little when this is high
         runs=[r.spec() for r in plan],
     )
     (work / "setup.json").write_text(json.dumps(setup))
@@ -322,12 +324,14 @@ def main(argv=None) -> int:
     prompt_keys = [layer.keys[:, :, :n].clone() for layer in full_cache.layers]
     mine = {r.name: ours(model, ids, r.policy, new_tokens, prompt_keys, args.repeat)[0] for r in plan}
 
+    setup["load_average_at_end"] = os.getloadavg()[0]
     kv_version = theirs.get("version", "?")
     shape = f"{config['num_hidden_layers']} x {config['hidden_size']}"
     what = "random weights, seed 0" if args.model == "random" else "the embedded model's trained text tower"
     print(f"Llama {shape} ({what}, q/k x{qk_scale:g}), fp32; prompt {n} tokens (random ids), keep {args.keep} "
           f"({setup['kept']} tokens), window {args.window}, kernel {args.kernel}, beta {args.beta:g}, "
-          f"{new_tokens} new tokens; CPU, {threads} threads; vlcache {vlcache.__version__} vs kvpress {kv_version}")  # fmt: skip
+          f"{new_tokens} new tokens; CPU, {threads} threads (load average {setup['load_average_at_start']:.1f} at start, "
+          f"{setup['load_average_at_end']:.1f} at end); vlcache {vlcache.__version__} vs kvpress {kv_version}")  # fmt: skip
     per_layer = [mean(h) for h in entropy]
     print(f"attention entropy of the last {ENTROPY_ROWS} prompt rows / uniform: mean {mean(per_layer):.3f}, "
           f"per layer {' '.join(f'{e:.2f}' for e in per_layer)}")  # fmt: skip
