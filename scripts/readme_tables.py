@@ -1,6 +1,6 @@
 """Markdown tables for the README from the benchmarks' JSON outputs, so every number there comes from a run.
 
-python scripts/readme_tables.py out/          # reads out/{quality,speed,kernels,peer,peer-embedded,reuse}/*.json
+python scripts/readme_tables.py out/          # reads out/{quality,speed,kernels,peer,peer-embedded,peer-uniform,reuse}/*.json
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def peer(data) -> str:
     e = data["entropy_last_rows_vs_uniform"]
     full = data["full"]
     lines = [
-        f"Attention entropy of the last {e['rows']} prompt rows / uniform: {e['mean']:.2f}. Full caches: same tokens "
+        f"Attention entropy of the last {e['rows']} prompt rows / uniform: {e['mean']:.3f}. Full caches: same tokens "
         f"{full['tokens_vlcache_vs_kvpress']:.2f}, KV {full['vlcache']['kv_bytes'] / 2**20:.1f} MiB.",
         "",
         "| vlcache | kvpress | same positions, heads | overlap | after decoding | kvpress cache in position order "
@@ -173,7 +173,7 @@ def peer_layers(data) -> str:
             if key == "end" and not r["decoding"]:
                 continue
             cells = [
-                " ".join("=" if o == 1.0 else f"{o:.2f}" for o in layer) for layer in r[f"overlap_per_layer_head_{key}"]
+                " ".join("=" if o == 1.0 else f"{o:.3f}" for o in layer) for layer in r[f"overlap_per_layer_head_{key}"]
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "| method | vlcache layer budgets | kvpress layer budgets |", "|---|---|---|"]
@@ -243,7 +243,7 @@ def main(folder: str = "out") -> int:
     k = load(out / "kernels" / "kernels.json")
     if k:
         print("## kernels\n\n" + kernels(k) + "\n")
-    for name in ("peer", "peer-embedded"):
+    for name in ("peer", "peer-embedded", "peer-uniform"):
         p = load(out / name / "peer.json")
         if p:
             print(f"## {name}\n\n" + peer(p) + "\n\n" + peer_layers(p) + "\n")

@@ -396,16 +396,16 @@ def main(argv=None) -> int:
     print()
     print("per layer, KV heads' overlap of kept prompt positions (|A & B| / |A | B|; '=' identical), after prefill:")
     layers = len(entropy)
-    print(f"{'method':<20} " + " ".join(f"{'L' + str(i):<9}" for i in range(layers)))
+    print(f"{'method':<20} " + " ".join(f"{'L' + str(i):<11}" for i in range(layers)))
     for row in rows:
         for key, label in (("prefill", row["method"]), ("end", "  after decoding")):
             if key == "end" and not row["decoding"]:
                 continue
             cells = [
-                ",".join("=" if o == 1.0 else f"{o:.2f}" for o in layer)
+                ",".join("=" if o == 1.0 else f"{o:.3f}" for o in layer)
                 for layer in row[f"overlap_per_layer_head_{key}"]
             ]
-            print(f"{label:<20} " + " ".join(f"{c:<9}" for c in cells))  # fmt: skip
+            print(f"{label:<20} " + " ".join(f"{c:<11}" for c in cells))  # fmt: skip
     for row in rows:
         if row["evicts_oldest_while_decoding"]:
             e = row["evicts_oldest_while_decoding"]
