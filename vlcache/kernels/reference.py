@@ -235,3 +235,33 @@ def merge_kv(
         count = torch.ones(kept.shape, dtype=torch.float32, device=x.device).scatter_add(2, assign, merged.float())
         out.append((total / count[..., None]).to(x.dtype))
     return out[0], out[1]
+
+
+def quantized_attention(query: torch.Tensor, parts: list, scale: float) -> torch.Tensor:
+    """Decode attention over a cache held in parts, some quantized (`vlcache.quant.KVPart`): every quantized part
+    dequantized on the fly, then one softmax over all parts' slots (attention does not depend on slot order).
+
+    query [B, H, R, d]; each part's keys / values [B, Hk, N, d] (a `Quantized` or a tensor) and `visible`
+    [B, Hk, 1 or R, N] bool or None (every slot visible). Returns [B, H, R, d] in the query's dtype, computed in
+    fp32; a row that sees no slot at all comes out as zeros.
+    """
+    from ..quant.tensor import Quantized, dequantize
+
+    B, H, R, d = query.shape
+    keys, values, masks = [], [], []
+    for part in parts:
+        k = dequantize(part.keys) if isinstance(part.keys, Quantized) else part.keys.float()
+        v = dequantize(part.values) if isinstance(part.values, Quantized) else part.values.float()
+        hk, n = k.shape[1], k.shape[2]
+        vis = part.visible
+        vis = torch.ones(B, hk, R, n, dtype=torch.bool, device=k.device) if vis is None else vis.expand(B, hk, R, n)
+        keys.append(k)
+        values.append(v)
+        masks.append(vis)
+    k, v, vis = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 3)  # [B, Hk, T, d], [B, Hk, R, T]
+    hk = k.shape[1]
+    g = H // hk
+    s = torch.matmul(_grouped(query, hk).float(), k.transpose(-1, -2)) * scale  # [B, Hk, g*R, T]
+    vis = vis[:, :, None].expand(B, hk, g, R, vis.shape[-1]).reshape(B, hk, g * R, -1)
+    p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, v).view(B, H, R, d).to(query.dtype)
