@@ -248,20 +248,25 @@ def quantized_attention(query: torch.Tensor, parts: list, scale: float) -> torch
     from ..quant.tensor import Quantized, dequantize
 
     B, H, R, d = query.shape
-    keys, values, masks = [], [], []
-    for part in parts:
-        k = dequantize(part.keys) if isinstance(part.keys, Quantized) else part.keys.float()
-        v = dequantize(part.values) if isinstance(part.values, Quantized) else part.values.float()
-        hk, n = k.shape[1], k.shape[2]
-        vis = part.visible
-        vis = torch.ones(B, hk, R, n, dtype=torch.bool, device=k.device) if vis is None else vis.expand(B, hk, R, n)
-        keys.append(k)
-        values.append(v)
-        masks.append(vis)
-    k, v, vis = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 3)  # [B, Hk, T, d], [B, Hk, R, T]
-    hk = k.shape[1]
+    keys = [dequantize(p.keys) if isinstance(p.keys, Quantized) else p.keys.float() for p in parts]
+    values = [dequantize(p.values) if isinstance(p.values, Quantized) else p.values.float() for p in parts]
+    hk = keys[0].shape[1]
     g = H // hk
-    s = torch.matmul(_grouped(query, hk).float(), k.transpose(-1, -2)) * scale  # [B, Hk, g*R, T]
-    vis = vis[:, :, None].expand(B, hk, g, R, vis.shape[-1]).reshape(B, hk, g * R, -1)
-    p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.matmul(p, v).view(B, H, R, d).to(query.dtype)
+    mask = None
+    if any(p.visible is not None for p in parts):
+        rows = max(1 if p.visible is None else p.visible.shape[2] for p in parts)  # 1: the same for every row
+        masks = [
+            torch.ones(B, hk, rows, k.shape[2], dtype=torch.bool, device=k.device)
+            if p.visible is None
+            else p.visible.expand(B, hk, rows, k.shape[2])
+            for p, k in zip(parts, keys)
+        ]
+        mask = torch.cat(masks, -1)  # [B, Hk, rows, T]
+        if rows > 1:  # per query row: the same rows for every head of a GQA group
+            mask = mask[:, :, None].expand(B, hk, g, rows, mask.shape[-1]).reshape(B, hk, g * rows, -1)
+    k = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
+    v = torch.cat(values, 2) if len(values) > 1 else values[0]
+    out = F.scaled_dot_product_attention(_grouped(query, hk).float(), k, v, attn_mask=mask, scale=scale)
+    if mask is not None:  # a row that sees nothing: sdpa gives NaN
+        out = out.nan_to_num(0.0)
+    return out.view(B, H, R, d).to(query.dtype)

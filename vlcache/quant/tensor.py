@@ -154,8 +154,13 @@ def dequantize(t: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor
     """`Quantized` -> [B, Hk, N, d] in `dtype` (computed in fp32)."""
     q = unpack(t.codes, t.bits).float()
     B, H, N, d = q.shape
-    if t.axis == "channel":
-        idx = t.group_index()[..., None].expand(B, H, N, d)
+    if t.axis == "channel" and t.index is None:  # slot // group: repeat each group's row
+        x = (
+            q * t.scale.float().repeat_interleave(t.group, 2)[:, :, :N]
+            + t.zero.float().repeat_interleave(t.group, 2)[:, :, :N]
+        )
+    elif t.axis == "channel":
+        idx = t.index.long()[..., None].expand(B, H, N, d)
         x = q * t.scale.float().gather(2, idx) + t.zero.float().gather(2, idx)
     else:
         g = t.group
