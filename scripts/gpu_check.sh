@@ -3,17 +3,19 @@
 # Its image has torch, transformers and triton but no decord/gradio: only the GPU-relevant parts run.
 #   1. the Triton kernels against their references, natively (no interpreter);
 #   2. the kernel benchmark at n = 4K..128K (H=28, Hk=4, d=128, bf16), bandwidth fraction per kernel;
-#   3. the speed benchmark with Qwen2-VL-7B text dimensions, bf16, 8K..128K tokens.
+#   3. the speed benchmark with Qwen2-VL-7B text dimensions, bf16, 8K..128K tokens;
+#   4. KV quantization: its Triton decode-attention tests natively, then its benchmark at 7B dimensions, 32K tokens
+#      (quantized rows against the same policy at 16 bits; about 2 minutes).
 # Each step runs under its own time limit and a failure does not stop the next one.
 # Results land in $OUT (or out/gpu when run by hand).
-#   bash scripts/gpu_check.sh [kernels-tests|kernels|speed|reuse ...]   (default: the first three)
+#   bash scripts/gpu_check.sh [kernel-tests|kernels|speed|quant|reuse ...]   (default: the first four)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernel-tests kernels speed)
+[ ${#steps[@]} -eq 0 ] && steps=(kernel-tests kernels speed quant)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for step in "${steps[@]}"; do
@@ -22,6 +24,10 @@ for step in "${steps[@]}"; do
     kernel-tests) timeout 240 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt" ;;
     kernels) timeout 240 python3 -m vlcache.bench.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" ;;
     speed) timeout 400 python3 -m vlcache.bench.speed --preset qwen2vl-7b --policies snapkv,h2o,vlcache,cake --new-tokens 32 --out "$OUT" 2>&1 | tee "$OUT/speed_gpu.txt" ;;
+    quant) timeout 60 python3 -m pytest tests/test_quant_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/quant_tests.txt"
+      timeout 150 python3 -m vlcache.bench.quant --parts speed --preset qwen2vl-7b --sizes 32768 \
+        --speed-rows "full,full:vision_bits=8;text_bits=8,full:vision_bits=4;text_bits=4,vlcache,vlcache:vision_bits=4;text_bits=8" \
+        --out "$OUT" 2>&1 | tee "$OUT/quant_gpu.txt" ;;
     reuse) timeout 300 python3 -m vlcache.bench.reuse --device cuda --out "$OUT" 2>&1 | tee "$OUT/reuse_gpu.txt" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -251,6 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--vision-budget", type=float, default=0.1, help="speed: the vlcache rows' vision budget")
     p.add_argument("--speed-rows", default=",".join(SPEED_ROWS))
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3, help="speed: runs per row; times are their medians")
     p.add_argument("--peer-tokens", type=int, default=4096)
     p.add_argument("--quality-rows", default=",".join(QUALITY_ROWS))
     p.add_argument("--tasks", default=None, help="quality: tasks (default: every embedded task)")
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
 
     args.tasks = args.tasks or ",".join(EVAL_TASKS)
     if args.quick:
-        args.preset, args.sizes, args.new_tokens, args.peer_tokens, args.n = "quick", "512", 4, 256, 4
+        args.preset, args.sizes, args.new_tokens, args.peer_tokens, args.n, args.repeat = "quick", "512", 4, 256, 4, 1
         args.tasks, args.quality_rows = "needle", "full:vision_bits=8;text_bits=8,vlcache:vision_bits=4;text_bits=8"
     args.speed_rows = [x for x in args.speed_rows.split(",") if x]
     if "full" not in args.speed_rows:
