@@ -38,8 +38,9 @@ def _quant_attention_kernel(
     byte = d // PER
     shift = (d % PER) * BITS
     q = tl.load(Q + (pid * R + r) * D + d, mask=dm, other=0.0).to(tl.float32) * scale
-    m_i = float("-inf")
-    l_i = 0.0
+    # one-element blocks, not Python scalars: loop-carried values keep one type when compiled
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
@@ -79,7 +80,8 @@ def _quant_attention_kernel(
         m_i = m_new
     denom = tl.where(l_i > 0, l_i, 1.0)
     tl.store(OUT + (pid * R + r) * D + d, acc / denom, mask=dm)
-    tl.store(LSE + pid * R + r, tl.where(l_i > 0, m_i + tl.log(denom), float("-inf")))
+    one = tl.arange(0, 1)
+    tl.store(LSE + pid * R + r + one, tl.where(l_i > 0, m_i + tl.log(denom), float("-inf")))
 
 
 def segment_attention(
