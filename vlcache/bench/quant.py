@@ -70,6 +70,25 @@ def storage_bytes(t) -> int:
 # ---------------------------------------------------------------------------------------------------------- speed
 
 
+def decode_cpu_ms(model, inputs, pol, new_tokens: int) -> float:
+    """CPU time this process spends per decode step (every forward after the prompt's), in ms: unlike wall time it
+    does not grow while other processes hold the cores (run it with one thread)."""
+    import vlcache
+
+    spent, marks = [], []
+    handles = [
+        model.register_forward_pre_hook(lambda *_: marks.append(time.process_time()), prepend=True),
+        model.register_forward_hook(lambda *_: spent.append(time.process_time() - marks[-1])),
+    ]
+    try:
+        with vlcache.compress(model, pol) if pol is not None else nullcontext(), torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return 1000 * sum(spent[1:]) / max(1, len(spent) - 1)
+
+
 def run_speed(args) -> list[dict]:
     from .speed import PRESETS, build_model, measure, prompt
 
@@ -102,6 +121,16 @@ def run_speed(args) -> list[dict]:
                 times[spec].append(r.decode_ms_per_token)
         for spec, m in measured.items():
             m["decode_ms"], m["decode_runs"] = min(times[spec]), times[spec]
+        if args.cpu_time:  # one thread, so that CPU time is the work done and not spinning threads
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            cpu = {spec: [] for spec in args.speed_rows}
+            for _ in range(args.repeat):
+                for spec in args.speed_rows:
+                    cpu[spec].append(decode_cpu_ms(model, inputs, policy(spec, **amount), args.new_tokens))
+            torch.set_num_threads(threads)
+            for spec, m in measured.items():
+                m["decode_cpu_ms"] = min(cpu[spec])
         full = measured["full"]
         print(f"\nprompt {real_n} tokens ({device}; vision_budget {args.vision_budget} for vlcache rows)")
         print(
@@ -118,12 +147,19 @@ def run_speed(args) -> list[dict]:
                 peak_ratio=m["peak_bytes"] / full["peak_bytes"] if full["peak_bytes"] else None,
                 decode_ms=m["decode_ms"],
                 decode_runs=m["decode_runs"],
+                decode_cpu_ms=m.get("decode_cpu_ms"),
+                decode_cpu_vs_16bit=m["decode_cpu_ms"] / base["decode_cpu_ms"]
+                if base and "decode_cpu_ms" in m
+                else None,
                 prefill_s=m["prefill_s"],
                 decode_vs_16bit=m["decode_ms"] / base["decode_ms"] if base else None,
                 agreement=sum(a == b for a, b in zip(m["tokens"], full["tokens"])) / len(full["tokens"]),
             )
             rows.append(row)
             vs = f"{row['decode_vs_16bit']:>8.2f}" if row["decode_vs_16bit"] is not None else f"{'-':>8}"
+            if row["decode_cpu_ms"] is not None:
+                cvs = row["decode_cpu_vs_16bit"]
+                vs += f"   CPU time {row['decode_cpu_ms']:.2f} ms/t" + (f" ({cvs:.2f}x 16-bit)" if cvs else "")
             print(
                 f"{spec:<46} {m['kv_bytes'] / 2**20:>8.2f} {row['kv_ratio']:>7.3f} {m['peak_bytes'] / 2**20:>9.1f} "
                 f"{row['peak_ratio'] or 0:>7.2f} {m['decode_ms']:>12.2f} {vs} {row['agreement']:>6.2f}"
@@ -266,6 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-rows", default=",".join(SPEED_ROWS))
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5, help="speed: timed rounds over the rows; the fastest counts")
+    p.add_argument("--cpu-time", action="store_true", help="speed: also CPU time per decode token, one thread")
     p.add_argument("--peer-tokens", type=int, default=4096)
     p.add_argument("--quality-rows", default=",".join(QUALITY_ROWS))
     p.add_argument(

@@ -105,6 +105,23 @@ def unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).view(*codes.shape[:-1], codes.shape[-1] * per)
 
 
+_TABLES: dict = {}
+
+
+def unpack_float(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`unpack` straight to fp32 through a 256-entry table (byte -> its 8 / bits codes): two operations whatever the
+    width, where shifting and masking take three a code (the decode step is bound by the number of operations)."""
+    if bits == 8:
+        return codes.float()
+    key = (bits, codes.device)
+    if key not in _TABLES:
+        per, mask = 8 // bits, (1 << bits) - 1
+        byte = torch.arange(256, device=codes.device)
+        _TABLES[key] = torch.stack([(byte >> (bits * i)) & mask for i in range(per)], -1).float()  # [256, per]
+    table = _TABLES[key]
+    return table[codes.long()].view(*codes.shape[:-1], codes.shape[-1] * table.shape[-1])
+
+
 def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (fp32) in `dtype`, never above x."""
     y = x.to(dtype)
@@ -152,9 +169,13 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, valid: torch.Ten
 
 def dequantize(t: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`Quantized` -> [B, Hk, N, d] in `dtype` (computed in fp32)."""
-    q = unpack(t.codes, t.bits).float()
+    q = unpack_float(t.codes, t.bits)
     B, H, N, d = q.shape
-    if t.axis == "channel" and t.index is None:  # slot // group: repeat each group's row
+    if t.axis == "channel" and t.index is None and N % t.group == 0:  # whole groups: scales broadcast
+        ng = N // t.group
+        x = q.view(B, H, ng, t.group, d) * t.scale.float()[:, :, :, None] + t.zero.float()[:, :, :, None]
+        x = x.view(B, H, N, d)
+    elif t.axis == "channel" and t.index is None:  # slot // group: repeat each group's row
         x = (
             q * t.scale.float().repeat_interleave(t.group, 2)[:, :, :N]
             + t.zero.float().repeat_interleave(t.group, 2)[:, :, :N]
