@@ -88,3 +88,13 @@ def test_reuse_quick(tmp_path):
 def test_bench_usage():
     assert main(["bench"]) == 0
     assert main(["bench", "nope"]) == 2
+
+
+def test_quant_speed_part(tmp_path):
+    rows = "full,full:vision_bits=4;text_bits=4"
+    args = ["bench", "quant", "--parts", "speed", "--preset", "quick", "--sizes", "300", "--new-tokens", "3"]
+    assert main([*args, "--repeat", "1", "--speed-rows", rows, "--out", str(tmp_path)]) == 0
+    out = {r["policy"]: r for r in json.loads((tmp_path / "quant.json").read_text())["speed"]}
+    assert out["full:vision_bits=4;text_bits=4"]["kv_ratio"] < 0.25  # 4-bit codes + fp16 scales against fp32
+    assert out["full:vision_bits=4;text_bits=4"]["decode_vs_16bit"] > 0 and out["full"]["kv_ratio"] == 1.0
+    assert (tmp_path / "quant.png").stat().st_size > 0

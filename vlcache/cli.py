@@ -119,7 +119,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-BENCHES = ("quality", "speed", "kernels", "peer", "reuse")
+BENCHES = ("quality", "speed", "kernels", "peer", "reuse", "quant")
 
 
 def run_bench(argv: list[str]) -> int:
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="list the policies with their settings")
     p.set_defaults(func=cmd_policies)
 
-    sub.add_parser("bench", help="benchmarks: quality, speed, kernels, peer, reuse (vlcache bench NAME --help)")
+    sub.add_parser("bench", help="benchmarks: quality, speed, kernels, peer, reuse, quant (vlcache bench NAME --help)")
     sub.add_parser("demo", help="the Gradio demo: compare answers with and without compression (vlcache demo --help)")
     return parser
 
