@@ -41,6 +41,14 @@ def test_captions_videos_into_jsonl(videos, tmp_path, capsys):
     assert "done 3, skipped 0" in printed and "failed 0" in printed
 
 
+def test_a_caption_of_fewer_frames_is_not_cut_short(videos, tmp_path):
+    """The embedded model got frames + 1 new tokens: at 4 frames its 8-place colour list stopped after 4."""
+    out = tmp_path / "c.jsonl"
+    assert main([str(videos[1][0]), "-o", str(out), "--frames", "4", "--compare"]) == 0
+    (rec,) = _records(out)
+    assert rec["frames"] == 4 and len(rec["caption_full"]) == 9 and len(rec["caption"]) == 9
+
+
 def test_resume_skips_finished_videos(videos, tmp_path, capsys):
     folder, paths = videos
     out = tmp_path / "c.jsonl"

@@ -72,6 +72,16 @@ def default_question(model) -> str:
     return "describe?" if is_embedded(model) else "Describe this video in one sentence."
 
 
+def answer_tokens(model, default: int = 64) -> int:
+    """New tokens an answer needs: for the embedded model "=" and its longest answer, describe's one place per
+    palette colour (9, whatever the number of frames); for any other model `default`."""
+    if is_embedded(model):
+        from .evaluation.tasks import ANSWER_PREFIX, COLOR_KEYS
+
+        return len(ANSWER_PREFIX) + len(COLOR_KEYS)
+    return default
+
+
 def frames_inputs(processor, frames, question: str, device=None) -> dict:
     """Model inputs for a question about frames given as images, each after a text marker ("f0<image>f1<image>
     question"), through the processor's chat template when it has one. `frames` is one video (a list of images)
