@@ -77,6 +77,7 @@ def test_a_text_only_model_is_refused_with_the_families(capsys, tmp_path):
     assert "text-only gpt2 model" in err and "Supported vision-language families: llava" in err
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_in_seconds(tmp_path):
     """It took 148 s of retries before the error when the hub cannot be reached."""
     import os
