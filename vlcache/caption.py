@@ -1,6 +1,6 @@
 """Batch video captioning with a compressed KV cache (`vlcache caption`, `python -m vlcache.caption`).
 
-    vlcache caption                                  # the bundled sample videos, full cache vs VL-Cache at 25% of the vision tokens, a summary table
+    vlcache caption                                  # the sample videos (generated), full cache vs VL-Cache at 25% of the vision tokens, a summary table
     vlcache caption videos/ list.txt a.mp4 -o captions.jsonl --policy snapkv --budget 0.1
     vlcache caption videos/ --kv-memory 8GB          # batches as large as 8 GB of compressed KV cache allows
     torchrun --nproc_per_node 2 -m vlcache.caption videos/ -o captions.jsonl   # sharded (or accelerate launch)
@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="vlcache caption", description=__doc__.splitlines()[0])
     p.add_argument(
-        "inputs", nargs="*", help="videos, images, folders, or .txt files listing paths (default: bundled samples)"
+        "inputs", nargs="*", help="videos, images, folders, or .txt files listing paths (default: the sample videos)"
     )
     p.add_argument("-o", "--out", default="captions.jsonl")
     p.add_argument("--model", default="embedded", help="hub id or local path (default: the embedded model)")
