@@ -64,12 +64,26 @@ def kept_indices(policy, view):
 
 
 def run_policy(
-    policy, layout, *, layers=2, heads=4, kv_heads=2, d=8, seed=0, qkv=None, decode=0, on_layer=None, on_prefill=None
+    policy,
+    layout,
+    *,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    d=8,
+    seed=0,
+    qkv=None,
+    decode=0,
+    decode_qkv=None,
+    on_layer=None,
+    on_prefill=None,
+    on_step=None,
 ):
     """Drive `policy` through a real CompressedCache over hand-made tensors, as generate would: every layer's
     prefill, the whole-model step, then `decode` single-token steps. `qkv[l]` gives (q, k, v) of layer l;
-    `on_layer(cache, l)` runs after each prefill layer, `on_prefill(cache)` after the whole-model step. Returns
-    the cache."""
+    `decode_qkv(step, l)` those of a decode step (default: random); `on_layer(cache, l)` runs after each prefill
+    layer, `on_prefill(cache)` after the whole-model step, `on_step(cache, step)` after each decode step.
+    Returns the cache."""
     import transformers as T
 
     from vlcache.hf.cache import CompressedCache
@@ -103,16 +117,23 @@ def run_policy(
     driver.finish_prefill(cache)
     if on_prefill is not None:
         on_prefill(cache)
-    for _ in range(decode):
+    for step in range(decode):
         cache.extend(torch.ones(B, 1, dtype=torch.bool))
         for li in range(layers):
-            q, k, v = (
-                torch.randn(B, heads, 1, d, generator=g),
-                torch.randn(B, kv_heads, 1, d, generator=g),
-                torch.randn(B, kv_heads, 1, d, generator=g),
-            )
+            if decode_qkv is not None:
+                q, k, v = decode_qkv(step, li)
+            else:
+                q, k, v = (
+                    torch.randn(B, heads, 1, d, generator=g),
+                    torch.randn(B, kv_heads, 1, d, generator=g),
+                    torch.randn(B, kv_heads, 1, d, generator=g),
+                )
             cache.update(k, v, li)
+            if driver.looking(cache, li):  # as the session's attention does, before attending
+                driver.before_attention(cache, li, q, d**-0.5)
             driver.layer_forward(cache, li, q, d**-0.5)
+        if on_step is not None:
+            on_step(cache, step)
     return cache
 
 

@@ -19,6 +19,18 @@ class Driver:
         self.heads = heads  # query heads, for views of a layer without new rows
         self.appends = type(policy).on_append is not Policy.on_append
         self.prune_at = policy.prune_at
+        self.lookahead = policy.lookahead
+
+    def looking(self, cache: CompressedCache, li: int) -> bool:
+        """Whether layer `li` still waits for generated rows (`lookahead`): then `before_attention` runs."""
+        return bool(self.lookahead) and cache.prefilled and not cache.layers[li].state.get("lookahead_done", False)
+
+    def before_attention(self, cache: CompressedCache, li: int, query: torch.Tensor, scaling: float | None) -> None:
+        """A decode step's queries, before layer `li` attends (its keys already hold the new tokens): the
+        lookahead's accumulation, and on its last step the cut, so this step attends over the kept entries."""
+        view = self.view(cache, li, query, scaling)
+        with torch.no_grad():
+            self.apply(cache, self.policy.lookahead_step(view))
 
     def layer_forward(self, cache: CompressedCache, li: int, query: torch.Tensor, scaling: float | None) -> None:
         """After layer `li`'s attention over `query` (its new rows): the prefill or the append hook. With

@@ -231,13 +231,20 @@ class Session:
                     "attention; see vlcache/hf/compat.py"
                 )
             self.driver.finish_prefill(cache)
-            self.prefill_stats = cache.stats(self.label())
-            B = cache.layout.batch_size
-            self.prefill_rows = [cache.stats(self.label(), row=b) for b in range(B)] if B > 1 else [self.prefill_stats]
-            self.prefill_positions = {
-                i: cache.original_positions(cache.layers[i].slot_positions()).detach().cpu()
-                for i in cache.compressible()
-            }
+            self._record_prefill(cache)
+        elif cache is not None and self.policy.lookahead and not cache.shared.get("_lookahead_recorded"):
+            if all(cache.layers[i].state.get("lookahead_done", False) for i in cache.compressible()):
+                cache.shared["_lookahead_recorded"] = True
+                self._record_prefill(cache)  # what the lookahead cut kept is the prompt's compression, for stats
+
+    def _record_prefill(self, cache) -> None:
+        """Stats and kept positions of the compressed prompt (after the prefill, or after a lookahead's cut)."""
+        self.prefill_stats = cache.stats(self.label())
+        B = cache.layout.batch_size
+        self.prefill_rows = [cache.stats(self.label(), row=b) for b in range(B)] if B > 1 else [self.prefill_stats]
+        self.prefill_positions = {
+            i: cache.original_positions(cache.layers[i].slot_positions()).detach().cpu() for i in cache.compressible()
+        }
         self.cache = None
 
     def _merge(self, module, args, kwargs):
@@ -255,6 +262,11 @@ class Session:
         layer = cache.layers[li]
         if not isinstance(layer, CompressibleLayer):
             return stock(module, query, key, value, mask, **kwargs)
+        if self.driver.looking(cache, li):
+            self.driver.before_attention(cache, li, query, kwargs.get("scaling"))
+            layer = cache.layers[li]  # compacted in place, or quantized and then cut
+            if layer.compacted and not isinstance(layer, QuantizedLayer):
+                key, value = layer.dense()
         if isinstance(layer, QuantizedLayer):
             # the stock functions would need the whole layer in full precision: attend over the codes instead
             scaling = kwargs.get("scaling")
