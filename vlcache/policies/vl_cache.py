@@ -82,7 +82,9 @@ class VLCache(Policy):
         r0 = int((~chosen).sum(-1).min())  # the first row any prompt uses
         return r0, chosen[:, r0:] & view.query_valid(slice(r0, None))
 
-    def on_prefill(self, view: LayerView):
+    def measure(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """(colsum [B, H, T]: the attention each slot gets from the post-vision rows, per query head; [B] how many
+        rows those are; the layer's density per prompt)."""
         r0, q_valid = self.post_vision_rows(view)
         rows = slice(r0, None)
         st = kernels.attention_stats(
@@ -99,10 +101,17 @@ class VLCache(Policy):
         causal = view.layout.valid.long().cumsum(-1)[:, r0:].float() * q_valid  # visible keys per row
         zero = ((causal[:, None, :] - st.density) * q_valid[:, None, :]).sum(-1)  # [B, H]
         sparsity = zero / causal.sum(-1, keepdim=True).clamp(min=1)
-        view.slot_state["vlcache"] = kernels.group_reduce(st.colsum, view.kv_heads, self.agg)
+        return st.colsum, q_valid.sum(-1), (1.0 - sparsity.mean(1)).tolist()
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return kernels.group_reduce(self.measure(view)[0], view.kv_heads, self.agg)
+
+    def on_prefill(self, view: LayerView):
+        colsum, rows, density = self.measure(view)
+        view.slot_state["vlcache"] = kernels.group_reduce(colsum, view.kv_heads, self.agg)
         if self.lookahead:  # the generated rows join these (lookahead_step)
-            view.slot_state["lookahead"] = st.colsum / q_valid.sum(-1).clamp(min=1).view(-1, 1, 1).to(st.colsum.dtype)
-        view.shared.setdefault("vlcache_density", {})[view.layer] = (1.0 - sparsity.mean(1)).tolist()  # [B]
+            view.slot_state["lookahead"] = colsum / rows.clamp(min=1).view(-1, 1, 1).to(colsum.dtype)
+        view.shared.setdefault("vlcache_density", {})[view.layer] = density  # [B]
         if self.cascading:
             return self.allocate(view.request, view.depth + 1)
         return None  # budgets need every layer's density: see after_prefill
@@ -156,23 +165,25 @@ class VLCache(Policy):
             )
         return out
 
-    def plans(self, request: Request, seen: int) -> dict[int, Plan]:
-        """The prompt-space budgets of the first `seen` layers: the model-wide budget split by density over them."""
+    def plans(self, request: Request, seen: int, policy: Policy | None = None) -> dict[int, Plan]:
+        """The prompt-space budgets of the first `seen` layers: the model-wide budget split by density over them.
+        `policy` (default: this one) gives the amounts and the tokens always kept (a composed policy's own)."""
+        policy = policy or self
         layers, L = request.layers[:seen], len(request.layers)
         density = self.densities(request, seen)
         first = request.view(request.layers[0])
         layout = first.layout
-        if self.budget is not None:
-            totals = self.total_budget(layout).tolist()
+        if policy.budget is not None:
+            totals = policy.total_budget(layout).tolist()
             n = layout.valid.sum(-1).tolist()
             per_row = [self.layer_budgets(d, t, m, L) for d, t, m in zip(density, totals, n)]
             dev = layout.valid.device
             plans = {
-                layer: self.plan(first, total=torch.tensor([row[i] for row in per_row], device=dev))
+                layer: policy.plan(first, total=torch.tensor([row[i] for row in per_row], device=dev))
                 for i, layer in enumerate(layers)
             }
         else:  # per-modality amounts: each pool's model-wide total split by density, like the single budget
-            base = self.plan(first)
+            base = policy.plan(first)
             split = [
                 [self.layer_budgets(d, k, size, L) for d, k, size in zip(density, k.tolist(), mask.sum(-1).tolist())]
                 for mask, k in base.pools
