@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..compression_stats import CompressionStats, LayerStats
 from ..modality import Layout
 from ..policies.base import Eviction, Selection
-from ..stats import CompressionStats, LayerStats
 from .compat import init_layer, replicate_layers_as, require
 
 DynamicCache, DynamicLayer = require("DynamicCache", "DynamicLayer")

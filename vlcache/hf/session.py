@@ -17,16 +17,15 @@ from functools import partial
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..compression_stats import CompressionStats
 from ..modality import family_for, layout_from_inputs
 from ..policies import Policy
 from ..quant.config import QuantConfig
-from ..stats import CompressionStats
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
 from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_untested
-from .driver import Driver
 from .merge import merge_inputs
-from .model import (
+from .model_parts import (
     attention_modules,
     check_reductions,
     decoder,
@@ -36,6 +35,7 @@ from .model import (
     vlcache_implementation,
     wrap_generate,
 )
+from .policy_runner import PolicyRunner
 from .prune import cut_layer_inputs
 from .quantized import QuantizedLayer
 
@@ -78,7 +78,7 @@ class Session:
         self._modules = []
         self._original_impl = None
         self._attached = False
-        self.driver = Driver(policy, text_config(model).num_attention_heads)
+        self.runner = PolicyRunner(policy, text_config(model).num_attention_heads)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -230,7 +230,7 @@ class Session:
                     f"cannot be compressed: {tested_note()}. transformers may have changed how it dispatches "
                     "attention; see vlcache/hf/compat.py"
                 )
-            self.driver.finish_prefill(cache)
+            self.runner.finish_prefill(cache)
             self.prefill_stats = cache.stats(self.label())
             B = cache.layout.batch_size
             self.prefill_rows = [cache.stats(self.label(), row=b) for b in range(B)] if B > 1 else [self.prefill_stats]
@@ -259,7 +259,7 @@ class Session:
             # the stock functions would need the whole layer in full precision: attend over the codes instead
             scaling = kwargs.get("scaling")
             out = layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
-            self.driver.layer_forward(cache, li, query, scaling)
+            self.runner.layer_forward(cache, li, query, scaling)
             return out.transpose(1, 2).contiguous(), None
         q = query.shape[2]
         if layer.compacted or cache.hidden:
@@ -272,5 +272,5 @@ class Session:
             cache.attended.add(li)
         with _decode_backends(query) if cache.prefilled else contextlib.nullcontext():
             out = stock(module, query, key, value, mask, **kwargs)
-        self.driver.layer_forward(cache, li, query, kwargs.get("scaling"))
+        self.runner.layer_forward(cache, li, query, kwargs.get("scaling"))
         return out
