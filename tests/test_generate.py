@@ -10,7 +10,7 @@ from util import FAMILIES, prompt_for
 import vlcache
 from vlcache import testing
 from vlcache.hf import CompressedCache, CompressibleLayer
-from vlcache.hf.compat import cache_kwargs
+from vlcache.hf.compat import cache_kwargs, get_cache
 from vlcache.hf.model_parts import decoder
 from vlcache.modality import layout_from_inputs
 from vlcache.policies import CAKE, H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
@@ -444,3 +444,57 @@ def test_in_place_eviction_decodes_like_compaction(tiny_model, policy):
         assert torch.equal(_by_position(a)[0], b.slot_positions())
     # the fast path really ran: its slots are out of sequence order, the compacting path's are not
     assert any(bool((a.slot_positions().diff(dim=-1) < 0).any()) for a in fast_layers)
+
+
+def test_per_row_stats_and_kept_positions_are_worked_out_when_read(tiny_model, monkeypatch):
+    """A compressed generate works out neither the per-row stats nor the CPU copies of the kept positions (only the
+    apps read them); read afterwards, they are what the cache held right after the prefill, though decoding has
+    evicted prompt entries since."""
+    model = tiny_model("qwen2_vl")
+    rows = [["ab", testing.IMAGE, "what is it?"], ["xyzw vv", testing.IMAGE, "tell me more about it"]]
+    inputs = testing.make_inputs(model, rows).inputs  # two rows of different lengths: left-padded
+    calls, counting = [], [True]
+    for name in ("row_stats", "original_positions"):
+        real = getattr(CompressedCache, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if counting[0]:
+                calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(CompressedCache, name, counted)
+    seen = {}
+
+    def right_after_prefill(module, args, kwargs, output):  # runs after the session's own hook, registered first
+        cache = get_cache(kwargs)
+        if cache.prefilled and not seen:
+            counting[0] = False
+            seen["rows"] = [cache.stats(session.label(), row=b) for b in range(2)]
+            seen["positions"] = {
+                i: cache.original_positions(cache.layers[i].slot_positions()).clone() for i in cache.compressible()
+            }
+            counting[0] = True
+
+    # nothing protected: each new token pushes the oldest prompt entry after the sinks out
+    with vlcache.compress(model, StreamingLLM(budget=0.4, protect=())) as session:
+        handle = model.register_forward_hook(right_after_prefill, with_kwargs=True)
+        try:
+            model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, **GREEDY)
+        finally:
+            handle.remove()
+    assert calls == []
+    cache = session.last_cache
+    for i, kept in seen["positions"].items():  # the sliding window has moved on: the prefill's entries are gone
+        assert not torch.equal(cache.layers[i].slot_positions()[..., : kept.shape[-1]], kept)
+    assert session.prefill_rows == seen["rows"]
+    assert calls.count("row_stats") == 2
+    assert session.prefill_positions.keys() == seen["positions"].keys()
+    for i, kept in seen["positions"].items():
+        assert session.prefill_positions[i].device.type == "cpu"
+        assert torch.equal(session.prefill_positions[i], kept.cpu())
+    total = session.prefill_stats
+    for layer, *per_row in zip(total.layers, *(r.layers for r in session.prefill_rows)):
+        for m in ("text", "image", "video"):  # the rows' kept tokens add up to the whole batch's
+            assert sum(r.kept[m] for r in per_row) == layer.kept[m]
+    assert sum(r.kv_bytes for r in session.prefill_rows) == total.kv_bytes
+    assert session.prefill_rows is session.prefill_rows  # worked out once

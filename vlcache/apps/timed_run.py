@@ -26,10 +26,19 @@ class RunResult:
     decode_s: float  # total over the decode steps
     steps: int  # decode forwards
     texts: list[str] = field(default_factory=list)  # every row's
-    row_stats: list[CompressionStats] = field(default_factory=list)  # every row's prefill stats
-    kept_positions: dict = field(default_factory=dict)  # layer -> [B, Hk, K] prompt positions kept after prefill
     total_s: float = 0.0  # wall time of the whole generate call: what a user waits for
     step_s: list[float] = field(default_factory=list)  # each decode forward's time
+    session: object = None  # the vlcache session that compressed it (None: plain Hugging Face)
+
+    @property
+    def row_stats(self) -> list[CompressionStats]:
+        """Every row's prefill stats (worked out when first read: the benchmarks never ask)."""
+        return list(self.session.prefill_rows) if self.session is not None else []
+
+    @property
+    def kept_positions(self) -> dict:
+        """layer -> [B, Hk, K] prompt positions kept after prefill, on the CPU (worked out when first read)."""
+        return dict(self.session.prefill_positions) if self.session is not None else {}
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -73,8 +82,6 @@ def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: i
     n = inputs["input_ids"].shape[1]
     texts = processor.batch_decode(out[:, n:], skip_special_tokens=True) if processor is not None else [""] * len(out)
     stats, prefill_stats = (session.stats, session.prefill_stats) if session else (None, None)
-    rows = list(session.prefill_rows) if session else []
-    kept = dict(session.prefill_positions) if session else {}
     return RunResult(
         out[0, n:].tolist(),
         texts[0],
@@ -84,10 +91,9 @@ def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: i
         sum(times[1:]),
         len(times) - 1,
         texts,
-        rows,
-        kept,
         total,
         times[1:],
+        session,
     )
 
 

@@ -69,8 +69,11 @@ class Session:
             QuantConfig.of(policy, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.cache: CompressedCache | None = None  # the cache of the forward in flight
         self.prefill_stats: CompressionStats | None = None
-        self.prefill_rows: list[CompressionStats] = []  # the same, one per batch row
-        self.prefill_positions: dict[int, torch.Tensor] = {}  # layer -> [B, Hk, K] prompt positions kept after prefill
+        # what the last prefill left, for `prefill_rows` and `prefill_positions`: only the apps read those, so they
+        # are worked out when read, from the cache and its slot positions as the prefill left them
+        self._prefilled: tuple[CompressedCache, dict[int, torch.Tensor]] | None = None
+        self._rows: list[CompressionStats] | None = None
+        self._positions: dict[int, torch.Tensor] | None = None
         self.stats: CompressionStats | None = None  # at the end of the last generate
         self.last_cache: CompressedCache | None = None
         self._request_inputs: dict = {}  # the tensors of the generate call in flight
@@ -176,6 +179,29 @@ class Session:
         self.model._vlcache_stats = self.stats
         return out
 
+    @property
+    def prefill_rows(self) -> list[CompressionStats]:
+        """`prefill_stats` of each batch row (the captioner's per-video records), worked out on first read."""
+        if self._rows is None:
+            if self._prefilled is None:
+                return []
+            cache, positions = self._prefilled
+            B = cache.layout.batch_size
+            total = self.prefill_stats
+            self._rows = [cache.row_stats(total, positions, b) for b in range(B)] if B > 1 else [total]
+        return self._rows
+
+    @property
+    def prefill_positions(self) -> dict[int, torch.Tensor]:
+        """layer -> [B, Hk, K] positions in the prompt as given of the entries each layer kept after the prefill,
+        on the CPU (the demo's pictures of kept patches), worked out on first read."""
+        if self._positions is None:
+            if self._prefilled is None:
+                return {}
+            cache, positions = self._prefilled
+            self._positions = {i: cache.original_positions(p).detach().cpu() for i, p in positions.items()}
+        return self._positions
+
     def label(self) -> str:
         """The policy's name, its budgets and every other setting that differs from its default (so that two runs
         of one method with different settings are told apart in stats and outputs)."""
@@ -232,12 +258,7 @@ class Session:
                 )
             self.runner.finish_prefill(cache)
             self.prefill_stats = cache.stats(self.label())
-            B = cache.layout.batch_size
-            self.prefill_rows = [cache.stats(self.label(), row=b) for b in range(B)] if B > 1 else [self.prefill_stats]
-            self.prefill_positions = {
-                i: cache.original_positions(cache.layers[i].slot_positions()).detach().cpu()
-                for i in cache.compressible()
-            }
+            self._prefilled, self._rows, self._positions = (cache, cache.kept_positions()), None, None
         self.cache = None
 
     def _merge(self, module, args, kwargs):
