@@ -2,7 +2,7 @@
 
 import sys
 
-from vlcache.apps.cli import run_main
+from vlcache.apps.command_line import run_main
 from vlcache.apps.demo import main
 
 sys.exit(run_main(main))
