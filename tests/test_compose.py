@@ -13,7 +13,7 @@ from record_policies import IDS, MASK  # noqa: E402
 from util import layout_from_ids, prompt_for, run_policy  # noqa: E402
 
 import vlcache  # noqa: E402
-from vlcache import tiny  # noqa: E402
+from vlcache import testing  # noqa: E402
 from vlcache.policies import H2O, LOOKM, Composed, PyramidKV, SnapKV, VLCache, make_policy, parse_settings  # noqa: E402
 from vlcache.policies.compose import ALLOCATORS, MERGERS, SCORERS  # noqa: E402
 
@@ -96,7 +96,7 @@ def test_budgets_move_between_layers_with_a_layer_splitting_allocator():
 )
 def test_combinations_in_generate(tiny_model, family, parts):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     plain = model.generate(**inputs, do_sample=False, max_new_tokens=6)
     with vlcache.compress(model, Composed(vision_budget=1.0, **parts)):
         out = model.generate(**inputs, do_sample=False, max_new_tokens=6)

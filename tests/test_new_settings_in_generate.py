@@ -6,7 +6,7 @@ import torch
 from util import prompt_for
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.policies import SnapKV, VLCache
 
 FAMILIES = ["llava", "llava_onevision", "qwen2_vl"]
@@ -28,7 +28,7 @@ def _run(model, inputs, policy):
 @pytest.mark.parametrize("settings", SETTINGS, ids=str)
 def test_keep_all_is_the_identity(tiny_model, family, settings):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     plain = model.generate(**inputs, do_sample=False, max_new_tokens=6)
     out, _ = _run(model, inputs, VLCache(vision_budget=1.0, **settings))
     assert torch.equal(out, plain)
@@ -45,7 +45,7 @@ def _kept(stats):
 def test_a_budget_is_kept_exactly(tiny_model, family, settings):
     # the same totals as the plain policy: the settings move tokens between layers, heads or scoring rows only
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     policy_cls = SnapKV if settings.get("head_budgets") and not settings.get("lookahead") else VLCache
     extra = {"window": 4} if policy_cls is SnapKV else {}
     _, plain = _run(model, inputs, policy_cls(vision_budget=0.2, **extra))

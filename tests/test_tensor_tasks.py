@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlcache.evaluation.model import batch_inputs
-from vlcache.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example, prompt_text
-from vlcache.evaluation.tensor_tasks import draw_batch, encode, processor
+from vlcache.apps.evaluation.embedded_model import batch_inputs
+from vlcache.apps.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example, prompt_text
+from vlcache.apps.evaluation.tensor_tasks import draw_batch, encode, processor
 
 
 def encode_examples(examples, with_answer):

@@ -3,6 +3,7 @@
 import ast
 from dataclasses import fields
 
+from .base import BUDGET_FIELDS as BUDGET_FIELDS  # public: the apps list every policy's budgets
 from .base import DecodeEvicting, Eviction, LayerView, Plan, Policy, Request, Selection
 from .cake import CAKE
 from .compose import Composed

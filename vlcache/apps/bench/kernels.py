@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import reference as ref
+from ...kernels import reference as ref
 from . import first_paragraph
 from .figure import figure_row
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in (args.sizes or default).split(",")]
     impls = {"reference": ref}
     if device == "cuda":
-        from ..kernels import triton_gather, triton_merge, triton_similarity, triton_stats
+        from ...kernels import triton_gather, triton_merge, triton_similarity, triton_stats
 
         class Triton:
             attention_stats = staticmethod(triton_stats.attention_stats)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..policies import make_policy, parse_settings
+from ...policies import make_policy, parse_settings
 from . import first_paragraph
 
 SPEED_ROWS = (
@@ -103,10 +103,10 @@ def run_speed(args) -> list[dict]:
     for n in sizes:
         inputs = prompt(model, n, device)
         real_n = inputs["input_ids"].shape[1]
-        from .. import pipeline
+        from .. import timed_run
 
         for spec in args.speed_rows:  # warm-up of every row: Triton compiles, first allocations
-            pipeline.run(model, None, inputs, policy(spec, **amount), 2)
+            timed_run.run(model, None, inputs, policy(spec, **amount), 2)
         # kv bytes, peak memory and tokens from one run each; decode times from `repeat` rounds over all rows in turn,
         # the fastest of each row kept: on a shared machine the noise is mostly other processes' load, which only adds
         measured = {
@@ -115,7 +115,7 @@ def run_speed(args) -> list[dict]:
         times = {spec: [] for spec in args.speed_rows}
         for _ in range(args.repeat):
             for spec in args.speed_rows:
-                r = pipeline.run(
+                r = timed_run.run(
                     model, None, inputs, policy(spec, **amount), args.new_tokens, min_new_tokens=args.new_tokens
                 )
                 times[spec].append(r.decode_ms_per_token)
@@ -175,7 +175,7 @@ def run_peer(args) -> dict:
 
     import vlcache
 
-    from ..hf.compat import CACHE_KWARG
+    from ...hf.compat import CACHE_KWARG
     from .greedy import greedy
     from .peer import DIMS
 
@@ -255,7 +255,7 @@ def run_peer(args) -> dict:
 def run_quality(args) -> dict:
     import numpy as np
 
-    from ..evaluation.model import batch_inputs, load_embedded
+    from ..evaluation.embedded_model import batch_inputs, load_embedded
     from ..evaluation.quality import accuracy, fidelity, kv_ratio
     from ..evaluation.tasks import EVAL_TASKS, make_example
     from .quality import HELD_OUT

@@ -4,7 +4,7 @@ They exist for tests and for the default main job: each has a 2-layer text tower
 2 KV heads) and a 2-layer vision tower, and runs `generate` with images on a CPU in tens of milliseconds.
 Real checkpoints go through exactly the same vlcache code.
 
-Vocabulary (shared with `vlcache.tiny.processors`): 0 pad, 1 bos, 2 eos, 3 unk, 4..103 printable characters,
+Vocabulary (shared with `vlcache.testing.processors`): 0 pad, 1 bos, 2 eos, 3 unk, 4..103 printable characters,
 250 image, 251 video, 252..255 vision markers.
 """
 

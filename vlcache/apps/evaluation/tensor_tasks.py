@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from .model import build_processor
+from .embedded_model import build_processor
 from .tasks import ANSWER_PREFIX, COLOR_KEYS, COLORS, GRID, MAX_OBJECTS, PATCH, QUESTIONS, SIZE, TASKS, prompt_text
 
 IMAGE = "<image>"

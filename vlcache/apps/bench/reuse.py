@@ -30,8 +30,8 @@ import transformers as T
 
 import vlcache
 
-from .. import tiny
-from ..reuse import ImageKVStore
+from ... import testing
+from ...reuse import ImageKVStore
 from . import first_paragraph
 from .figure import figure_row
 
@@ -46,8 +46,8 @@ def build(size: dict, device: torch.device):
     g, patch = size["grid"], 4
     cfg = T.LlavaConfig(
         vision_config=T.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=g * patch, patch_size=patch),
-        text_config=T.LlamaConfig(**tiny.models.text_kwargs(layers=size["layers"], hidden=size["hidden"], heads=size["heads"], kv_heads=size["kv"])),
-        image_token_index=tiny.models.IMG,
+        text_config=T.LlamaConfig(**testing.models.text_kwargs(layers=size["layers"], hidden=size["hidden"], heads=size["heads"], kv_heads=size["kv"])),
+        image_token_index=testing.models.IMG,
         image_seq_length=g * g,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -63,8 +63,8 @@ def prompt(model, images: torch.Tensor, order: list[int], preamble: str) -> dict
     """Inputs on the model's device, with the images in `order`, each under its own caption."""
     segs = [preamble]
     for i in range(len(order)):
-        segs += [f" picture {i}:", tiny.IMAGE]
-    inputs = tiny.make_inputs(model, segs + [" what do the pictures show?"]).inputs
+        segs += [f" picture {i}:", testing.IMAGE]
+    inputs = testing.make_inputs(model, segs + [" what do the pictures show?"]).inputs
     inputs["pixel_values"] = images[order]
     return {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
@@ -164,7 +164,7 @@ def trained_accuracy(n: int, ks: list[str], device, tasks=("needle", "count", "d
     """Accuracy of the embedded model on videos whose frames were stored, then moved: cold and linked per k."""
     import numpy as np
 
-    from ..evaluation.model import batch_inputs, load_embedded
+    from ..evaluation.embedded_model import batch_inputs, load_embedded
     from ..evaluation.tasks import Example, make_example, score
 
     model, processor = load_embedded(device=device)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from .policies import Policy
+from ..policies import Policy
 
 UNITS = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):

@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 
 import vlcache
 
-from ..hf.compat import CACHE_KWARG
-from ..policies import H2O, Policy, PyramidKV, SnapKV, StreamingLLM
+from ...hf.compat import CACHE_KWARG
+from ...policies import H2O, Policy, PyramidKV, SnapKV, StreamingLLM
 from . import first_paragraph
 from . import positions as P
 from .greedy import greedy
@@ -53,7 +53,7 @@ DIMS = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-EMBEDDED = Path(__file__).resolve().parents[1] / "embedded"
+EMBEDDED = Path(__file__).resolve().parents[2] / "embedded"
 ENTROPY_ROWS = 32
 
 

@@ -19,8 +19,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import vlcache
 
-from ..policies.base import LayerView, Plan, Policy
-from .model import batch_inputs
+from ...policies import LayerView, Plan, Policy
+from .embedded_model import batch_inputs
 from .tasks import Example, make_example, score
 
 
@@ -72,7 +72,7 @@ def accuracy(
         inputs = batch_inputs(processor, chunk, device=model.device)
         active = policy
         if policy in ("floor", "ceiling"):
-            from ..modality import layout_from_inputs
+            from ...modality import layout_from_inputs
 
             layout = layout_from_inputs(model.config, inputs)
             mask = answer_mask(layout, chunk) if policy == "ceiling" else torch.zeros_like(layout.valid)

@@ -2,7 +2,7 @@
 
 The tokenizer maps every printable character to one token and keeps the vision special tokens at the ids the
 tiny models use. Processors whose constructor wants a video processor (which needs torchvision) are built
-through `image_only`, so video inputs for tests are made by hand (`vlcache.tiny.inputs`).
+through `image_only`, so video inputs for tests are made by hand (`vlcache.testing.inputs`).
 """
 
 from __future__ import annotations

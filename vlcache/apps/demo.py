@@ -49,7 +49,7 @@ class Runner:
     shared between requests, its compression session is not)."""
 
     def __init__(self, models=("embedded",), *, load_timeout: float = LOAD_TIMEOUT_S, keep: int = 2, loader=None):
-        from . import pipeline
+        from . import model_loading
 
         if not models:
             raise ValueError("give at least one model")
@@ -57,7 +57,7 @@ class Runner:
             raise ValueError(f"--keep-models must be at least 1, got {keep}")
         self.models = tuple(dict.fromkeys(models))
         self.load_timeout, self.keep = load_timeout, keep
-        self._load = loader or pipeline.load
+        self._load = loader or model_loading.load
         self._loads: OrderedDict[str, object] = OrderedDict()  # name -> Future of (model, processor)
         self._loads_lock = threading.Lock()  # held for bookkeeping only, never while a model loads or runs
         self._run_locks = {name: threading.Lock() for name in self.models}
@@ -95,9 +95,9 @@ class Runner:
         label: str = "frame",
     ):
         """(report markdown, kept-patch picture, budget-sweep plot or None) for one question about `frames`."""
-        from . import pipeline
-        from .modality import layout_from_inputs
-        from .policies import Full
+        from ..modality import layout_from_inputs
+        from ..policies import Full
+        from . import prompts, timed_run
         from .viz import agreement_plot, heatmap, kept_fraction
 
         check_question(question)
@@ -105,15 +105,15 @@ class Runner:
         policy = make(budget)  # a bad setting fails before a model loads
         model, processor = self.model(model_name)  # outside the run lock: a slow load blocks nobody else
         with self._run_locks[model_name]:
-            question = question.strip() or pipeline.default_question(model)
-            inputs = pipeline.frames_inputs(processor, frames, question, device=next(model.parameters()).device)
-            width = pipeline.answer_tokens(model, default=48)
-            full = pipeline.run(model, processor, inputs, Full(), width)
-            small = pipeline.run(model, processor, inputs, policy, width)
+            question = question.strip() or prompts.default_question(model)
+            inputs = prompts.frames_inputs(processor, frames, question, device=next(model.parameters()).device)
+            width = prompts.answer_tokens(model, default=48)
+            full = timed_run.run(model, processor, inputs, Full(), width)
+            small = timed_run.run(model, processor, inputs, policy, width)
             timed = 1
             if full.total_s + small.total_s < TIMING_REPEAT_S:
-                full = min(full, pipeline.run(model, processor, inputs, Full(), width), key=lambda r: r.total_s)
-                small = min(small, pipeline.run(model, processor, inputs, policy, width), key=lambda r: r.total_s)
+                full = min(full, timed_run.run(model, processor, inputs, Full(), width), key=lambda r: r.total_s)
+                small = min(small, timed_run.run(model, processor, inputs, policy, width), key=lambda r: r.total_s)
                 timed = 2
             layout = layout_from_inputs(model.config, inputs)
             swept = budget_sweep(model, processor, inputs, make, full.tokens, width) if sweep else None
@@ -132,7 +132,7 @@ class Runner:
 
 def _policy_maker(policy_name: str, vision_only: bool, prune_at: str):
     """budget -> the policy the page describes (its budget on the vision tokens or on all of them)."""
-    from .policies import make_policy
+    from ..policies import make_policy
 
     settings = {} if prune_at in ("", "off", None) else {"prune_at": int(prune_at)}
 
@@ -148,9 +148,9 @@ def budget_sweep(
     model, processor, inputs, make, reference: list[int], width: int, budgets=SWEEP_BUDGETS
 ) -> list[float]:
     """The answer's agreement with the full cache's (`reference`, its tokens) under `make(budget)` at each budget."""
-    from . import pipeline
+    from . import timed_run
 
-    return [agreement(pipeline.run(model, processor, inputs, make(b), width).tokens, reference) for b in budgets]
+    return [agreement(timed_run.run(model, processor, inputs, make(b), width).tokens, reference) for b in budgets]
 
 
 def agreement(tokens: list[int], reference: list[int]) -> float:
@@ -225,8 +225,8 @@ HEATMAP_ID, SWEEP_ID, VIDEO_ID = "kept-patches", "budget-sweep", "input-video"  
 def build(runner: Runner | None = None):
     import gradio as gr
 
-    from .caption import ensure_samples
-    from .policies import POLICIES
+    from ..policies import POLICIES
+    from .samples import ensure_samples
 
     runner = runner or Runner()
     samples = [str(p) for p in ensure_samples()]

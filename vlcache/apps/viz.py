@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .modality import Layout, Modality
+from ..modality import Layout, Modality
 
 CELL = 192  # px of a frame's shorter side in the picture: patches of a 4 x 4 grid are 48 px, easy to see
 COLUMNS = 4  # frames per row: 8 frames at 192 px fit a 1280-px page in two rows

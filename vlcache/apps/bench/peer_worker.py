@@ -1,6 +1,6 @@
 """The kvpress side of `vlcache bench peer`, run with kvpress's own virtualenv (it pins transformers < 5.3).
 
-    .venv-kvpress/bin/python vlcache/bench/peer_worker.py DIR
+    .venv-kvpress/bin/python vlcache/apps/bench/peer_worker.py DIR
 
 DIR holds setup.json (the Llama config, the runs and their presses), weights.safetensors and prompt.safetensors
 written by the vlcache side; this writes DIR/kvpress.json. It imports nothing from vlcache but two torch-only

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.model import batch_inputs, load_embedded
+from ...policies import POLICIES, make_policy, parse_settings
+from ..evaluation.embedded_model import batch_inputs, load_embedded
 from ..evaluation.quality import accuracy, fidelity, merged_share
 from ..evaluation.tasks import EVAL_TASKS, chance, make_example
-from ..policies import POLICIES, make_policy, parse_settings
 from . import first_paragraph
 from .figure import figure_row, series_style
 

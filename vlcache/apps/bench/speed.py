@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from .. import pipeline, tiny
-from ..policies import POLICIES, make_policy, parse_settings
+from ... import testing
+from ...policies import POLICIES, make_policy, parse_settings
+from .. import timed_run
 from . import first_paragraph
 from .figure import figure_row, series_style
 from .memprobe import PeakTensorMemory
@@ -46,7 +47,7 @@ def build_model(preset: dict, max_tokens: int):
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
     }
     text = T.Qwen2VLTextConfig(
-        **tiny.models.text_kwargs(max_position_embeddings=max_tokens + 1024, **dims),
+        **testing.models.text_kwargs(max_position_embeddings=max_tokens + 1024, **dims),
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope(dims)},
     )
     vision = T.Qwen2VLVisionConfig(
@@ -59,8 +60,8 @@ def build_model(preset: dict, max_tokens: int):
         temporal_patch_size=2,
     )
     cfg = T.Qwen2VLConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=tiny.models.IMG, video_token_id=tiny.models.VID,
-        vision_start_token_id=tiny.models.VSTART, vision_end_token_id=tiny.models.VEND,
+        text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_id=testing.models.IMG, video_token_id=testing.models.VID,
+        vision_start_token_id=testing.models.VSTART, vision_end_token_id=testing.models.VEND,
     )  # fmt: skip
     dtype = torch.bfloat16 if preset["dtype"] == "bf16" else torch.float32
     previous = torch.get_default_dtype()
@@ -86,8 +87,8 @@ def prompt(model, n_tokens: int, device, scene: str = "random") -> dict:
     images = max(1, n_tokens // (GRID * GRID // 4))
     segs = []
     for i in range(images):
-        segs += [f"f{i}", tiny.IMAGE]
-    ex = tiny.make_inputs(model, segs + [" what happens in the video?"], qwen_grid=GRID)
+        segs += [f"f{i}", testing.IMAGE]
+    ex = testing.make_inputs(model, segs + [" what happens in the video?"], qwen_grid=GRID)
     if scene == "static":
         pv = ex.inputs["pixel_values"]
         per = GRID * GRID
@@ -100,7 +101,7 @@ def measure(model, inputs, policy, new_tokens: int, device, repeat: int = 1) -> 
     """One policy's figures; times are medians over `repeat` runs (a shared machine is noisy)."""
 
     def run():
-        return pipeline.run(model, None, inputs, policy, new_tokens, min_new_tokens=new_tokens)
+        return timed_run.run(model, None, inputs, policy, new_tokens, min_new_tokens=new_tokens)
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -194,11 +195,11 @@ def main(argv=None) -> int:
     for i, n in enumerate(sizes):
         inputs = prompt(model, n, device, args.scene)
         real_n = inputs["input_ids"].shape[1]
-        pipeline.run(model, None, inputs, None, 2)  # warm-up: one-time costs stay out of the numbers
+        timed_run.run(model, None, inputs, None, 2)  # warm-up: one-time costs stay out of the numbers
         if i == 0:  # and each policy's own (Triton compiles, autotuning): without this, H2O's first
             # prefill on an H100 (8K tokens) measured 3.2 s, longer than its 33K one
             for name in names[1:]:
-                pipeline.run(model, None, inputs, make(name), 2)
+                timed_run.run(model, None, inputs, make(name), 2)
         base = plain = None
         for name in names:
             m = measure(model, inputs, make(name), args.new_tokens, device, args.repeat)

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from ..hf.compat import quiet_progress
-from ..tiny.models import text_kwargs
-from ..tiny.processors import build_tokenizer
+from ...hf.compat import quiet_progress
+from ...testing.models import text_kwargs
+from ...testing.processors import build_tokenizer
 from .tasks import ANSWER_PREFIX, PATCH, SIZE, Example, prompt_text
 
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
+EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "embedded"
 IMAGE_TOKEN_ID = 250
 
 

@@ -13,7 +13,7 @@ from ..policies.base import Eviction, LayerView, Request
 from .cache import CompressedCache, CompressibleLayer
 
 
-class Driver:
+class PolicyRunner:
     def __init__(self, policy: Policy, heads: int):
         self.policy = policy
         self.heads = heads  # query heads, for views of a layer without new rows

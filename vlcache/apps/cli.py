@@ -1,83 +1,15 @@
-"""The `vlcache` command line. User mistakes end in one line on stderr and exit status 2, not a traceback."""
+"""The `vlcache` command line: `compare` and `policies` here, `caption`, `bench` and `demo` handed to their own
+parsers. User mistakes end in one line on stderr and exit status 2, not a traceback (`command_line.run_main`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
-from .policies import POLICIES, Full, make_policy, parse_settings
-
-
-def _amount(text: str):
-    """A budget on the command line: '0.1' is a ratio, '512' a token count."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a budget: {text!r} (a ratio like 0.1 or a token count like 512)"
-        ) from None
-
-
-def policy_from_args(name: str, args) -> object:
-    if name == "full":
-        return Full()
-    amounts = {"budget": args.budget, "vision_budget": args.vision_budget, "text_budget": args.text_budget}
-    if all(v is None for v in amounts.values()):  # the command's default, e.g. "--budget 0.1"
-        flag, value = args.default_budget.split()
-        amounts[flag.lstrip("-").replace("-", "_")] = _amount(value)
-    amounts = {k: v for k, v in amounts.items() if v is not None}
-    settings = parse_settings(getattr(args, "set", None) or [])
-    _check_setting_types(type(make_policy(name, **amounts)), settings)  # also reports a bad name or budget
-    try:
-        return make_policy(name, **amounts, **settings)
-    except TypeError as e:  # a value of a type the policy's checks cannot compare; named, not a traceback
-        raise ValueError(f"{name}: a --set value has the wrong type ({e})") from None
-
-
-def _check_setting_types(cls, settings: dict) -> None:
-    """--set values of the kind each setting's default is: a number for a number, True/False for a flag."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    for key, value in settings.items():
-        if key not in defaults or defaults[key] is None:
-            continue  # unknown names are make_policy's to report, with the list of settings
-        default = defaults[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(default, bool):
-            ok, wanted = isinstance(value, bool), "True or False"
-        elif isinstance(default, int):
-            ok, wanted = number and isinstance(value, int), "a whole number"
-        elif isinstance(default, float):
-            ok, wanted = number, "a number"
-        elif isinstance(default, str):
-            ok, wanted = isinstance(value, str), "a word"
-        elif isinstance(default, tuple):
-            ok, wanted = isinstance(value, (tuple, list)), "a tuple such as ('markers',)"
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"--set {key}={value!r}: {key} takes {wanted} (default {default!r})")
-
-
-def add_budget_args(p: argparse.ArgumentParser, default: str = "--budget 0.1") -> None:
-    """--budget / --vision-budget / --text-budget; `default` applies when none is given."""
-    p.add_argument("--budget", type=_amount, help="kept per layer: a ratio in (0,1] or a token count")
-    p.add_argument("--vision-budget", type=_amount, help="for vision tokens (text kept whole unless --text-budget)")
-    p.add_argument("--text-budget", type=_amount, help="for text tokens")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="NAME=VALUE",
-        help="a policy setting, repeatable: --set evict_every=16 --set recent=0.3 (`vlcache policies` lists them)",
-    )
-    p.set_defaults(default_budget=default)
-    p.epilog = ((p.epilog or "") + f" Without a budget flag: {default}.").strip()
+from ..policies import POLICIES
+from .command_line import add_budget_args, policy_from_args, run_main
 
 
 def first_sentence(doc: str) -> str:
@@ -135,7 +67,9 @@ def compare_frames(paths: list[str], frames: int, seed: int) -> tuple[list, str]
 def cmd_compare(args) -> int:
     """Caption one video (the synthetic one by default) or a few images under each policy and compare with the
     full cache."""
-    from . import pipeline
+    from .model_loading import load
+    from .prompts import answer_tokens, default_question, frames_inputs
+    from .timed_run import run
 
     names = ["full"] + [p for p in args.policies.split(",") if p and p != "full"]
     policies = [policy_from_args(n, args) for n in names]  # validate every setting before loading anything
@@ -146,10 +80,10 @@ def cmd_compare(args) -> int:
     if args.question is not None and not args.question.strip():
         raise ValueError("--question is empty")
     frames, source = compare_frames(args.inputs, args.frames, args.seed)  # a bad file fails before the model loads
-    model, processor = pipeline.load(args.model)
-    question = args.question or pipeline.default_question(model)
-    inputs = pipeline.frames_inputs(processor, frames, question, device=next(model.parameters()).device)
-    max_new = args.max_new_tokens or pipeline.answer_tokens(model, default=32)
+    model, processor = load(args.model)
+    question = args.question or default_question(model)
+    inputs = frames_inputs(processor, frames, question, device=next(model.parameters()).device)
+    max_new = args.max_new_tokens or answer_tokens(model, default=32)
     print(
         f"model {args.model}: {source}, {len(frames)} frames, prompt of {inputs['input_ids'].shape[1]} tokens, "
         f"{max_new} new tokens"
@@ -158,7 +92,7 @@ def cmd_compare(args) -> int:
     print(header)
     print("-" * len(header))
     for policy in policies:
-        r = pipeline.run(model, processor, inputs, policy, max_new)
+        r = run(model, processor, inputs, policy, max_new)
         s = r.prefill_stats
         vision = s.kept("image") + s.kept("video")
         print(
@@ -177,7 +111,7 @@ def run_bench(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
         print(f"usage: vlcache bench {{{','.join(BENCHES)}}} [options]   (each takes --help)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(f"vlcache.bench.{argv[0]}").main(argv[1:])
+    return importlib.import_module(f"vlcache.apps.bench.{argv[0]}").main(argv[1:])
 
 
 def run_caption(argv: list[str]) -> int:
@@ -187,7 +121,7 @@ def run_caption(argv: list[str]) -> int:
 
 
 def run_demo(argv: list[str]) -> int:
-    from .demo_app import main as demo
+    from .demo import main as demo
 
     return demo(argv)
 
@@ -237,21 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_main(args.func, args)
-
-
-def run_main(fn, *args) -> int:
-    """Run a command; user mistakes end in one line on stderr and exit status 2, not a traceback."""
-    try:
-        return fn(*args)
-    except BrokenPipeError:  # output piped into `head` and closed early (an OSError: caught before the rest)
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        return 0
-    except (ValueError, OSError, RuntimeError) as e:  # OSError: an unwritable or full output, a missing input
-        print(f"vlcache: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vlcache: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

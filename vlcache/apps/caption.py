@@ -1,9 +1,9 @@
-"""Batch video captioning with a compressed KV cache (`vlcache caption`, `python -m vlcache.caption`).
+"""Batch video captioning with a compressed KV cache (`vlcache caption`, `python -m vlcache.apps.caption`).
 
     vlcache caption                                  # the sample videos (generated), full cache vs VL-Cache at 25% of the vision tokens, a summary table
     vlcache caption videos/ list.txt a.mp4 -o captions.jsonl --policy snapkv --budget 0.1
     vlcache caption videos/ --kv-memory 8GB          # batches as large as 8 GB of compressed KV cache allows
-    torchrun --nproc_per_node 2 -m vlcache.caption videos/ -o captions.jsonl   # sharded (or accelerate launch)
+    torchrun --nproc_per_node 2 -m vlcache.apps.caption videos/ -o captions.jsonl   # sharded (or accelerate launch)
 
 One JSON record per video and configuration, appended and made durable as soon as it is done (see record_file.py:
 one run holds the output's lock, a torn last line is set aside, a full disk stops the run without damaging the
@@ -18,41 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from ..policies import BUDGET_FIELDS, Full
 from . import kv_memory, record_file
 from .kv_memory import parse_size
-from .policies import Full
-from .policies.base import BUDGET_FIELDS
-from .video import VideoError, collect_inputs, read_frames, write_video
+from .samples import ensure_samples
+from .video import VideoError, collect_inputs, read_frames
 
 KV_MEMORY_BATCH_CAP = 64  # with --kv-memory: the frames of a whole batch are held in memory at once
-SAMPLE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlcache" / "samples"
-
-
-def ensure_samples(folder: Path = SAMPLE_DIR, count: int = 4, frames: int = 8) -> list[Path]:
-    """Procedurally generated sample videos (written on first use): the embedded model's synthetic world, frames
-    upscaled 8x (nearest) to 128 x 128, so that decoders and browsers handle them and the pixel the embedded
-    processor samples from each 8 x 8 block lies away from the codec's colour interpolation at block edges."""
-    import numpy as np
-    from PIL import Image
-
-    from .evaluation.tasks import SIZE, make_example
-
-    folder = Path(folder)
-    rng = np.random.default_rng(20261122)
-    paths = []
-    for i in range(count):
-        ex = make_example("describe", frames, rng)
-        path = folder / f"sample{i}.mp4"
-        if not path.exists():
-            write_video(path, [f.resize((8 * SIZE, 8 * SIZE), Image.NEAREST) for f in ex.frames])
-        paths.append(path)
-    return paths
 
 
 def _policy_label(policy) -> dict:
@@ -62,21 +39,21 @@ def _policy_label(policy) -> dict:
 
 
 def max_new_tokens(model, args) -> int:
-    from . import pipeline
+    from . import prompts
 
-    return args.max_new_tokens or pipeline.answer_tokens(model)
+    return args.max_new_tokens or prompts.answer_tokens(model)
 
 
 def caption_batch(model, processor, items, policy, args, compare: bool, config: dict) -> tuple[list[dict], object]:
     """Caption equally long frame lists in one generate call: (one record per item, the compressed run)."""
-    from . import pipeline
+    from . import prompts, timed_run
 
-    inputs = pipeline.frames_inputs(
+    inputs = prompts.frames_inputs(
         processor, [fr for _, fr in items], args.question, device=next(model.parameters()).device
     )
     max_new = max_new_tokens(model, args)
-    run = pipeline.run(model, processor, inputs, policy, max_new)
-    full = pipeline.run(model, processor, inputs, Full(), max_new) if compare else None
+    run = timed_run.run(model, processor, inputs, policy, max_new)
+    full = timed_run.run(model, processor, inputs, Full(), max_new) if compare else None
     records = []
     for b, (path, frames) in enumerate(items):
         st = run.row_stats[b]
@@ -104,7 +81,7 @@ def caption_batch(model, processor, items, policy, args, compare: bool, config: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .cli import add_budget_args
+    from .command_line import add_budget_args
 
     p = argparse.ArgumentParser(prog="vlcache caption", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -142,7 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_config(args, policy, model, compare: bool) -> dict:
     """Everything that changes a caption; a video is done only if it has a success under exactly this. The
     weights' digest, not just --model: a checkpoint retrained in place is another model."""
-    from .fingerprint import weights_digest
+    from ..fingerprint import weights_digest
 
     config = {
         "model": args.model,
@@ -187,8 +164,8 @@ def main(argv=None) -> int:
     from accelerate import PartialState
     from tqdm import tqdm
 
-    from . import pipeline
-    from .cli import policy_from_args
+    from . import model_loading, prompts
+    from .command_line import policy_from_args
 
     # cpu=True without CUDA: under torchrun a plain PartialState() on a CPU machine sets up no process group,
     # and every process takes itself for rank 0 of 1 (each captions everything)
@@ -206,8 +183,8 @@ def main(argv=None) -> int:
     except OSError as e:
         raise OSError(f"cannot write {out}: {e.strerror or e}") from None
     with exclusive_output(out, state):
-        model, processor = pipeline.load(args.model, device=state.device if world > 1 else None)
-        args.question = args.question or pipeline.default_question(model)
+        model, processor = model_loading.load(args.model, device=state.device if world > 1 else None)
+        args.question = args.question or prompts.default_question(model)
         config = run_config(args, policy, model, compare)
         if rank == 0:
             record_file.merge(out)  # folds a killed run's shards in and sets a torn last line aside
@@ -350,6 +327,6 @@ def print_summary(records, out, seconds, skipped, compare, policy):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from .command_line import run_main
 
     sys.exit(run_main(main))
