@@ -129,8 +129,28 @@ def test_compositions_by_name_and_from_settings_strings():
         ({"part_settings": {"beta": 3}}, "no part of this composition has the setting 'beta'"),
         ({"allocator": "uniform", "cascading": True}, "density or preference"),
         ({"allocator": "density", "cascading": True, "merger": "lookm"}, "merged entries"),
+        ({"scorer": "h2o", "lookahead": 1}, "does not score by attention from a set of rows"),
+        ({"lookahead": 1, "merger": "lookm"}, "without cascading or a merger"),
     ],
 )
 def test_bad_compositions_are_refused(settings, match):
     with pytest.raises(ValueError, match=match):
         Composed(budget=0.1, **settings)
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "pyramid", "density", "preference"])
+def test_lookahead_in_a_composition_is_lookahead_in_its_scorer(allocator):
+    # VL-Cache's scores with density and lookahead are VL-Cache with lookahead; the other splits keep their totals
+    layout = layout_from_ids(IDS, MASK)
+    looked = run_policy(
+        Composed(budget=0.3, protect=(), scorer="vlcache", allocator=allocator, lookahead=1),
+        layout,
+        layers=LAYERS,
+        decode=2,
+    )
+    if allocator == "density":
+        ref = run_policy(VLCache(budget=0.3, protect=(), lookahead=1), layout, layers=LAYERS, decode=2)
+        assert all(real_positions(looked, li) == real_positions(ref, li) for li in range(LAYERS))
+    k = torch.floor(layout.valid.sum(-1).double() * 0.3).long()
+    held = sum(looked.slot_valid(looked.layers[li])[:, 0].sum(-1) for li in range(LAYERS))
+    assert held.tolist() == (LAYERS * (k + 2)).tolist()  # the budget, and both generated tokens in every layer

@@ -82,6 +82,10 @@ class Composed(Policy):
 
     name = "compose"
 
+    @property
+    def looks_ahead(self) -> bool:  # lookahead joins the scorer's rows: those of SnapKV and VL-Cache
+        return self.scorer in ("snapkv", "vlcache")
+
     def __post_init__(self):
         super().__post_init__()
         for kind, value, known in (
@@ -97,6 +101,8 @@ class Composed(Policy):
             )
         if self.cascading and self.merger != "none":
             raise ValueError("cascading cuts a layer several times, and merging each time would merge merged entries")
+        if self.lookahead and (self.cascading or self.merger != "none"):
+            raise ValueError("lookahead cuts each layer once, after the prefill: without cascading or a merger")
         if not isinstance(self.part_settings, dict):
             raise ValueError(f"part_settings must be a dict of setting names to values, got {self.part_settings!r}")
         amounts = {k: getattr(self, k) for k in _AMOUNTS}
@@ -144,9 +150,27 @@ class Composed(Policy):
         sel = self.select(view, plan, scores)
         return self._merge(view, sel, plan) if self._merger is not None else sel
 
+    def observed(self, view: LayerView):
+        return self._scorer.observed(view)
+
+    def ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
+        return self._scorer.ranked(view, sums)
+
+    def lookahead_plan(self, view: LayerView) -> Plan:
+        if "lookahead_plan" in view.state:  # a layer-splitting allocator's share, set after the prefill
+            return view.state["lookahead_plan"]
+        plan = self.plan(view)
+        if self.allocator == "pyramid":
+            plan = pyramid_plan(plan, view.depth, view.num_layers, self._allocator.beta)
+        return plan
+
     # ------------------------------------------------------------------ hooks
 
     def on_prefill(self, view: LayerView):
+        if self.lookahead:  # the base keeps the prompt whole and the scorer's rows for the generated ones to join
+            if self.allocator in ("density", "preference"):
+                view.shared.setdefault("compose", LayerStatistics()).by_layer[view.layer] = self._measure(view)
+            return super().on_prefill(view)
         scores = self.score(view)
         if self.allocator in ("uniform", "pyramid"):
             plan = self.plan(view)
@@ -165,6 +189,10 @@ class Composed(Policy):
 
     def after_prefill(self, request: Request):
         if self.allocator in ("uniform", "pyramid") or self.cascading:
+            return None
+        if self.lookahead:  # the shares are known now; each layer is cut when the generated rows have joined
+            for layer, plan in self.plans(request, len(request.layers)).items():
+                request.view(layer).state["lookahead_plan"] = plan
             return None
         return self.allocate(request, len(request.layers))
 

@@ -137,6 +137,10 @@ class VLCache(Policy):
         by_layer = [request.shared["vlcache_density"][layer] for layer in request.layers[:seen]]
         return [list(row) for row in zip(*by_layer)]
 
+    def observed(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
+        colsum, rows, _ = self.measure(view)
+        return colsum, rows
+
     def ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
         return kernels.group_reduce(sums, view.kv_heads, self.agg)
 
