@@ -109,7 +109,7 @@ def test_vlcache_scores_come_from_post_vision_rows_and_density_matches():
     causal = torch.tensor([r + 1 for r in rows], dtype=torch.float32)
     nonzero = (p >= 0.01 * p.amax(-1, keepdim=True)).sum(-1).float()  # [1, 4, 14]
     sparsity = (causal - nonzero).sum(-1) / causal.sum()
-    assert view.shared["vlcache_density"][0] == pytest.approx([1 - float(sparsity.mean())], abs=1e-6)
+    assert view.shared["vlcache_density"].by_layer[0] == pytest.approx([1 - float(sparsity.mean())], abs=1e-6)
 
 
 def _dense_and_sparse_layers(n=N, d=8):
@@ -127,7 +127,7 @@ def _dense_and_sparse_layers(n=N, d=8):
 def test_vlcache_denser_layer_gets_more_and_budgets_sum_to_total():
     layout = layout_from_ids(IDS)
     cache = run_policy(VLCache(budget=0.25, protect=()), layout, layers=2, qkv=_dense_and_sparse_layers())
-    (d0,), (d1,) = cache.shared["vlcache_density"][0], cache.shared["vlcache_density"][1]
+    (d0,), (d1,) = cache.shared["vlcache_density"].by_layer[0], cache.shared["vlcache_density"].by_layer[1]
     assert d0 > d1
     s0, s1 = cache.layers[0].physical_length, cache.layers[1].physical_length
     assert s0 > s1 and s0 + s1 == 2 * 15
@@ -244,7 +244,7 @@ def test_elastic_holds_the_kept_fraction_while_decoding(steps):
     for i in range(2):
         assert cache.layers[i].physical_length == math.floor(0.5 * (N + steps))
         # everything before the fixed point stays where it was
-        point = cache.layers[i].state["point"]
+        point = cache.layers[i].state["policy"].point
         assert torch.equal(kept_positions(cache, i)[..., :point], kept_positions(after_prefill, i)[..., :point])
 
 

@@ -23,7 +23,8 @@ class PolicyRunner:
 
     def looking(self, cache: CompressedCache, li: int) -> bool:
         """Whether layer `li` still waits for generated rows (`lookahead`): then `before_attention` runs."""
-        return bool(self.lookahead) and cache.prefilled and not cache.layers[li].state.get("lookahead_done", False)
+        state = cache.layers[li].state.get("lookahead")
+        return bool(self.lookahead) and cache.prefilled and not (state is not None and state.done)
 
     def before_attention(self, cache: CompressedCache, li: int, query: torch.Tensor, scaling: float | None) -> None:
         """A decode step's queries, before layer `li` attends (its keys already hold the new tokens): the

@@ -259,7 +259,7 @@ class Session:
             self.runner.finish_prefill(cache)
             self._record_prefill(cache)
         elif cache is not None and self.policy.lookahead and not cache.shared.get("_lookahead_recorded"):
-            if all(cache.layers[i].state.get("lookahead_done", False) for i in cache.compressible()):
+            if not any(self.runner.looking(cache, i) for i in cache.compressible()):
                 cache.shared["_lookahead_recorded"] = True
                 self._record_prefill(cache)  # what the lookahead cut kept is the prompt's compression, for stats
         self.cache = None

@@ -4,7 +4,18 @@ import ast
 from dataclasses import fields
 
 from .base import BUDGET_FIELDS as BUDGET_FIELDS  # public: the apps list every policy's budgets
-from .base import DecodeEvicting, Eviction, LayerView, Plan, Policy, Request, Selection
+from .base import (
+    DecodeEvicting,
+    Eviction,
+    EvictionState,
+    LayerStatistics,
+    LayerView,
+    LookaheadState,
+    Plan,
+    Policy,
+    Request,
+    Selection,
+)
 from .cake import CAKE
 from .compose import Composed
 from .elastic import ElasticCache
@@ -71,9 +82,12 @@ __all__ = [
     "POLICIES",
     "ElasticCache",
     "Eviction",
+    "EvictionState",
     "Full",
     "H2O",
+    "LayerStatistics",
     "LayerView",
+    "LookaheadState",
     "Plan",
     "Policy",
     "PyramidKV",

@@ -55,6 +55,35 @@ class Eviction:
 
 
 @dataclass
+class LayerStatistics:
+    """A per-layer statistic of the prompt, per prompt in the batch (VL-Cache's densities, CAKE's preferences):
+    what a layer-splitting allocator measures in each layer before it splits the budget."""
+
+    by_layer: dict[int, list[float]] = field(default_factory=dict)
+
+    def rows(self, layers: list[int]) -> list[list[float]]:
+        """Per prompt, the value of each of `layers`."""
+        return [list(r) for r in zip(*[self.by_layer[layer] for layer in layers])]
+
+
+@dataclass
+class LookaheadState:
+    """One layer waiting for generated rows (`lookahead`): steps seen, whether it was cut, the budget to cut to
+    when a layer-splitting allocator set it after the prefill."""
+
+    steps: int = 0
+    done: bool = False
+    plan: Plan | None = None
+
+
+@dataclass
+class EvictionState:
+    """What a decode-time method carries for one layer between steps: tokens appended since its last eviction."""
+
+    pending: int = 0
+
+
+@dataclass
 class Request:
     """What a policy may reach beyond the layer in hand, for one request (one prompt batch).
 
@@ -80,7 +109,8 @@ class LayerView:
       (sliding-window layers are left out), which is what layer-adaptive budgets are spread over.
     - new: query rows this forward computed. They are the last `new` slots, unless `query_positions` [B, new]
       says which slots they are (image reuse recomputes a subset of a prompt whose other slots were spliced in).
-    - state: this layer's persistent dict for the request; shared: one dict shared by all layers of the request.
+    - state: this layer's persistent dict for the request (a policy keeps one typed object in it: `Policy.layer_state`,
+      `LookaheadState`); shared: one dict shared by all layers of the request.
     - slot_state: per-slot tensors [B, Hk, T] that the cache keeps aligned (gathered on compaction, zero-extended
       on append), for scores that accumulate while decoding.
     """
@@ -358,13 +388,15 @@ class Policy:
         rows = view.probs(slice(None)).sum(2)  # [B, H, T]
         gen = view.slot_state.get("lookahead_gen")
         gen = rows if gen is None else gen + rows
-        steps = view.state["lookahead_steps"] = view.state.get("lookahead_steps", 0) + view.new
+        st = lookahead_state(view)
+        st.steps += view.new
+        steps = st.steps
         if steps < self.lookahead:
             view.slot_state["lookahead_gen"] = gen
             return None
         prompt = view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
         view.slot_state.pop("lookahead_gen", None)
-        view.state["lookahead_done"] = True
+        st.done = True
         share = self.lookahead_share
         acc = (1.0 - share) * prompt + share * gen / steps
         plan = self.lookahead_plan(view).to_slots(view, keep_generated=True)
@@ -383,8 +415,10 @@ class Policy:
         raise NotImplementedError
 
     def lookahead_plan(self, view: LayerView) -> Plan:
-        """The prompt-space budget a lookahead cut keeps in this layer (default: `plan`)."""
-        return self.plan(view)
+        """The prompt-space budget a lookahead cut keeps in this layer: what a layer-splitting allocator set after
+        the prefill (`LookaheadState.plan`), else `plan`."""
+        plan = lookahead_state(view).plan
+        return self.plan(view) if plan is None else plan
 
     def score(self, view: LayerView) -> torch.Tensor | None:
         """[B, Hk, T] importance of every slot (higher is kept first), or None to keep everything."""
@@ -544,6 +578,15 @@ class DecodeEvicting(Policy):
 
     evict_every: int = 1
 
+    State: ClassVar[type] = EvictionState  # the per-layer state (`layer_state`); methods extend it
+
+    def layer_state(self, view: LayerView):
+        """This method's typed state of `view`'s layer for the request, made on first use."""
+        state = view.state.get("policy")
+        if state is None:
+            state = view.state["policy"] = self.State()
+        return state
+
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.evict_every, bool) or not isinstance(self.evict_every, int) or self.evict_every < 1:
@@ -552,12 +595,20 @@ class DecodeEvicting(Policy):
     def eviction_due(self, view: LayerView) -> bool:
         """Whether this append evicts: once `evict_every` tokens have arrived since the last eviction (a chat's
         next turn, many tokens in one forward, is due at once)."""
-        pending = view.state.get("pending", 0) + view.new
-        if pending >= self.evict_every:
-            view.state["pending"] = 0
+        state = self.layer_state(view)
+        state.pending += view.new
+        if state.pending >= self.evict_every:
+            state.pending = 0
             return True
-        view.state["pending"] = pending
         return False
+
+
+def lookahead_state(view: LayerView) -> LookaheadState:
+    """The lookahead's state of `view`'s layer, made on first use."""
+    state = view.state.get("lookahead")
+    if state is None:
+        state = view.state["lookahead"] = LookaheadState()
+    return state
 
 
 def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """CAKE (Qin et al., ICLR 2025, arXiv 2503.12491): layer preferences, cascading budgets, mean + variance eviction."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import kernels
-from .base import DecodeEvicting, LayerView, Plan, Request
+from .base import DecodeEvicting, EvictionState, LayerStatistics, LayerView, Plan, Request
 from .h2o import last_real
 
 
@@ -39,6 +39,24 @@ def cake_allocate(total: int, prefs: list[float], cap: int) -> list[int]:
     return budgets
 
 
+@dataclass
+class CakeLayer(EvictionState):
+    """A CAKE layer while decoding: held at `hold` [B] real tokens, the newest `window` always kept."""
+
+    hold: torch.Tensor | None = None
+    window: int = 0
+
+
+@dataclass
+class CakeRequest:
+    """What CAKE knows of the whole request: every layer's preference, the prompt-space plan (the same for every
+    layer), and whether the prompt fits the budget whole (then CAKE leaves it)."""
+
+    preference: LayerStatistics = field(default_factory=LayerStatistics)
+    plan: Plan | None = None
+    skip: bool = False
+
+
 @dataclass(kw_only=True)
 class CAKE(DecodeEvicting):
     """Each layer gets a share of the model-wide budget in proportion to its preference, the product of how
@@ -67,6 +85,7 @@ class CAKE(DecodeEvicting):
     agg: str = "mean"
 
     name = "cake"
+    State = CakeLayer
     paper = "https://arxiv.org/abs/2503.12491"
 
     def __post_init__(self):
@@ -94,15 +113,23 @@ class CAKE(DecodeEvicting):
         indicator = torch.cat([pooled, torch.full_like(indicator[..., T - w :], float("inf"))], dim=-1)
         return preference, kernels.group_reduce(indicator, view.kv_heads, self.agg)
 
+    @staticmethod
+    def request_state(shared: dict) -> CakeRequest:
+        state = shared.get("cake")
+        if state is None:
+            state = shared["cake"] = CakeRequest()
+        return state
+
     def on_prefill(self, view: LayerView):
         valid = view.layout.valid
+        request = self.request_state(view.shared)
         if bool((valid.sum(-1) <= self.total_budget(view.layout) + self.window).all()):
-            view.shared["cake_skip"] = True  # the prompt fits: CAKE leaves it whole
+            request.skip = True  # the prompt fits: CAKE leaves it whole
             return None
         preference, indicator = self.layer_statistics(view)
         view.slot_state["cake"] = indicator  # compacted along with the layer, for later re-cuts
-        view.shared.setdefault("cake_preference", {})[view.layer] = preference
-        view.shared["cake_plan"] = self.plan(view)  # prompt-space; the same for every layer
+        request.preference.by_layer[view.layer] = preference
+        request.plan = self.plan(view)  # prompt-space; the same for every layer
         if self.cascading:
             return self.allocate(view.request, view.depth + 1)
         return None
@@ -111,15 +138,16 @@ class CAKE(DecodeEvicting):
         return view.slot_state.get("cake")  # None when the prompt fits (CAKE leaves it whole)
 
     def after_prefill(self, request: Request):
-        if self.cascading or request.shared.get("cake_skip"):
+        if self.cascading or self.request_state(request.shared).skip:
             return None
         return self.allocate(request, len(request.layers))
 
     def allocate(self, request: Request, seen: int):
         """Cut each of the first `seen` layers to its share of the model-wide budget."""
         layers = request.layers[:seen]
-        prefs = list(zip(*[request.shared["cake_preference"][layer] for layer in layers]))  # per prompt, per layer
-        plan = request.shared["cake_plan"]
+        state = self.request_state(request.shared)
+        prefs = state.preference.rows(layers)  # per prompt, per layer
+        plan = state.plan
         L = len(request.layers)
         # per pool and prompt: the model-wide total, split over the layers seen so far
         shares = []
@@ -135,18 +163,19 @@ class CAKE(DecodeEvicting):
                 for (mask, _), share in zip(slots.pools, shares)
             ]
             cut = Plan(slots.forced & view.slot_valid, pools)
-            view.state["hold"] = cut.forced[:, 0].sum(-1) + sum(k for _, k in pools)  # real tokens kept while decoding
-            view.state["window"] = min(self.window, int(self.total_budget(view.layout).min()))
-            if bool((view.slot_valid[:, 0].sum(-1) > view.state["hold"]).any()):
+            layer_state = self.layer_state(view)
+            layer_state.hold = cut.forced[:, 0].sum(-1) + sum(k for _, k in pools)  # real tokens kept while decoding
+            layer_state.window = min(self.window, int(self.total_budget(view.layout).min()))
+            if bool((view.slot_valid[:, 0].sum(-1) > layer_state.hold).any()):
                 out[layer] = self.select(view, cut, view.slot_state["cake"])
         return out
 
     def on_append(self, view: LayerView):
-        hold = view.state.get("hold")
+        hold = self.layer_state(view).hold
         if hold is None or not self.eviction_due(view):  # the prompt was not compressed, or no eviction yet
             return None
         T = view.slots
-        w = min(view.state["window"], T)
+        w = min(self.layer_state(view).window, T)
         row = view.probs(slice(None)).mean(2)  # the new rows' attention, [B, H, T]
         scores = kernels.pool1d(row[..., : T - w], self.kernel, "avg")
         scores = torch.cat([scores, torch.full_like(row[..., T - w :], float("inf"))], dim=-1)

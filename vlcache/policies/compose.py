@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .base import LayerView, Plan, Policy, Request, Selection
+from .base import LayerStatistics, LayerView, Plan, Policy, Request, Selection, lookahead_state
 from .cake import CAKE, cake_allocate
 from .elastic import ElasticCache
 from .h2o import H2O
@@ -56,17 +56,6 @@ ALLOCATORS: dict[str, type[Policy] | None] = {
 }
 MERGERS: dict[str, type[Policy] | None] = {"none": None, "lookm": LOOKM, "elastic": ElasticCache}
 _AMOUNTS = ("budget", "vision_budget", "text_budget", "protect")
-
-
-@dataclass
-class LayerStatistics:
-    """What a layer-splitting allocator measured in each layer, per prompt (density or preference)."""
-
-    by_layer: dict[int, list[float]] = field(default_factory=dict)
-
-    def rows(self, layers: list[int]) -> list[list[float]]:
-        """Per prompt, the value of each of `layers`."""
-        return [list(r) for r in zip(*[self.by_layer[layer] for layer in layers])]
 
 
 @dataclass(kw_only=True)
@@ -157,8 +146,8 @@ class Composed(Policy):
         return self._scorer.ranked(view, sums)
 
     def lookahead_plan(self, view: LayerView) -> Plan:
-        if "lookahead_plan" in view.state:  # a layer-splitting allocator's share, set after the prefill
-            return view.state["lookahead_plan"]
+        if lookahead_state(view).plan is not None:  # a layer-splitting allocator's share, set after the prefill
+            return lookahead_state(view).plan
         plan = self.plan(view)
         if self.allocator == "pyramid":
             plan = pyramid_plan(plan, view.depth, view.num_layers, self._allocator.beta)
@@ -192,7 +181,7 @@ class Composed(Policy):
             return None
         if self.lookahead:  # the shares are known now; each layer is cut when the generated rows have joined
             for layer, plan in self.plans(request, len(request.layers)).items():
-                request.view(layer).state["lookahead_plan"] = plan
+                lookahead_state(request.view(layer)).plan = plan
             return None
         return self.allocate(request, len(request.layers))
 
@@ -200,7 +189,7 @@ class Composed(Policy):
         """Prompt-space budgets of the first `seen` layers, the model-wide total split by the allocator."""
         stats = request.shared["compose"]
         if isinstance(self._allocator, VLCache):
-            request.shared["vlcache_density"] = stats.by_layer  # where VL-Cache's split reads its densities
+            request.shared["vlcache_density"] = stats  # where VL-Cache's split reads its densities
             return self._allocator.plans(request, seen, policy=self)
         layers, L = request.layers[:seen], len(request.layers)
         prefs = stats.rows(layers)

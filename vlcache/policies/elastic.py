@@ -5,9 +5,19 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import DecodeEvicting, LayerView, Selection
+from .base import DecodeEvicting, EvictionState, LayerView, Selection
 from .h2o import last_real
 from .streaming import first_real
+
+
+@dataclass
+class ElasticLayer(EvictionState):
+    """An Elastic Cache layer while decoding: the kept `fraction` [B] of the `seen` [B] tokens, deleting from
+    the fixed `point` on."""
+
+    fraction: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+    point: int = 0
 
 
 @dataclass(kw_only=True)
@@ -34,6 +44,7 @@ class ElasticCache(DecodeEvicting):
     chunk: int = 256
 
     name = "elastic"
+    State = ElasticLayer
     paper = "https://arxiv.org/abs/2407.18121"
 
     def __post_init__(self):
@@ -54,15 +65,16 @@ class ElasticCache(DecodeEvicting):
         sel = self.select(view, plan, self.score(view))
         sel = self.merge_into_anchors(view, sel, plan.forced)
         real = view.layout.valid.sum(-1)
+        state = self.layer_state(view)
         if isinstance(self.budget, float):  # the paper's floor((1 - r) * T)
-            view.state["fraction"] = torch.full(real.shape, self.budget, dtype=torch.float64, device=real.device)
+            state.fraction = torch.full(real.shape, self.budget, dtype=torch.float64, device=real.device)
         else:  # per-modality amounts: hold the fraction the prefill kept
             kept = view.slot_valid.gather(-1, sel.indices)[:, 0].sum(-1)
-            view.state["fraction"] = kept.double() / real.double()
-        view.state["seen"] = real
+            state.fraction = kept.double() / real.double()
+        state.seen = real
         length = sel.indices.shape[-1]
         point = self.distance if self.distance >= 0 else length + self.distance
-        view.state["point"] = max(min(point, length - 1), min(self.start, length - 1))
+        state.point = max(min(point, length - 1), min(self.start, length - 1))
         return {view.layer: sel}
 
     def merge_into_anchors(self, view: LayerView, sel: Selection, forced: torch.Tensor) -> Selection:
@@ -85,18 +97,18 @@ class ElasticCache(DecodeEvicting):
         return Selection(idx, keys, values)
 
     def on_append(self, view: LayerView):
-        seen = view.state["seen"] + view.new  # every appended token is real (generate extends with ones)
-        view.state["seen"] = seen
+        state = self.layer_state(view)
+        seen = state.seen = state.seen + view.new  # every appended token is real (generate extends with ones)
         if not self.eviction_due(view):
             return None
         if isinstance(self.budget, int):
             budget = torch.full_like(seen, self.budget)
         else:
-            budget = torch.floor(view.state["fraction"] * seen.double()).long()
+            budget = torch.floor(state.fraction * seen.double()).long()
         valid = view.slot_valid[:, 0]  # [B, T]
         T = view.slots
         slots = torch.arange(T, device=valid.device)
-        point = min(view.state["point"], T - 1)
+        point = min(state.point, T - 1)
         # deletable from the fixed point on: real and not protected (the choice is shared by all heads)
         deletable = valid & ~view.prompt_mask(self.protected(view.layout))[:, 0] & (slots >= point)
         want = torch.minimum((valid.sum(-1) - budget).clamp(min=0), deletable.sum(-1))  # [B]

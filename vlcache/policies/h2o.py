@@ -5,7 +5,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import DecodeEvicting, LayerView
+from .base import DecodeEvicting, EvictionState, LayerView
+
+
+@dataclass
+class HeldState(EvictionState):
+    """A layer held at a size while decoding: `budget` [B] real tokens, of which the newest `recent` [B] (H2O)."""
+
+    budget: torch.Tensor | None = None
+    recent: torch.Tensor | None = None
 
 
 def last_real(valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -38,6 +46,7 @@ class H2O(DecodeEvicting):
     normalize: bool = False
 
     name = "h2o"
+    State = HeldState
     order_free = True  # accumulated per slot, moved with it: evictions may fill holes in place
     paper = "https://arxiv.org/abs/2306.14048"
 
@@ -77,8 +86,9 @@ class H2O(DecodeEvicting):
         scores = self._ranked(view, sums)
         plan = self.plan(view)
         view.slot_state["h2o"] = sums  # the cache gathers it with the kept slots
-        view.state["budget"] = self.growth_budget(view, plan)
-        view.state["recent"] = self._recent(self.total_budget(view.layout))
+        state = self.layer_state(view)
+        state.budget = self.growth_budget(view, plan)
+        state.recent = self._recent(self.total_budget(view.layout))
         return {view.layer: self.select(view, plan, scores)}
 
     def cut_scores(self, view: LayerView) -> torch.Tensor:
@@ -93,9 +103,10 @@ class H2O(DecodeEvicting):
             return None
         # recent = the newest `recent` real tokens of each row, by position
         end = view.positions.amax(-1, keepdim=True) + 1  # [B, Hk, 1]
-        recent = view.positions >= end - view.state["recent"].view(-1, 1, 1)
+        state = self.layer_state(view)
+        recent = view.positions >= end - state.recent.view(-1, 1, 1)
         forced = recent | view.prompt_mask(self.protected(view.layout))
-        return self.keep_at_budget(view, view.state["budget"], self._ranked(view, acc), forced)
+        return self.keep_at_budget(view, state.budget, self._ranked(view, acc), forced)
 
 
 def rows_seeing(view: LayerView) -> torch.Tensor:

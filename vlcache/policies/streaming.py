@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import DecodeEvicting, LayerView
+from .h2o import HeldState
 
 
 def first_real(valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -27,6 +28,7 @@ class StreamingLLM(DecodeEvicting):
     sinks: int = 4
 
     name = "streamingllm"
+    State = HeldState
     order_free = True  # scores are by position: evictions may fill holes in place
     paper = "https://arxiv.org/abs/2309.17453"
 
@@ -43,11 +45,11 @@ class StreamingLLM(DecodeEvicting):
 
     def on_prefill(self, view: LayerView):
         plan = self.plan(view)
-        view.state["budget"] = self.growth_budget(view, plan)
+        self.layer_state(view).budget = self.growth_budget(view, plan)
         return {view.layer: self.select(view, plan, self.score(view))}
 
     def on_append(self, view: LayerView):
         if not self.eviction_due(view):
             return None
         forced = view.prompt_mask(self.protected(view.layout) | first_real(view.layout.valid, self.sinks))
-        return self.keep_at_budget(view, view.state["budget"], self.score(view), forced)
+        return self.keep_at_budget(view, self.layer_state(view).budget, self.score(view), forced)

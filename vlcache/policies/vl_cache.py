@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerView, Plan, Policy, Request
+from .base import LayerStatistics, LayerView, Plan, Policy, Request, lookahead_state
 from .budget import apportion
 from .h2o import last_real
 
@@ -111,7 +111,7 @@ class VLCache(Policy):
         view.slot_state["vlcache"] = kernels.group_reduce(colsum, view.kv_heads, self.agg)
         if self.lookahead:  # the generated rows join these (lookahead_step)
             view.slot_state["lookahead"] = colsum / rows.clamp(min=1).view(-1, 1, 1).to(colsum.dtype)
-        view.shared.setdefault("vlcache_density", {})[view.layer] = density  # [B]
+        view.shared.setdefault("vlcache_density", LayerStatistics()).by_layer[view.layer] = density  # [B]
         if self.cascading:
             return self.allocate(view.request, view.depth + 1)
         return None  # budgets need every layer's density: see after_prefill
@@ -134,8 +134,7 @@ class VLCache(Policy):
 
     def densities(self, request: Request, seen: int | None = None) -> list[list[float]]:
         """Per prompt, the density of every layer (of the first `seen`)."""
-        by_layer = [request.shared["vlcache_density"][layer] for layer in request.layers[:seen]]
-        return [list(row) for row in zip(*by_layer)]
+        return request.shared["vlcache_density"].rows(request.layers[:seen])
 
     def observed(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
         colsum, rows, _ = self.measure(view)
@@ -144,13 +143,10 @@ class VLCache(Policy):
     def ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
         return kernels.group_reduce(sums, view.kv_heads, self.agg)
 
-    def lookahead_plan(self, view: LayerView) -> Plan:
-        return view.state["lookahead_plan"]  # this layer's share, set when every density was known
-
     def after_prefill(self, request: Request):
         if self.lookahead:  # the shares are known now; each layer is cut when the generated rows have joined
             for layer, plan in self.plans(request, len(request.layers)).items():
-                request.view(layer).state["lookahead_plan"] = plan
+                lookahead_state(request.view(layer)).plan = plan
             return None
         if self.cascading:
             return None  # the last layer's prefill made the final cut
