@@ -1,6 +1,6 @@
 """Markdown tables for the README from the benchmarks' JSON outputs, so every number there comes from a run.
 
-python scripts/readme_tables.py out/          # reads out/{quality,speed,kernels,peer,reuse}/*.json
+python scripts/readme_tables.py out/          # reads out/{quality,speed,kernels,peer,peer-embedded,peer-uniform,reuse}/*.json
 """
 
 from __future__ import annotations
@@ -136,16 +136,52 @@ def bandwidth(data) -> str:
 
 
 def peer(data) -> str:
+    """The peer benchmark's summary: one row per method, vlcache's policy against the kvpress press."""
+    e = data["entropy_last_rows_vs_uniform"]
+    full = data["full"]
     lines = [
-        "| library | run | prefill s | x full | decode ms/token | x full | KV MiB | peak MiB | tokens as own full |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Attention entropy of the last {e['rows']} prompt rows / uniform: {e['mean']:.3f}. Full caches: same tokens "
+        f"{full['tokens_vlcache_vs_kvpress']:.2f}, KV {full['vlcache']['kv_bytes'] / 2**20:.1f} MiB.",
+        "",
+        "| vlcache | kvpress | same positions, heads | overlap | after decoding | kvpress cache in position order "
+        "| tokens = own full (vlcache / kvpress) | tokens vlcache = kvpress | prefill x full (vlcache / kvpress) "
+        "| decode x full (vlcache / kvpress) | KV MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        lines.append(
-            f"| {r['library']} | {r['run']} | {r['prefill_s']:.2f} | {r['prefill_ratio']:.2f} | {r['decode_ms']:.1f} | {r['decode_ratio']:.2f} | "
-            f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_bytes'] / 2**20:.1f} | {r['agreement']:.2f} |"
+        heads = sum(len(layer) for layer in r["overlap_per_layer_head_prefill"])
+        same = round(r["same_heads_prefill"] * heads)
+        after = (
+            f"{round(r['same_heads_end'] * heads)}/{heads}, overlap {r['overlap_end']:.2f}" if r["decoding"] else "-"
         )
-    return "\n".join(lines) + f"\n\nThe two full-cache runs agree token for token: {data['full_runs_agree']}."
+        t, x, d = r["tokens_vs_own_full"], r["prefill_x_full"], r["decode_x_full"]
+        lines.append(
+            f"| {r['method']} | {r['press']} | {same}/{heads} | {r['overlap_prefill']:.2f} | {after} "
+            f"| {r['cache_ascending']['kvpress']:.2f} | {t['vlcache']:.2f} / {t['kvpress']:.2f} "
+            f"| {r['tokens_vlcache_vs_kvpress']:.2f} | {x['vlcache']:.2f} / {x['kvpress']:.2f} "
+            f"| {d['vlcache']:.2f} / {d['kvpress']:.2f} | {r['kv_bytes']['vlcache'] / 2**20:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def peer_layers(data) -> str:
+    """Per layer and KV head, the overlap of kept prompt positions ('=' identical), and differing layer budgets."""
+    layers = len(data["entropy_last_rows_vs_uniform"]["per_layer_head"])
+    lines = ["| method | " + " | ".join(f"L{i}" for i in range(layers)) + " |", "|---" * (layers + 1) + "|"]
+    for r in data["rows"]:
+        for key, label in (("prefill", r["method"]), ("end", r["method"] + ", after decoding")):
+            if key == "end" and not r["decoding"]:
+                continue
+            cells = [
+                " ".join("=" if o == 1.0 else f"{o:.3f}" for o in layer) for layer in r[f"overlap_per_layer_head_{key}"]
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | vlcache layer budgets | kvpress layer budgets |", "|---|---|---|"]
+    for r in data["rows"]:
+        b = r["layer_budgets"]
+        if b["vlcache"] != b["kvpress"]:
+            lines.append(f"| {r['method']} | {' '.join(map(str, b['vlcache']))} | {' '.join(map(str, b['kvpress']))} |")
+    return "\n".join(lines)
 
 
 def reuse(data) -> str:
@@ -207,9 +243,10 @@ def main(folder: str = "out") -> int:
     k = load(out / "kernels" / "kernels.json")
     if k:
         print("## kernels\n\n" + kernels(k) + "\n")
-    p = load(out / "peer" / "peer.json")
-    if p:
-        print("## peer\n\n" + peer(p) + "\n")
+    for name in ("peer", "peer-embedded", "peer-uniform"):
+        p = load(out / name / "peer.json")
+        if p:
+            print(f"## {name}\n\n" + peer(p) + "\n\n" + peer_layers(p) + "\n")
     r = load(out / "reuse" / "reuse.json")
     if r:
         print("## reuse\n\n" + reuse(r) + "\n")

@@ -8,6 +8,7 @@ import pytest
 from vlcache.cli import main
 
 
+@pytest.mark.slow
 def test_quality_quick(tmp_path):
     assert main(["bench", "quality", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "quality.json").read_text())
@@ -17,6 +18,7 @@ def test_quality_quick(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_speed_quick(tmp_path):
     assert main(["bench", "speed", "--quick", "--sizes", "300", "--new-tokens", "3", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
@@ -26,6 +28,7 @@ def test_speed_quick(tmp_path):
     assert (tmp_path / "speed.png").exists()
 
 
+@pytest.mark.slow
 def test_speed_rows_for_the_prefill_settings(tmp_path):
     """Static frames: temporal merging removes every repeated frame; prune_at keeps the budget; e2e is reported."""
     args = ["bench", "speed", "--quick", "--sizes", "600", "--new-tokens", "2", "--scene", "static"]
@@ -51,6 +54,7 @@ def test_speed_rows_for_the_prefill_settings(tmp_path):
     assert all(r["total_s"] > 0 and "total_vs_plain" in r for r in rows.values())
 
 
+@pytest.mark.slow
 def test_kernels_on_cpu(tmp_path):
     args = [
         "bench",
@@ -76,6 +80,7 @@ def test_kernels_on_cpu(tmp_path):
     assert all(r["impl"] == "reference" for r in rows)  # Triton needs a GPU
 
 
+@pytest.mark.slow
 def test_reuse_quick(tmp_path):
     assert main(["bench", "reuse", "--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "reuse.json").read_text())["rows"]
@@ -88,3 +93,13 @@ def test_reuse_quick(tmp_path):
 def test_bench_usage():
     assert main(["bench"]) == 0
     assert main(["bench", "nope"]) == 2
+
+
+def test_quant_speed_part(tmp_path):
+    rows = "full,full:vision_bits=4;text_bits=4"
+    args = ["bench", "quant", "--parts", "speed", "--preset", "quick", "--sizes", "300", "--new-tokens", "3"]
+    assert main([*args, "--repeat", "1", "--speed-rows", rows, "--out", str(tmp_path)]) == 0
+    out = {r["policy"]: r for r in json.loads((tmp_path / "quant.json").read_text())["speed"]}
+    assert out["full:vision_bits=4;text_bits=4"]["kv_ratio"] < 0.25  # 4-bit codes + fp16 scales against fp32
+    assert out["full:vision_bits=4;text_bits=4"]["decode_vs_16bit"] > 0 and out["full"]["kv_ratio"] == 1.0
+    assert (tmp_path / "quant.png").stat().st_size > 0

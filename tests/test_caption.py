@@ -41,6 +41,14 @@ def test_captions_videos_into_jsonl(videos, tmp_path, capsys):
     assert "done 3, skipped 0" in printed and "failed 0" in printed
 
 
+def test_a_caption_of_fewer_frames_is_not_cut_short(videos, tmp_path):
+    """The embedded model got frames + 1 new tokens: at 4 frames its 8-place colour list stopped after 4."""
+    out = tmp_path / "c.jsonl"
+    assert main([str(videos[1][0]), "-o", str(out), "--frames", "4", "--compare"]) == 0
+    (rec,) = _records(out)
+    assert rec["frames"] == 4 and len(rec["caption_full"]) == 9 and len(rec["caption"]) == 9
+
+
 def test_resume_skips_finished_videos(videos, tmp_path, capsys):
     folder, paths = videos
     out = tmp_path / "c.jsonl"
@@ -110,6 +118,7 @@ def test_user_mistakes_are_one_line(tmp_path):
     assert cli(["policies"]) == 0
 
 
+@pytest.mark.slow
 def test_sharded_over_two_processes(videos, tmp_path):
     """Two ranks under torchrun each caption a disjoint, non-empty share (before, on a CPU machine both took
     themselves for rank 0 of 1 and captioned everything; and `accelerate launch --cpu --num_processes 2`, this
@@ -182,6 +191,7 @@ def _caption_process(*args):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_runs_writing_one_output_lose_nothing(tmp_path):
     """`caption DIR30 -o o.jsonl & caption DIR5 -o o.jsonl`: the 30-video run lost 25 records (the other run's
     merge replaced the file it was appending to). Now the second is refused while the first holds the output.
@@ -306,6 +316,7 @@ def test_bad_arguments_are_one_line(videos, tmp_path, capsys, flags, message):
     assert message.replace("FILE", str(tmp_path / "FILE")) in err
 
 
+@pytest.mark.slow
 def test_kv_memory_packs_batches_within_the_bound_with_the_captions_of_one_at_a_time(tmp_path, capsys):
     from vlcache import kv_memory, pipeline
     from vlcache.policies import SnapKV, VLCache

@@ -2,6 +2,8 @@
 
 import pathlib
 
+import pytest
+
 from vlcache.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,6 +77,7 @@ def test_a_text_only_model_is_refused_with_the_families(capsys, tmp_path):
     assert "text-only gpt2 model" in err and "Supported vision-language families: llava" in err
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_in_seconds(tmp_path):
     """It took 148 s of retries before the error when the hub cannot be reached."""
     import os
@@ -105,3 +108,79 @@ def test_a_setting_of_the_wrong_type_is_one_line(capsys):
 def test_a_bare_name_that_is_neither_a_directory_nor_cached_says_both(capsys):
     err = _one_line_error(capsys, ["compare", "--frames", "1", "--model", "ckpt"])
     assert "--model ckpt (no directory of that name here either): not in the local Hugging Face cache" in err
+
+
+def test_policies_prints_whole_first_sentences(capsys):
+    """The first docstring line was printed: "smoothed along the", "(one"."""
+    from vlcache.cli import first_sentence
+    from vlcache.policies import POLICIES
+
+    assert main(["policies"]) == 0
+    out = capsys.readouterr().out
+    described = {}
+    for line in out.splitlines():
+        head, rest = line[:15].strip(), line[15:]
+        if head:
+            name = head
+        if not rest.startswith(("paper: ", "settings: ")):
+            described[name] = f"{described.get(name, '')} {rest}".strip()
+    assert set(described) == set(POLICIES)
+    for name, cls in POLICIES.items():
+        text = described[name]
+        assert text == first_sentence(cls.__doc__) and text.endswith("."), (name, text)
+        assert text.count("(") == text.count(")"), (name, text)
+    assert "smoothed along the sequence so that neighbours" in described["snapkv"]
+    assert first_sentence("Keeps a (e.g. random) subset. Then more.") == "Keeps a (e.g. random) subset."
+    assert first_sentence("Budget 0.5 of the\n    prompt.\n\n    - x") == "Budget 0.5 of the prompt."
+
+
+def _compare_rows(out: str) -> dict[str, str]:
+    """policy -> its output column, from `vlcache compare`'s table."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
+    return {line.split()[0]: line.rsplit("  ", 1)[1].strip("'") for line in lines[start:] if line.strip()}
+
+
+def test_compare_takes_a_video(capsys, tmp_path):
+    """`vlcache compare VIDEO` was refused with "unrecognized arguments"."""
+    from vlcache.caption import ensure_samples
+
+    video = ensure_samples(tmp_path, count=1)[0]
+    assert main(["compare", str(video), "--policies", "vlcache", "--vision-budget", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert f"{video}, 8 frames, prompt of 154 tokens, 9 new tokens" in out.splitlines()[0]
+    rows = _compare_rows(out)
+    assert list(rows) == ["full", "vlcache(vision=0.25)"]
+    assert main(["compare", str(video), "--frames", "4", "--policies", "snapkv"]) == 0
+    assert "4 frames, prompt of 82 tokens, 9 new tokens" in capsys.readouterr().out
+
+
+def test_compare_takes_images_and_reads_them(capsys, tmp_path):
+    """The images given are the ones read: the full cache describes exactly their colours."""
+    import numpy as np
+
+    from vlcache.evaluation.tasks import make_example
+
+    ex = make_example("describe", 4, np.random.default_rng(3))
+    paths = []
+    for i, frame in enumerate(ex.frames):
+        paths.append(str(tmp_path / f"frame{i}.png"))
+        frame.save(paths[-1])
+    assert main(["compare", *paths, "--policies", "vlcache"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images, 4 frames" in out.splitlines()[0]
+    assert _compare_rows(out)["full"] == "=" + ex.answer
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["missing.mp4"], "file not found: missing.mp4"),
+        (["README.md"], "README.md: not a video or image file name"),
+        (["a.png", "b.mp4"], "give one video or several images, not b.mp4 among 2 files"),
+        (["--frames", "0"], "--frames must be at least 1, got 0"),
+        (["--question", " "], "--question is empty"),
+    ],
+)
+def test_compare_bad_input_is_one_line(capsys, args, message):
+    assert message in _one_line_error(capsys, ["compare", *args, "--policies", "snapkv"])

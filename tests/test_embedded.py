@@ -48,6 +48,7 @@ def test_answers_held_out_questions(embedded, task):
     assert accuracy >= recorded - 0.15, f"{task}: {accuracy:.2f}, training measured {recorded:.2f}"
 
 
+@pytest.mark.slow
 def test_projector_norm_penalty_follows_formula_and_pulls_rms_to_one():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from train_embedded import projector_norm_penalty, train_step
@@ -70,6 +71,7 @@ def test_projector_norm_penalty_follows_formula_and_pulls_rms_to_one():
         assert float(penalty()) < 0.5 * float(got)
 
 
+@pytest.mark.slow
 def test_attention_loss_follows_formula_and_moves_attention_onto_the_target():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from train_embedded import attention_loss, train_step

@@ -165,6 +165,7 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
         assert batch[b, -10:].tolist() == alone[0, -10:].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [SnapKV(budget=0.3), H2O(budget=0.3), StreamingLLM(budget=32)], ids=lambda p: p.name)
 def test_long_generation(tiny_model, policy):
     model = tiny_model("llava")

@@ -179,6 +179,40 @@ def test_h2o_keeps_heavy_hitters_and_recent():
         assert set(idx[0, h].tolist()) == set(score[0, h].topk(C - 10).indices.tolist()) | set(range(n - 10, n))
 
 
+def test_h2o_normalize_ranks_by_mean_attention_of_the_rows_that_see_a_key():
+    """normalize=True: a key's score is its attention column sum over the prompt rows divided by the n - j rows at
+    or after it (kvpress's ObservedAttentionPress form); the default keeps the plain sums."""
+    layout = layout_from_ids(IDS)
+    view = view_for(layout, seed=5)
+    C, n = 20, len(IDS)
+    stats = ref.attention_stats(view.query, view.keys, view.scale, torch.arange(n)[None])
+    colsum = ref.group_reduce(stats.colsum, 2)
+    mean = colsum / torch.arange(n, 0, -1, dtype=torch.float32)
+    torch.testing.assert_close(H2O(budget=C, normalize=True).score(view), mean)
+    torch.testing.assert_close(H2O(budget=C).score(view), colsum)
+    idx = kept_indices(H2O(budget=C, recent=0.0, normalize=True, protect=()), view)
+    for h in range(2):
+        assert set(idx[0, h].tolist()) == set(mean[0, h].topk(C).indices.tolist())
+        assert set(idx[0, h].tolist()) != set(colsum[0, h].topk(C).indices.tolist())  # the option changes the choice
+
+
+def test_h2o_normalize_counts_rows_while_decoding():
+    """The row counts follow the slots through evictions: after n prompt rows and d decode steps the slot at
+    position p has been seen by n + d - p rows."""
+    layout = layout_from_ids(IDS)
+    n, d = len(IDS), 5
+    cache = run_policy(H2O(budget=20, normalize=True, protect=()), layout, layers=2, decode=d)
+    for i in range(2):
+        pos = kept_positions(cache, i)
+        assert pos.shape[-1] == 20 and (pos >= n).any()  # at budget, generated tokens among the kept
+        torch.testing.assert_close(cache.layers[i].slot_state["h2o_rows"], (n + d - pos).float())
+
+
+def test_h2o_normalize_must_be_a_bool():
+    with pytest.raises(ValueError, match="normalize"):
+        H2O(budget=0.2, normalize=1)
+
+
 def test_pyramidkv_budgets_decrease_and_sum_to_total():
     layout = layout_from_ids(IDS)
     L, C = 6, 24

@@ -202,6 +202,7 @@ def _put_many(disk_dir, count):
         store._path(key).unlink(missing_ok=True)  # so that the next round writes it again, racing the other
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_disk_dir(tmp_path):
     """Both write the same chunks at the same time: unique temporary names, atomic renames, no error."""
     import multiprocessing

@@ -75,6 +75,7 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["h2o", "lookm", "elastic", "vlcache"])
 def test_scoring_an_8k_prompt_never_builds_an_n_by_n_matrix(name):
     n, H, Hk, d = 8192, 4, 2, 16

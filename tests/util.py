@@ -63,10 +63,13 @@ def kept_indices(policy, view):
     return sel[view.layer].indices
 
 
-def run_policy(policy, layout, *, layers=2, heads=4, kv_heads=2, d=8, seed=0, qkv=None, decode=0, on_layer=None):
+def run_policy(
+    policy, layout, *, layers=2, heads=4, kv_heads=2, d=8, seed=0, qkv=None, decode=0, on_layer=None, on_prefill=None
+):
     """Drive `policy` through a real CompressedCache over hand-made tensors, as generate would: every layer's
     prefill, the whole-model step, then `decode` single-token steps. `qkv[l]` gives (q, k, v) of layer l;
-    `on_layer(cache, l)` runs after each prefill layer. Returns the cache."""
+    `on_layer(cache, l)` runs after each prefill layer, `on_prefill(cache)` after the whole-model step. Returns
+    the cache."""
     import transformers as T
 
     from vlcache.hf.cache import CompressedCache
@@ -98,6 +101,8 @@ def run_policy(policy, layout, *, layers=2, heads=4, kv_heads=2, d=8, seed=0, qk
         if on_layer is not None:
             on_layer(cache, li)
     driver.finish_prefill(cache)
+    if on_prefill is not None:
+        on_prefill(cache)
     for _ in range(decode):
         cache.extend(torch.ones(B, 1, dtype=torch.bool))
         for li in range(layers):

@@ -1,10 +1,12 @@
 """vlcache: modality-aware KV-cache compression for Hugging Face vision-language models.
 
     import vlcache
-    from vlcache.policies import SnapKV
-    with vlcache.compress(model, SnapKV(budget=0.1)):
-        out = model.generate(**inputs, max_new_tokens=128)
-    print(vlcache.last_stats(model).summary())
+    model, processor = vlcache.load_model("embedded")  # or a hub id / local directory
+    frames = vlcache.read_frames(vlcache.sample_videos()[0], frames=8)
+    inputs = vlcache.frames_inputs(processor, frames, "describe?", device=model.device)
+    with vlcache.compress(model, "vlcache", vision_budget=0.1) as session:
+        out = model.generate(**inputs, max_new_tokens=9)
+    print(session.stats.summary())
 
 Importing vlcache patches nothing and imports nothing heavy: the names below load on first use, so
 `vlcache.policies`, `vlcache.modality` and `vlcache.kernels` work without transformers installed (only the
@@ -25,8 +27,13 @@ from . import reuse as _image_kv_store  # noqa: E402, F401
 
 del reuse  # noqa: F821
 
-# public name -> the submodule that defines it
+# public name -> the submodule that defines it, or (submodule, its name there). The getting-started helpers are
+# reached only through these names, so the README does not depend on where the apps' modules live.
 _EXPORTS = {
+    "load_model": (".pipeline", "load"),
+    "frames_inputs": ".pipeline",
+    "read_frames": ".video",
+    "sample_videos": (".caption", "ensure_samples"),
     "attach": ".api",
     "compress": ".api",
     "last_stats": ".api",
@@ -51,24 +58,33 @@ __all__ = [
     "UnsupportedModelError",
     "attach",
     "compress",
+    "frames_inputs",
     "last_stats",
+    "load_model",
     "make_policy",
+    "read_frames",
     "reuse",
+    "sample_videos",
 ]
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time `__getattr__` imports on demand
     from .api import attach, compress, last_stats, reuse
+    from .caption import ensure_samples as sample_videos
     from .modality import Layout, Modality, UnsupportedModelError
+    from .pipeline import frames_inputs
+    from .pipeline import load as load_model
     from .policies import POLICIES, Policy, make_policy
     from .reuse import ImageKVStore
     from .stats import CompressionStats
+    from .video import read_frames
 
 
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+    target = _EXPORTS.get(name)
+    if target is None:
         raise AttributeError(f"module 'vlcache' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(module, __name__), attr)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -1,6 +1,6 @@
 """Batch video captioning with a compressed KV cache (`vlcache caption`, `python -m vlcache.caption`).
 
-    vlcache caption                                  # the bundled sample videos, full cache vs VL-Cache at 25% of the vision tokens, a summary table
+    vlcache caption                                  # the sample videos (generated), full cache vs VL-Cache at 25% of the vision tokens, a summary table
     vlcache caption videos/ list.txt a.mp4 -o captions.jsonl --policy snapkv --budget 0.1
     vlcache caption videos/ --kv-memory 8GB          # batches as large as 8 GB of compressed KV cache allows
     torchrun --nproc_per_node 2 -m vlcache.caption videos/ -o captions.jsonl   # sharded (or accelerate launch)
@@ -61,10 +61,10 @@ def _policy_label(policy) -> dict:
     return {"policy": policy.name, **amounts, **({"settings": changed} if changed else {})}
 
 
-def max_new_tokens(model, args, frames: int) -> int:
+def max_new_tokens(model, args) -> int:
     from . import pipeline
 
-    return args.max_new_tokens or (frames + 1 if pipeline.is_embedded(model) else 64)
+    return args.max_new_tokens or pipeline.answer_tokens(model)
 
 
 def caption_batch(model, processor, items, policy, args, compare: bool, config: dict) -> tuple[list[dict], object]:
@@ -74,7 +74,7 @@ def caption_batch(model, processor, items, policy, args, compare: bool, config: 
     inputs = pipeline.frames_inputs(
         processor, [fr for _, fr in items], args.question, device=next(model.parameters()).device
     )
-    max_new = max_new_tokens(model, args, len(items[0][1]))
+    max_new = max_new_tokens(model, args)
     run = pipeline.run(model, processor, inputs, policy, max_new)
     full = pipeline.run(model, processor, inputs, Full(), max_new) if compare else None
     records = []
@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="vlcache caption", description=__doc__.splitlines()[0])
     p.add_argument(
-        "inputs", nargs="*", help="videos, images, folders, or .txt files listing paths (default: bundled samples)"
+        "inputs", nargs="*", help="videos, images, folders, or .txt files listing paths (default: the sample videos)"
     )
     p.add_argument("-o", "--out", default="captions.jsonl")
     p.add_argument("--model", default="embedded", help="hub id or local path (default: the embedded model)")
@@ -294,7 +294,7 @@ class Captioner:
 
     def measure(self, run, frames: int) -> int:
         stats = run.prefill_stats
-        new_tokens = max_new_tokens(self.model, self.args, frames)  # the limit: a later video may not stop early
+        new_tokens = max_new_tokens(self.model, self.args)  # the limit: a later video may not stop early
         need = kv_memory.per_video_bytes(stats, new_tokens, self.policy, self.compare)
         fits = kv_memory.capacity(self.args.kv_memory, need, self.args.batch)
         if need > self.args.kv_memory:

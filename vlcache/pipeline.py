@@ -7,6 +7,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 import vlcache
@@ -72,6 +73,16 @@ def default_question(model) -> str:
     return "describe?" if is_embedded(model) else "Describe this video in one sentence."
 
 
+def answer_tokens(model, default: int = 64) -> int:
+    """New tokens an answer needs: for the embedded model "=" and its longest answer, describe's one place per
+    palette colour (9, whatever the number of frames); for any other model `default`."""
+    if is_embedded(model):
+        from .evaluation.tasks import ANSWER_PREFIX, COLOR_KEYS
+
+        return len(ANSWER_PREFIX) + len(COLOR_KEYS)
+    return default
+
+
 def frames_inputs(processor, frames, question: str, device=None) -> dict:
     """Model inputs for a question about frames given as images, each after a text marker ("f0<image>f1<image>
     question"), through the processor's chat template when it has one. `frames` is one video (a list of images)
@@ -114,10 +125,17 @@ class RunResult:
     row_stats: list[CompressionStats] = field(default_factory=list)  # every row's prefill stats
     kept_positions: dict = field(default_factory=dict)  # layer -> [B, Hk, K] prompt positions kept after prefill
     total_s: float = 0.0  # wall time of the whole generate call: what a user waits for
+    step_s: list[float] = field(default_factory=list)  # each decode forward's time
 
     @property
     def decode_ms_per_token(self) -> float:
         return 1000 * self.decode_s / self.steps if self.steps else float("nan")
+
+    @property
+    def decode_ms_median(self) -> float:
+        """The median decode step in ms: on a shared machine one step that loses the CPU moves the mean by more
+        than a 10x smaller cache saves on a small model."""
+        return 1000 * float(np.median(self.step_s)) if self.step_s else float("nan")
 
 
 def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: int = 32, **generate_kw) -> RunResult:
@@ -165,6 +183,7 @@ def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: i
         rows,
         kept,
         total,
+        times[1:],
     )
 
 

@@ -31,6 +31,10 @@ class CompressionStats:
     kv_bytes: int = 0  # held now, every layer (sliding-window layers included)
     kv_bytes_full: int = 0  # what an uncompressed cache would hold for the same tokens
     merged: dict[str, int] = field(default_factory=dict)  # vision tokens temporal merging dropped before the model
+    bits: dict[str, int] = field(default_factory=dict)  # KV quantization: bits per modality ({} when not quantized)
+    # quantized layers' bytes by kind: "codes" (packed), "scales" (scales, zero points, group indices), "full"
+    # (16-bit entries and the full-precision window); part of kv_bytes
+    kv_bytes_by_kind: dict[str, int] = field(default_factory=dict)
 
     @property
     def prompt_tokens(self) -> int:
@@ -59,9 +63,13 @@ class CompressionStats:
         merged = (
             "; merged before the model: " + ", ".join(f"{m} {k}" for m, k in self.merged.items()) if self.merged else ""
         )
+        quant = ""
+        if self.bits:
+            widths = ", ".join(f"{m} {b}-bit" for m, b in self.bits.items())
+            quant = f"; quantized {widths} (scales {_mib(self.kv_bytes_by_kind.get('scales', 0))})"
         return (
             f"{self.policy}: kept {self.kept():.0f} of {seen} tokens per layer ({', '.join(parts) or 'no prompt tokens'}); "
-            f"KV {_mib(self.kv_bytes)} of {_mib(self.kv_bytes_full)} ({100 * (1 - self.kv_ratio):.1f}% saved){merged}"
+            f"KV {_mib(self.kv_bytes)} of {_mib(self.kv_bytes_full)} ({100 * (1 - self.kv_ratio):.1f}% saved){merged}{quant}"
         )
 
     def table(self) -> str:
@@ -84,6 +92,8 @@ class CompressionStats:
             "kv_bytes_full": self.kv_bytes_full,
             "kv_bytes_saved": self.kv_bytes_saved,
             "merged": dict(self.merged),
+            "bits": dict(self.bits),
+            "kv_bytes_by_kind": dict(self.kv_bytes_by_kind),
         }
 
 

@@ -3,6 +3,7 @@
 - `accuracy(...)`: exact-match accuracy on held-out examples of a task, under a policy (None: the full cache).
 - `KeepVision`: an oracle policy that keeps all text and a given set of vision tokens: with none, the floor (the
   answer must not be recoverable from text alone); with the answer's own tokens, the ceiling.
+- `kv_ratio(...)`: the KV bytes a policy keeps after the prompt, as a share of the full cache's.
 - `fidelity(...)`: agreement of greedy tokens with the full-cache output, and KL(full || compressed) of the
   next-token distributions while both are fed the full-cache tokens (teacher forcing).
 """
@@ -93,6 +94,15 @@ def merged_share(model, processor, task: str, frames: int, policy: Policy, n: in
     stats = session.prefill_stats
     vision = stats.prompt["image"] + stats.prompt["video"]
     return sum(stats.merged.values()) / vision if vision else 0.0
+
+
+def kv_ratio(model, inputs: dict, policy: Policy) -> float:
+    """KV bytes the cache holds right after the prompt (codes, scales and zero points of a quantized one) over what
+    the full cache holds for the same prompts."""
+    with vlcache.compress(model, policy) as session:
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    return session.prefill_stats.kv_ratio
 
 
 class _Recorder(LogitsProcessor):

@@ -119,6 +119,18 @@ class CompressibleLayer(DynamicLayer):
     def compacted(self) -> bool:
         return self.positions is not None
 
+    def kv_nbytes(self) -> int:
+        """Bytes of keys and values held (a quantized layer: codes, scales, zero points, group indices too)."""
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def full_slot_bytes(self) -> int:
+        """Bytes one slot of one head takes in full precision (what an uncompressed cache spends per token)."""
+        return self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, Hk, T, d] in slot order, as a policy's view shows them."""
+        return self.keys, self.values
+
     @property
     def physical_length(self) -> int:
         return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
@@ -227,6 +239,7 @@ class CompressedCache(DynamicCache):
         self.hidden = 0  # prompt tokens dropped before the language model
         # prune_at: the sequence positions kept at the prune layer [B, m'] and which of them are filler (or None)
         self.cut: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.bits: dict[str, int] = {}  # bits per modality once quantized (`quantize`), empty while not
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 
@@ -293,12 +306,35 @@ class CompressedCache(DynamicCache):
         return layer.physical_length if isinstance(layer, CompressibleLayer) else layer.keys.shape[-2]
 
     def nbytes(self) -> int:
-        """Bytes the cache holds now (keys and values of every layer)."""
-        return sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-            for layer in self.layers
-            if getattr(layer, "keys", None) is not None
-        )
+        """Bytes the cache holds now (keys and values of every layer; scales and group indices of quantized ones)."""
+        return sum(_layer_nbytes(layer) for layer in self.layers if getattr(layer, "keys", None) is not None)
+
+    def quantize(self, policy) -> None:
+        """Quantize every compressible layer's kept entries at the policy's bits (right after the prefill)."""
+        from ..quant.config import QuantConfig, resolve_group
+        from .quantized import QuantizedLayer
+
+        for i, layer in enumerate(self.layers):
+            if type(layer) is not CompressibleLayer or layer.physical_length == 0:
+                continue
+            config = QuantConfig.of(policy, layer.keys.shape[-1])
+            resolve_group(config.group, layer.values.shape[-1])
+            pos = layer.slot_positions()
+            n = self.layout.length
+            inside = (pos >= 0) & (pos < n)
+            vision = self.layout.vision.to(pos.device).gather(1, pos.clamp(0, n - 1).flatten(1)).view_as(pos) & inside
+            self.layers[i] = QuantizedLayer.from_layer(
+                layer, vision, self.slot_valid(layer), config, self.position_valid
+            )
+        self.bits = {"vision": policy.vision_bits, "text": policy.text_bits}
+
+    def position_valid(self, positions: torch.Tensor, maybe_dead: bool = True) -> torch.Tensor | None:
+        """[B, Hk, N] whether slots at these positions hold real tokens, or None when all do (no padding, and no
+        dead slot if `maybe_dead` is False)."""
+        if not self.padded and not maybe_dead:
+            return None
+        sv = self.seq_valid.to(positions.device)
+        return sv.gather(1, positions.clamp(min=0).flatten(1)).view_as(positions) & (positions != DEAD)
 
     def stats(self, policy: str = "", row: int | None = None) -> CompressionStats:
         """Tokens kept per layer and modality, and KV bytes, as of now; for one batch row if `row` is given (its
@@ -316,19 +352,25 @@ class CompressedCache(DynamicCache):
         share = 1 if row is None else max(1, batch)
         full = 0
         for i, layer in enumerate(self.layers):
-            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            if getattr(layer, "keys", None) is None:
                 continue
-            nbytes = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            if (layer.physical_length if isinstance(layer, CompressibleLayer) else layer.keys.numel()) == 0:
+                continue
+            nbytes = _layer_nbytes(layer)
             if not isinstance(layer, CompressibleLayer):
                 full += nbytes // share
                 continue
-            B, H, T = layer.keys.shape[:3]
-            per_slot = nbytes // max(1, B * H * T)
-            full += (B // share) * H * layer.get_seq_length() * per_slot
+            B, H = layer.keys.shape[:2]
+            T = layer.physical_length
+            full += (B // share) * H * layer.get_seq_length() * layer.full_slot_bytes()
             kept = self._kept_by_modality(layer, row)
             out.layers.append(LayerStats(i, layer.get_seq_length(), T, kept, nbytes // share))
+            if hasattr(layer, "bytes_by_kind"):
+                for kind, b in layer.bytes_by_kind().items():
+                    out.kv_bytes_by_kind[kind] = out.kv_bytes_by_kind.get(kind, 0) + b // share
         out.kv_bytes = self.nbytes() // share
         out.kv_bytes_full = full
+        out.bits = dict(self.bits)
         return out
 
     def _kept_by_modality(self, layer: CompressibleLayer, row: int | None = None) -> dict[str, float]:
@@ -347,6 +389,12 @@ class CompressedCache(DynamicCache):
         }
         kept["generated"] = float((~in_prompt & real).sum()) / H
         return kept
+
+
+def _layer_nbytes(layer) -> int:
+    if isinstance(layer, CompressibleLayer):
+        return layer.kv_nbytes()
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
 
 
 def _row_counts(layout: Layout, row: int) -> dict[str, int]:

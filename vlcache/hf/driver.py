@@ -38,6 +38,8 @@ class Driver:
         """All layers have seen the prompt: the whole-model step, then the cache counts as prefilled."""
         with torch.no_grad():
             self.apply(cache, self.policy.after_prefill(self.request(cache)))
+            if self.policy.quantizes:  # what is kept, selected and merged, is quantized now (not in a window)
+                cache.quantize(self.policy)
         cache.prefilled = True
         cache.cut = None
 
@@ -58,13 +60,14 @@ class Driver:
             query = layer.keys.new_zeros(B, self.heads, 0, d)
         if scaling is None:
             scaling = layer.state.get("_scale", query.shape[-1] ** -0.5)
+        keys, values = layer.dense()  # a quantized layer: dequantized, only for the policies that look at them
         return LayerView(
             layer=li,
             depth=request.layers.index(li),
             num_layers=len(request.layers),
             query=query,
-            keys=layer.keys,
-            values=layer.values,
+            keys=keys,
+            values=values,
             scale=scaling,
             layout=cache.layout,
             positions=layer.slot_positions(),

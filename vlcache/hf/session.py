@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..modality import family_for, layout_from_inputs
 from ..policies import Policy
+from ..quant.config import QuantConfig
 from ..stats import CompressionStats
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
@@ -36,6 +37,7 @@ from .model import (
     wrap_generate,
 )
 from .prune import cut_layer_inputs
+from .quantized import QuantizedLayer
 
 
 def _decode_backends(query: torch.Tensor):
@@ -62,6 +64,9 @@ class Session:
         self.policy = policy
         self.family = family_for(model.config, processor)  # raises for unsupported families, before touching anything
         check_reductions(model, policy)
+        if policy.quantizes:  # a group size that does not divide the head dim fails here, not mid-generate
+            cfg = text_config(model)
+            QuantConfig.of(policy, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.cache: CompressedCache | None = None  # the cache of the forward in flight
         self.prefill_stats: CompressionStats | None = None
         self.prefill_rows: list[CompressionStats] = []  # the same, one per batch row
@@ -250,6 +255,12 @@ class Session:
         layer = cache.layers[li]
         if not isinstance(layer, CompressibleLayer):
             return stock(module, query, key, value, mask, **kwargs)
+        if isinstance(layer, QuantizedLayer):
+            # the stock functions would need the whole layer in full precision: attend over the codes instead
+            scaling = kwargs.get("scaling")
+            out = layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
+            self.driver.layer_forward(cache, li, query, scaling)
+            return out.transpose(1, 2).contiguous(), None
         q = query.shape[2]
         if layer.compacted or cache.hidden:
             # slots are not the prompt's positions 0..T-1 (compacted, or the sequence was shortened before the

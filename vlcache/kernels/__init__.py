@@ -7,6 +7,7 @@
 | similarity_assign | triton_similarity.py (streaming max over kept keys) | reference.similarity_assign (slot tiles) |
 | merge_kv | triton_merge.py (fp32 atomics, one pass) | reference.merge_kv (scatter_add) |
 | gather_kv | triton_gather.py (one launch for keys and values) | reference.gather_kv (torch.gather) |
+| quantized_attention | triton_quant.py (codes dequantized in registers, parts combined by log-sum-exp) | reference.quantized_attention (dequantize, one softmax) |
 
 `attention_probs` (a handful of rows x all keys), `pool1d`, `group_reduce` and `position_assign` are small or
 memory-light and stay in PyTorch.
@@ -74,6 +75,12 @@ def gather_kv(keys, values, index):
     return impl(keys, values, index)
 
 
+def quantized_attention(query, parts, scale):
+    mod = _triton_module("triton_quant") if _use_triton(query) else None
+    impl = mod.quantized_attention if mod is not None else reference.quantized_attention
+    return impl(query, parts, scale)
+
+
 __all__ = [
     "AttentionStats",
     "attention_probs",
@@ -84,5 +91,6 @@ __all__ = [
     "merge_kv",
     "pool1d",
     "position_assign",
+    "quantized_attention",
     "similarity_assign",
 ]

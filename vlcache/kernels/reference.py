@@ -235,3 +235,38 @@ def merge_kv(
         count = torch.ones(kept.shape, dtype=torch.float32, device=x.device).scatter_add(2, assign, merged.float())
         out.append((total / count[..., None]).to(x.dtype))
     return out[0], out[1]
+
+
+def quantized_attention(query: torch.Tensor, parts: list, scale: float) -> torch.Tensor:
+    """Decode attention over a cache held in parts, some quantized (`vlcache.quant.KVPart`): every quantized part
+    dequantized on the fly, then one softmax over all parts' slots (attention does not depend on slot order).
+
+    query [B, H, R, d]; each part's keys / values [B, Hk, N, d] (a `Quantized` or a tensor) and `visible`
+    [B, Hk, 1 or R, N] bool or None (every slot visible). Returns [B, H, R, d] in the query's dtype, computed in
+    fp32; a row that sees no slot at all comes out as zeros.
+    """
+    from ..quant.tensor import Quantized, dequantize
+
+    B, H, R, d = query.shape
+    keys = [dequantize(p.keys) if isinstance(p.keys, Quantized) else p.keys.float() for p in parts]
+    values = [dequantize(p.values) if isinstance(p.values, Quantized) else p.values.float() for p in parts]
+    hk = keys[0].shape[1]
+    g = H // hk
+    mask = None
+    if any(p.visible is not None for p in parts):
+        rows = max(1 if p.visible is None else p.visible.shape[2] for p in parts)  # 1: the same for every row
+        masks = [
+            torch.ones(B, hk, rows, k.shape[2], dtype=torch.bool, device=k.device)
+            if p.visible is None
+            else p.visible.expand(B, hk, rows, k.shape[2])
+            for p, k in zip(parts, keys)
+        ]
+        mask = torch.cat(masks, -1)  # [B, Hk, rows, T]
+        if rows > 1:  # per query row: the same rows for every head of a GQA group
+            mask = mask[:, :, None].expand(B, hk, g, rows, mask.shape[-1]).reshape(B, hk, g * rows, -1)
+    k = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
+    v = torch.cat(values, 2) if len(values) > 1 else values[0]
+    out = F.scaled_dot_product_attention(_grouped(query, hk).float(), k, v, attn_mask=mask, scale=scale)
+    if mask is not None:  # a row that sees nothing: sdpa gives NaN
+        out = out.nan_to_num(0.0)
+    return out.view(B, H, R, d).to(query.dtype)

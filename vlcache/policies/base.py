@@ -23,6 +23,7 @@ import torch
 
 from .. import kernels
 from ..modality import Layout
+from ..quant.config import check_bits, check_settings
 from .budget import check_amount, resolve
 
 PROTECTABLE = ("markers", "question")
@@ -197,6 +198,17 @@ class Policy:
       `full` included. Frames are the spans of one video, or consecutive images of the same token count.
     - temporal_mode ("drop"): "drop" removes such tokens; "mean" also folds each into the token it matched
       (the kept embedding becomes the mean of its group).
+
+    KV quantization of what is kept (KIVI / VidKV style, after selection and merging, right after the prefill):
+
+    - vision_bits / text_bits (16, 16): bits per entry of the kept vision / text entries, from (16, 8, 4, 2);
+      16 leaves them as the model computed them. Generated tokens are text.
+    - quant_group (None): G. Keys are quantized per channel over runs of G slots, values per slot over runs of G
+      channels (or per channel, see value_axis); a scale and a zero point per group. None: 32, or the head dim if
+      it is smaller. Must divide the head dim (checked when attached to a model).
+    - quant_residual (128): the most recent generated tokens stay in full precision; once G more have arrived
+      than this, the oldest G are quantized together.
+    - value_axis ("token"): "token" quantizes values per slot (KIVI); "channel" like keys (VidKV's choice for video).
     """
 
     budget: float | int | None = None
@@ -207,6 +219,11 @@ class Policy:
     prune_at: int | None = None
     temporal_merge: float | None = None
     temporal_mode: str = "drop"
+    vision_bits: int = 16
+    text_bits: int = 16
+    quant_group: int | None = None
+    quant_residual: int = 128
+    value_axis: str = "token"
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -240,6 +257,14 @@ class Policy:
                 raise ValueError(f"temporal_merge must be a cosine threshold in (0, 1], got {t!r}")
         if self.temporal_mode not in TEMPORAL_MODES:
             raise ValueError(f"temporal_mode must be one of {TEMPORAL_MODES}, got {self.temporal_mode!r}")
+        check_bits("vision_bits", self.vision_bits)
+        check_bits("text_bits", self.text_bits)
+        check_settings(self.quant_group, self.quant_residual, self.value_axis)
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the kept entries are quantized after the prefill (any modality below 16 bits)."""
+        return self.vision_bits < 16 or self.text_bits < 16
 
     # ------------------------------------------------------------------ hooks
 

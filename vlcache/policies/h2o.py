@@ -26,12 +26,16 @@ class H2O(DecodeEvicting):
     - recent (0.5): share of the budget kept as the most recent tokens (the paper's 10% + 10%).
     - agg ("mean"): how the query heads of a GQA group combine into their KV head's score.
     - chunk (256): query rows per tile when summing the prefill attention.
+    - normalize (False): divide each key's accumulated attention by the number of query rows that see it (prompt
+      rows at or after it, then one per decode step), so a key is ranked by the mean attention it receives, not the
+      sum: the form of kvpress's ObservedAttentionPress. Plain sums favour early keys, which more rows see.
     - evict_every (1): see `DecodeEvicting`; the scores keep accumulating every step.
     """
 
     recent: float = 0.5
     agg: str = "mean"
     chunk: int = 256
+    normalize: bool = False
 
     name = "h2o"
     order_free = True  # accumulated per slot, moved with it: evictions may fill holes in place
@@ -41,6 +45,8 @@ class H2O(DecodeEvicting):
         super().__post_init__()
         if not 0.0 <= self.recent <= 1.0:
             raise ValueError(f"recent must be in [0, 1], got {self.recent}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {self.normalize!r}")
 
     def _recent(self, total: torch.Tensor) -> torch.Tensor:
         return torch.floor(self.recent * total.double()).long()
@@ -48,29 +54,56 @@ class H2O(DecodeEvicting):
     def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
         return last_real(view.layout.valid, self._recent(total))
 
-    def score(self, view: LayerView) -> torch.Tensor:
+    def _sums(self, view: LayerView) -> torch.Tensor:
+        """[B, Hk, T] attention each slot received from this forward's query rows, summed over them."""
         return kernels.group_reduce(view.stats(chunk=self.chunk).colsum, view.kv_heads, self.agg)
 
+    def _ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
+        """What slots are ranked by: the sums, or with `normalize` the sums over the rows that saw each slot."""
+        if not self.normalize:
+            return sums
+        return sums / view.slot_state["h2o_rows"].clamp(min=1)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        sums = self._sums(view)
+        if not self.normalize:
+            return sums
+        return sums / rows_seeing(view).clamp(min=1)
+
     def on_prefill(self, view: LayerView):
-        scores = self.score(view)
+        sums = self._sums(view)
+        if self.normalize:
+            view.slot_state["h2o_rows"] = rows_seeing(view)
+        scores = self._ranked(view, sums)
         plan = self.plan(view)
-        view.slot_state["h2o"] = scores  # the cache gathers it with the kept slots
+        view.slot_state["h2o"] = sums  # the cache gathers it with the kept slots
         view.state["budget"] = self.growth_budget(view, plan)
         view.state["recent"] = self._recent(self.total_budget(view.layout))
         return {view.layer: self.select(view, plan, scores)}
 
     def cut_scores(self, view: LayerView) -> torch.Tensor:
-        return view.slot_state["h2o"]  # on_prefill's accumulated attention of this layer
+        return self._ranked(view, view.slot_state["h2o"])  # on_prefill's accumulated attention of this layer
 
     def on_append(self, view: LayerView):
-        acc = view.slot_state["h2o"] + kernels.group_reduce(
-            view.stats(chunk=self.chunk).colsum, view.kv_heads, self.agg
-        )
+        acc = view.slot_state["h2o"] + self._sums(view)
         view.slot_state["h2o"] = acc
+        if self.normalize:
+            view.slot_state["h2o_rows"] = view.slot_state["h2o_rows"] + rows_seeing(view)
         if not self.eviction_due(view):
             return None
         # recent = the newest `recent` real tokens of each row, by position
         end = view.positions.amax(-1, keepdim=True) + 1  # [B, Hk, 1]
         recent = view.positions >= end - view.state["recent"].view(-1, 1, 1)
         forced = recent | view.prompt_mask(self.protected(view.layout))
-        return self.keep_at_budget(view, view.state["budget"], acc, forced)
+        return self.keep_at_budget(view, view.state["budget"], self._ranked(view, acc), forced)
+
+
+def rows_seeing(view: LayerView) -> torch.Tensor:
+    """[B, Hk, T] how many of this forward's real query rows see each slot: rows at or after it (causal, by slot),
+    padding rows left out. At a prefill of n rows without padding, slot j is seen by n - j rows."""
+    B, T = view.slot_valid.shape[0], view.slots
+    slots = view.query_slots().to(view.keys.device)  # [B, R]
+    real = view.query_valid().to(torch.float32).to(view.keys.device)
+    per_slot = torch.zeros(B, T, device=view.keys.device).scatter_add_(1, slots, real)  # rows whose query is slot t
+    seen = per_slot.flip(-1).cumsum(-1).flip(-1)  # rows at or after t
+    return (seen[:, None, :] * view.slot_valid).contiguous()  # padding keys: seen by nobody
