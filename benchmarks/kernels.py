@@ -1,7 +1,7 @@
-"""Kernel benchmark (same as `vlcache bench kernels`); see vlcache/bench/kernels.py."""
+"""Kernel benchmark (same as `vlcache bench kernels`); see vlcache/apps/bench/kernels.py."""
 
 import sys
 
-from vlcache.bench.kernels import main
+from vlcache.apps.bench.kernels import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
-"""Peer benchmark (same as `vlcache bench peer`); see vlcache/bench/peer.py."""
+"""Peer benchmark (same as `vlcache bench peer`); see vlcache/apps/bench/peer.py."""
 
 import sys
 
-from vlcache.bench.peer import main
+from vlcache.apps.bench.peer import main
 
 sys.exit(main())

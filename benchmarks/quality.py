@@ -1,7 +1,7 @@
-"""Quality benchmark (same as `vlcache bench quality`); see vlcache/bench/quality.py."""
+"""Quality benchmark (same as `vlcache bench quality`); see vlcache/apps/bench/quality.py."""
 
 import sys
 
-from vlcache.bench.quality import main
+from vlcache.apps.bench.quality import main
 
 sys.exit(main())

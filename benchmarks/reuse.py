@@ -1,7 +1,7 @@
-"""Reuse benchmark (same as `vlcache bench reuse`); see vlcache/bench/reuse.py."""
+"""Reuse benchmark (same as `vlcache bench reuse`); see vlcache/apps/bench/reuse.py."""
 
 import sys
 
-from vlcache.bench.reuse import main
+from vlcache.apps.bench.reuse import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
-"""Speed benchmark (same as `vlcache bench speed`); see vlcache/bench/speed.py."""
+"""Speed benchmark (same as `vlcache bench speed`); see vlcache/apps/bench/speed.py."""
 
 import sys
 
-from vlcache.bench.speed import main
+from vlcache.apps.bench.speed import main
 
 sys.exit(main())

@@ -1,8 +1,8 @@
-"""The Gradio demo (same as `vlcache demo`); see vlcache/demo_app.py."""
+"""The Gradio demo (same as `vlcache demo`); see vlcache/apps/demo.py."""
 
 import sys
 
-from vlcache.cli import run_main
-from vlcache.demo_app import main
+from vlcache.apps.command_line import run_main
+from vlcache.apps.demo import main
 
 sys.exit(run_main(main))

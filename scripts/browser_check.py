@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     except ImportError:
         raise SystemExit("pip install playwright (no browser download needed: it drives Debian's Chromium)") from None
 
-    from vlcache.demo_app import HEATMAP_ID, MAX_FILE_MB, SWEEP_ID, VIDEO_ID, Runner, build, launch
-    from vlcache.viz import CELL
+    from vlcache.apps.demo import HEATMAP_ID, MAX_FILE_MB, SWEEP_ID, VIDEO_ID, Runner, build, launch
+    from vlcache.apps.viz import CELL
 
     browser_path = chromium()
     port = free_port()

@@ -5,7 +5,7 @@
     python scripts/eviction_cost.py --device cuda
 
 Each step appends a token and drops one random slot per KV head, as H2O and StreamingLLM do at their budget; the
-median of 50 steps after 10 warm-up steps (`vlcache.bench.kernels.timed`). The append is timed with the eviction
+median of 50 steps after 10 warm-up steps (`vlcache.apps.bench.kernels.timed`). The append is timed with the eviction
 because compaction's cost shows partly there: its new tensors make the next append reallocate its buffer.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache.bench.kernels import timed  # noqa: E402
+from vlcache.apps.bench.kernels import timed  # noqa: E402
 from vlcache.hf.cache import CompressibleLayer  # noqa: E402
 from vlcache.policies.base import Eviction, Selection  # noqa: E402
 

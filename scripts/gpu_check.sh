@@ -25,19 +25,19 @@ for step in "${steps[@]}"; do
   echo "== $step"
   case "$step" in
     kernel-tests) timeout 150 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/kernel_tests.txt" ;;
-    kernels) timeout 240 python3 -m vlcache.bench.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" ;;
-    speed) timeout 400 python3 -m vlcache.bench.speed --preset qwen2vl-7b --policies snapkv,h2o,vlcache,cake --new-tokens 32 --out "$OUT" 2>&1 | tee "$OUT/speed_gpu.txt" ;;
-    prefill) timeout 420 python3 -m vlcache.bench.speed --preset qwen2vl-7b --sizes 32768,131072 --vision-budget 0.1 \
+    kernels) timeout 240 python3 -m vlcache.apps.bench.kernels --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" ;;
+    speed) timeout 400 python3 -m vlcache.apps.bench.speed --preset qwen2vl-7b --policies snapkv,h2o,vlcache,cake --new-tokens 32 --out "$OUT" 2>&1 | tee "$OUT/speed_gpu.txt" ;;
+    prefill) timeout 420 python3 -m vlcache.apps.bench.speed --preset qwen2vl-7b --sizes 32768,131072 --vision-budget 0.1 \
         --new-tokens 100 --policies "vlcache,vlcache:prune_at=2,snapkv:prune_at=2,vlcache:prune_at=2;temporal_merge=0.9" \
         --out "$OUT/prefill" 2>&1 | tee "$OUT/prefill_gpu.txt"
-      timeout 240 python3 -m vlcache.bench.speed --preset qwen2vl-7b --sizes 131072 --vision-budget 0.1 --scene static \
+      timeout 240 python3 -m vlcache.apps.bench.speed --preset qwen2vl-7b --sizes 131072 --vision-budget 0.1 --scene static \
         --new-tokens 100 --policies "full:temporal_merge=0.9,vlcache:prune_at=2;temporal_merge=0.9" \
         --out "$OUT/prefill_static" 2>&1 | tee "$OUT/prefill_static_gpu.txt" ;;
     quant) timeout 60 python3 -m pytest tests/test_quant_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/quant_tests.txt"
-      timeout 150 python3 -m vlcache.bench.quant --parts speed --preset qwen2vl-7b --sizes 32768 \
+      timeout 150 python3 -m vlcache.apps.bench.quant --parts speed --preset qwen2vl-7b --sizes 32768 \
         --speed-rows "full,full:vision_bits=8;text_bits=8,full:vision_bits=4;text_bits=4,vlcache,vlcache:vision_bits=4;text_bits=8" \
         --out "$OUT" 2>&1 | tee "$OUT/quant_gpu.txt" ;;
-    reuse) timeout 300 python3 -m vlcache.bench.reuse --device cuda --out "$OUT" 2>&1 | tee "$OUT/reuse_gpu.txt" ;;
+    reuse) timeout 300 python3 -m vlcache.apps.bench.reuse --device cuda --out "$OUT" 2>&1 | tee "$OUT/reuse_gpu.txt" ;;
     *) echo "unknown step $step" ;;
   esac
 done

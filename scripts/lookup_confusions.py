@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache.evaluation.model import batch_inputs, load_embedded  # noqa: E402
-from vlcache.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, make_example, score  # noqa: E402
+from vlcache.apps.evaluation.embedded_model import batch_inputs, load_embedded  # noqa: E402
+from vlcache.apps.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, make_example, score  # noqa: E402
 
 SEED = 7 * 10**6  # far from the training seeds and from the quality benchmark's held-out ones
 

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache.evaluation.model import batch_inputs, load_embedded  # noqa: E402
-from vlcache.evaluation.tasks import COLOR_KEYS, GRID, PATCH, SIZE, make_example  # noqa: E402
+from vlcache.apps.evaluation.embedded_model import batch_inputs, load_embedded  # noqa: E402
+from vlcache.apps.evaluation.tasks import COLOR_KEYS, GRID, PATCH, SIZE, make_example  # noqa: E402
 
 TOKENS = GRID * GRID
 

@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache import pipeline  # noqa: E402
-from vlcache.bench import speed  # noqa: E402
+from vlcache.apps import timed_run  # noqa: E402
+from vlcache.apps.bench import speed  # noqa: E402
 from vlcache.policies import make_policy  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -27,15 +27,15 @@ preset = speed.PRESETS[args.preset]
 torch.manual_seed(0)
 model = speed.build_model(preset, args.tokens)
 inputs = speed.prompt(model, args.tokens, preset["device"])
-pipeline.run(model, None, inputs, None, 2)
+timed_run.run(model, None, inputs, None, 2)
 for name in ("full", args.policy):
     pol = make_policy(name) if name == "full" else make_policy(name, budget=0.1)
-    r = pipeline.run(model, None, inputs, pol, args.new_tokens, min_new_tokens=args.new_tokens)
+    r = timed_run.run(model, None, inputs, pol, args.new_tokens, min_new_tokens=args.new_tokens)
     print(f"{name}: prefill {r.prefill_s:.3f}s decode {r.decode_ms_per_token:.1f} ms/token", flush=True)
 pol = make_policy(args.policy, budget=0.1)
 prof = cProfile.Profile()
 prof.enable()
-r = pipeline.run(model, None, inputs, pol, args.new_tokens, min_new_tokens=args.new_tokens)
+r = timed_run.run(model, None, inputs, pol, args.new_tokens, min_new_tokens=args.new_tokens)
 prof.disable()
 print(f"profiled: decode {r.decode_ms_per_token:.1f} ms/token")
 pstats.Stats(prof).sort_stats("tottime").print_stats(30)

@@ -1,4 +1,5 @@
-"""Markdown tables for the README from the benchmarks' JSON outputs, so every number there comes from a run.
+"""Markdown tables for the README and docs/benchmarks.md from the benchmarks' JSON outputs, so every number there comes
+from a run.
 
 python scripts/readme_tables.py out/          # reads out/{quality,speed,kernels,peer,peer-embedded,peer-uniform,reuse}/*.json
 """

@@ -40,7 +40,7 @@ def _preload() -> None:
     import tqdm  # noqa: F401
     import transformers as T
 
-    import vlcache.evaluation.model  # noqa: F401
+    import vlcache.apps.evaluation.embedded_model  # noqa: F401
     import vlcache.hf.session  # noqa: F401
 
     T.LlavaForConditionalGeneration, T.CLIPImageProcessorPil, T.LlavaProcessor  # noqa: B018 - lazy modules load here
@@ -53,7 +53,7 @@ def _child(argv: list[str], log: Path) -> None:
     with open(log, "w") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
-    from vlcache.cli import main
+    from vlcache.apps.cli import main
 
     os._exit(main(argv))
 
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
     args = p.parse_args(argv)
 
-    from vlcache import record_file
-    from vlcache.caption import ensure_samples
+    from vlcache.apps import record_file
+    from vlcache.apps.samples import ensure_samples
 
     _preload()
 

@@ -25,7 +25,7 @@ training.json holds every run's exact command, device, wall time and held-out ac
 from random weights only scaled down (--scale 0.137, 8 minutes on a shared H100: needle 0.76, count 0.29 at 8
 frames, loss still falling); its full length (46,600 steps of 256 videos) has not been run to the end.
 
-Batches are drawn as tensors on the training device (`vlcache.evaluation.tensor_tasks`), from the same distribution
+Batches are drawn as tensors on the training device (`vlcache.apps.evaluation.tensor_tasks`), from the same distribution
 as `tasks.make_example`. A curriculum over 1, 2, 4, 8 frames, then 4 to 10 drawn per batch, over a mixture of all
 five tasks (the keyed lookup and counting weighted up); the loss is on the answer only, plus, with --attend, a loss
 on where one head looks while answering the lookup (`attention_loss`: what made the lookup learnable). At the end
@@ -48,10 +48,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache.evaluation.model import BUILDERS, EMBEDDED_DIR, EMBEDDED_QWEN_DIR, FAMILIES, load_embedded  # noqa: E402
-from vlcache.evaluation.quality import accuracy  # noqa: E402
-from vlcache.evaluation.tasks import TASKS  # noqa: E402
-from vlcache.evaluation.tensor_tasks import color_indices, draw_batch, processor, qwen_patches  # noqa: E402
+from vlcache.apps.evaluation.embedded_model import (  # noqa: E402
+    BUILDERS,
+    EMBEDDED_DIR,
+    EMBEDDED_QWEN_DIR,
+    FAMILIES,
+    load_embedded,
+)
+from vlcache.apps.evaluation.quality import accuracy  # noqa: E402
+from vlcache.apps.evaluation.tasks import TASKS  # noqa: E402
+from vlcache.apps.evaluation.tensor_tasks import color_indices, draw_batch, processor, qwen_patches  # noqa: E402
 from vlcache.hf.compat import attn_implementation  # noqa: E402
 
 # task sampling weights

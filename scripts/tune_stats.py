@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache.bench.kernels import timed  # noqa: E402
+from vlcache.apps.bench.kernels import timed  # noqa: E402
 from vlcache.kernels.triton_stats import attention_stats  # noqa: E402
 
 CONFIGS = [

@@ -17,13 +17,13 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_model():
     """tiny_model(family) -> a cached tiny model (built once per test session; tests must not modify weights)."""
-    from vlcache import tiny
+    from vlcache import testing
 
     cache = {}
 
     def get(family: str):
         if family not in cache:
-            cache[family] = tiny.build(family)
+            cache[family] = testing.build(family)
         m = cache[family]
         m.set_attn_implementation("sdpa")
         return m

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from vlcache.cli import main
+from vlcache.apps.cli import main
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_speed_rows_for_the_prefill_settings(tmp_path):
     data = json.loads((tmp_path / "speed.json").read_text())
     rows = {r["policy"]: r for r in data["rows"]}
     assert data["setup"]["vision_budget"] == 0.25 and data["setup"]["scene"] == "static"
-    from vlcache.bench.speed import GRID
+    from vlcache.apps.bench.speed import GRID
 
     per_image = GRID * GRID // 4
     images = rows["full"]["n"] // per_image  # plus a few text tokens per image and the question

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vlcache.caption import ensure_samples, main
-from vlcache.video import VideoError, read_frames, sample_indices, write_video
+from vlcache.apps.caption import main
+from vlcache.apps.samples import ensure_samples
+from vlcache.apps.video import VideoError, read_frames, sample_indices, write_video
 
 FIELDS = {"path", "status", "caption", "frames", "tokens_before", "tokens_after", "kv_bytes_kept", "kv_bytes_saved",
           "prefill_s", "decode_s", "policy", "model"}  # fmt: skip
@@ -106,7 +107,7 @@ def test_policy_settings_reach_the_records(videos, tmp_path):
 
 
 def test_user_mistakes_are_one_line(tmp_path):
-    from vlcache.cli import main as cli
+    from vlcache.apps.cli import main as cli
 
     proc = subprocess.run(
         [sys.executable, "-m", "vlcache", "caption", "x.mp4", "--budget", "2.0", "-o", str(tmp_path / "o.jsonl")],
@@ -126,7 +127,7 @@ def test_sharded_over_two_processes(videos, tmp_path):
     folder, paths = videos
     out = tmp_path / "c.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlcache.caption",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "vlcache.apps.caption",
            str(folder), "-o", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,7 +148,7 @@ def test_frame_sampling_and_round_trip(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from vlcache.evaluation.tasks import make_example
+    from vlcache.apps.evaluation.tasks import make_example
 
     frames = [f.resize((32, 32), Image.NEAREST) for f in make_example("describe", 6, np.random.default_rng(1)).frames]
     back = read_frames(write_video(tmp_path / "v.mp4", frames, exact_rgb=True), frames=6)
@@ -213,8 +214,8 @@ def test_two_runs_writing_one_output_lose_nothing(tmp_path):
 
 
 def test_a_busy_output_is_refused_in_one_line(videos, tmp_path, capsys):
-    from vlcache import record_file
-    from vlcache.cli import main as cli
+    from vlcache.apps import record_file
+    from vlcache.apps.cli import main as cli
 
     out = tmp_path / "o.jsonl"
     with record_file.locked(out):  # another run holds it
@@ -244,8 +245,8 @@ def test_a_torn_last_line_is_set_aside_and_its_video_redone(videos, tmp_path, ca
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_what_was_written(videos, tmp_path, capsys, monkeypatch):
     import errno
 
-    from vlcache import record_file
-    from vlcache.cli import main as cli
+    from vlcache.apps import record_file
+    from vlcache.apps.cli import main as cli
 
     folder, paths = videos
     out = tmp_path / "c.jsonl"
@@ -305,7 +306,7 @@ def test_resume_keys_on_the_whole_configuration(videos, tmp_path, capsys):
 def test_bad_arguments_are_one_line(videos, tmp_path, capsys, flags, message):
     """--fps 0 was a ZeroDivisionError, --set recent=abc a TypeError, an unwritable -o an OSError, all tracebacks;
     --fps -1 and --max-new-tokens 0 were accepted."""
-    from vlcache.cli import main as cli
+    from vlcache.apps.cli import main as cli
 
     (tmp_path / "FILE").write_text("a file, so nothing can be made under it")
     flags = [str(tmp_path / f) if f.startswith("FILE") else f for f in flags]
@@ -318,7 +319,7 @@ def test_bad_arguments_are_one_line(videos, tmp_path, capsys, flags, message):
 
 @pytest.mark.slow
 def test_kv_memory_packs_batches_within_the_bound_with_the_captions_of_one_at_a_time(tmp_path, capsys):
-    from vlcache import kv_memory, pipeline
+    from vlcache.apps import kv_memory, model_loading, prompts, timed_run
     from vlcache.policies import SnapKV, VLCache
 
     folder = tmp_path / "v"
@@ -328,12 +329,12 @@ def test_kv_memory_packs_batches_within_the_bound_with_the_captions_of_one_at_a_
     one = tmp_path / "one.jsonl"
     assert main([str(folder), "-o", str(one), *flags]) == 0
     # what one video needs, measured as the captioner measures it: the first video alone, through the public API
-    model, processor = pipeline.load("embedded")
-    inputs = pipeline.frames_inputs(processor, read_frames(paths[0], frames=8), "describe?")
-    stats = pipeline.run(model, processor, inputs, SnapKV(budget=0.3), 9).prefill_stats
+    model, processor = model_loading.load("embedded")
+    inputs = prompts.frames_inputs(processor, read_frames(paths[0], frames=8), "describe?")
+    stats = timed_run.run(model, processor, inputs, SnapKV(budget=0.3), 9).prefill_stats
     need = kv_memory.per_video_bytes(stats, 9, SnapKV(budget=0.3), compare=False)
     assert stats.kv_bytes < need < stats.kv_bytes_full  # compressed layer by layer: less than a whole cache
-    vl = pipeline.run(model, processor, inputs, VLCache(vision_budget=0.25), 9).prefill_stats
+    vl = timed_run.run(model, processor, inputs, VLCache(vision_budget=0.25), 9).prefill_stats
     assert kv_memory.per_video_bytes(vl, 9, VLCache(vision_budget=0.25), False) > vl.kv_bytes_full  # whole until
     # every layer has seen the prompt
     for bound, batches in ((2 * need, [1, 2, 2, 2, 2]), (100 * need, [1, 4, 4, 4, 4]), (need - 1, [1] * 5)):
@@ -349,7 +350,7 @@ def test_kv_memory_packs_batches_within_the_bound_with_the_captions_of_one_at_a_
 
 
 def test_an_output_that_is_not_a_captions_file_is_left_alone(videos, tmp_path, capsys):
-    from vlcache.cli import main as cli
+    from vlcache.apps.cli import main as cli
 
     out = tmp_path / "notes.txt"
     out.write_text("my notes\nwhich -o must not eat\n")

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from vlcache.cli import main
+from vlcache.apps.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_a_bare_name_that_is_neither_a_directory_nor_cached_says_both(capsys):
 
 def test_policies_prints_whole_first_sentences(capsys):
     """The first docstring line was printed: "smoothed along the", "(one"."""
-    from vlcache.cli import first_sentence
+    from vlcache.apps.cli import first_sentence
     from vlcache.policies import POLICIES
 
     assert main(["policies"]) == 0
@@ -143,7 +143,7 @@ def _compare_rows(out: str) -> dict[str, str]:
 
 def test_compare_takes_a_video(capsys, tmp_path):
     """`vlcache compare VIDEO` was refused with "unrecognized arguments"."""
-    from vlcache.caption import ensure_samples
+    from vlcache.apps.samples import ensure_samples
 
     video = ensure_samples(tmp_path, count=1)[0]
     assert main(["compare", str(video), "--policies", "vlcache", "--vision-budget", "0.25"]) == 0
@@ -159,7 +159,7 @@ def test_compare_takes_images_and_reads_them(capsys, tmp_path):
     """The images given are the ones read: the full cache describes exactly their colours."""
     import numpy as np
 
-    from vlcache.evaluation.tasks import make_example
+    from vlcache.apps.evaluation.tasks import make_example
 
     ex = make_example("describe", 4, np.random.default_rng(3))
     paths = []

@@ -13,7 +13,7 @@ import torch
 import transformers as T
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.hf import compat
 from vlcache.policies import Full, SnapKV
 
@@ -29,7 +29,7 @@ def test_every_internal_name_exists_in_the_installed_transformers(name):
 
 
 def test_the_cache_layer_internals_vlcache_relies_on():
-    cfg = tiny.models.text_kwargs(layers=2, hidden=16, heads=2, kv_heads=1)
+    cfg = testing.models.text_kwargs(layers=2, hidden=16, heads=2, kv_heads=1)
     config = T.LlamaConfig(**cfg)
     cache = compat.require("DynamicCache")(config=config)
     assert len(cache.layers) == 2, "DynamicCache(config=...) must build one layer per decoder layer"
@@ -49,7 +49,7 @@ def test_qwen_keeps_rope_deltas_on_its_inner_model(tiny_model):
 
 
 def test_the_cache_argument_name_is_the_installed_releases():
-    model = T.LlamaForCausalLM(T.LlamaConfig(**tiny.models.text_kwargs(layers=1, hidden=16, heads=2, kv_heads=1)))
+    model = T.LlamaForCausalLM(T.LlamaConfig(**testing.models.text_kwargs(layers=1, hidden=16, heads=2, kv_heads=1)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a deprecated name would warn
         out = model(
@@ -63,7 +63,7 @@ def test_generate_takes_either_cache_name_without_warning(tiny_model, name):
     """Under vlcache the user's cache may come under either name; vlcache passes it on under the installed
     release's, so neither vlcache nor transformers warns, and the given cache is the one filled."""
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, ["ab", tiny.IMAGE, "what?"]).inputs
+    inputs = testing.make_inputs(model, ["ab", testing.IMAGE, "what?"]).inputs
     plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     with vlcache.compress(model, Full()) as session:
         cache = session.new_cache()
@@ -76,7 +76,7 @@ def test_generate_takes_either_cache_name_without_warning(tiny_model, name):
 
 def test_both_cache_names_at_once_is_an_error(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, ["ab", tiny.IMAGE, "what?"]).inputs
+    inputs = testing.make_inputs(model, ["ab", testing.IMAGE, "what?"]).inputs
     with vlcache.compress(model, Full()) as session:
         with pytest.raises(ValueError, match="both cache= and past_key_values="):
             model.generate(**inputs, cache=session.new_cache(), past_key_values=session.new_cache(), max_new_tokens=1)
@@ -86,7 +86,7 @@ def test_a_prompt_vlcache_never_saw_is_an_error_naming_the_version(tiny_model, m
     """If a transformers release hands the cache to forward in a way vlcache does not find, generate must not
     return uncompressed output: it raises, naming the installed and the tested versions."""
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, ["ab", tiny.IMAGE, "what?"]).inputs
+    inputs = testing.make_inputs(model, ["ab", testing.IMAGE, "what?"]).inputs
     monkeypatch.setattr("vlcache.hf.session.get_cache", lambda kwargs: None)
     with vlcache.compress(model, SnapKV(budget=0.5)):
         with pytest.raises(RuntimeError, match=re.escape(f"transformers {T.__version__}") + ".*" + compat.TESTED[1]):
@@ -97,7 +97,7 @@ def test_attention_that_bypasses_vlcache_is_an_error(tiny_model, monkeypatch):
     """If the model stops dispatching attention through the registered function, the layers cannot be compressed:
     the prompt's forward raises instead of leaving them whole."""
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, ["ab", tiny.IMAGE, "what?"]).inputs
+    inputs = testing.make_inputs(model, ["ab", testing.IMAGE, "what?"]).inputs
     monkeypatch.setattr("vlcache.hf.session.set_text_implementation", lambda model, name: None)
     with vlcache.compress(model, SnapKV(budget=0.5)):
         with pytest.raises(RuntimeError, match=r"attention was not called in decoder layers \[0, 1\]"):
@@ -165,7 +165,7 @@ def test_policies_modality_kernels_import_without_transformers():
         "        if name == 'transformers' or name.startswith('transformers.'):\n"
         "            raise ImportError('transformers is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import vlcache, vlcache.policies, vlcache.modality, vlcache.kernels, vlcache.stats\n"
+        "import vlcache, vlcache.policies, vlcache.modality, vlcache.kernels, vlcache.compression_stats\n"
         "from vlcache.policies import make_policy, POLICIES\n"
         "make_policy('snapkv', budget=0.1)\n"
         "assert vlcache.Policy is vlcache.policies.Policy\n"
@@ -199,7 +199,7 @@ def test_the_layout_inside_generate_is_the_layout_of_the_inputs(tiny_model, fami
     from vlcache.modality import layout_from_inputs
 
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     with vlcache.compress(model, Full()) as session:
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     assert session.last_cache.layout.samples == layout_from_inputs(model.config, inputs).samples

@@ -8,9 +8,8 @@ import pytest
 gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
-from vlcache import pipeline  # noqa: E402
-from vlcache.caption import ensure_samples  # noqa: E402
-from vlcache.demo_app import (  # noqa: E402
+from vlcache.apps import model_loading, prompts, timed_run  # noqa: E402
+from vlcache.apps.demo import (  # noqa: E402
     DEFAULT_BUDGET,
     DEFAULT_POLICY,
     DEFAULT_PRUNE_AT,
@@ -23,13 +22,14 @@ from vlcache.demo_app import (  # noqa: E402
     build,
     launch,
 )
+from vlcache.apps.samples import ensure_samples  # noqa: E402
 
 LOADED: list[str] = []  # every model the demo's runner was asked to load
 
 
 def _recording_load(name):
     LOADED.append(name)
-    return pipeline.load(name)
+    return model_loading.load(name)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_compares_full_and_compressed_on_a_video(client):
     """The page's defaults on a sample video: the compressed answer is the full cache's, and both pictures come."""
     from PIL import Image
 
-    from vlcache.viz import CELL
+    from vlcache.apps.viz import CELL
 
     report, picture, plot = _run(client, video=ensure_samples()[0])
     assert "| | full cache | vlcache(vision=0.1, prune_at=2) |" in report
@@ -87,7 +87,7 @@ def test_compares_full_and_compressed_on_a_video(client):
 def test_images_and_a_single_layer_heatmap(client, tmp_path):
     import numpy as np
 
-    from vlcache.evaluation.tasks import make_example
+    from vlcache.apps.evaluation.tasks import make_example
 
     ex = make_example("needle", 4, np.random.default_rng(0))
     paths = []
@@ -123,7 +123,7 @@ def test_clear_messages_for_bad_input(client, kwargs, message):
 
 @pytest.mark.slow
 def test_file_size_limit(client, monkeypatch):
-    import vlcache.demo_app as demo
+    import vlcache.apps.demo as demo
 
     monkeypatch.setattr(demo, "MAX_FILE_MB", 0.001)
     with pytest.raises(Exception, match=r"the demo takes files up to 0.001 MB"):
@@ -200,7 +200,7 @@ def test_models_beyond_keep_are_let_go_and_failed_loads_retried():
 
 
 def test_it_listens_on_localhost_by_default_and_checks_its_models_at_launch():
-    from vlcache.demo_app import main, parse_args
+    from vlcache.apps.demo import main, parse_args
 
     assert parse_args([]).host == "127.0.0.1" and parse_args([]).models == ["embedded"]
     assert parse_args(["--models", "embedded, tiny"]).models == ["embedded", "tiny"]
@@ -210,12 +210,12 @@ def test_it_listens_on_localhost_by_default_and_checks_its_models_at_launch():
 
 @pytest.fixture(scope="module")
 def embedded():
-    return pipeline.load("embedded")
+    return model_loading.load("embedded")
 
 
 def _sample_inputs(embedded, frames):
     model, processor = embedded
-    return pipeline.frames_inputs(processor, frames, "describe?")
+    return prompts.frames_inputs(processor, frames, "describe?")
 
 
 def test_kept_patches_are_outlined_over_the_real_frame(embedded):
@@ -224,9 +224,9 @@ def test_kept_patches_are_outlined_over_the_real_frame(embedded):
     import numpy as np
     import torch
 
-    from vlcache.evaluation.tasks import make_example
+    from vlcache.apps.evaluation.tasks import make_example
+    from vlcache.apps.viz import CELL, GAP, OUTLINE, TITLE_PX, heatmap, kept_fraction
     from vlcache.modality import layout_from_inputs
-    from vlcache.viz import CELL, GAP, OUTLINE, TITLE_PX, heatmap, kept_fraction
 
     model, _ = embedded
     frames = make_example("describe", 2, np.random.default_rng(1)).frames
@@ -258,9 +258,9 @@ def test_kept_patches_are_outlined_over_the_real_frame(embedded):
 def test_heatmap_titles_and_tile_sizes(embedded):
     import numpy as np
 
-    from vlcache.evaluation.tasks import make_example
+    from vlcache.apps.evaluation.tasks import make_example
+    from vlcache.apps.viz import CELL, heatmap, patch_grid, titles
     from vlcache.modality import layout_from_inputs
-    from vlcache.viz import CELL, heatmap, patch_grid, titles
 
     model, _ = embedded
     frames = [f.resize((64, 32)) for f in make_example("describe", 6, np.random.default_rng(2)).frames]
@@ -284,18 +284,18 @@ def test_agreement_counts_positions_against_the_full_answer():
 def test_the_budget_sweep_measures_each_budget(embedded):
     """At the page's default budget the sweep gives what the comparison gives; a policy that keeps a random 1% of
     the vision tokens does not give the full cache's answer, so the sweep can show a loss."""
-    from vlcache.demo_app import _policy_maker, budget_sweep
+    from vlcache.apps.demo import _policy_maker, budget_sweep
+    from vlcache.apps.video import read_frames
     from vlcache.policies import Full
-    from vlcache.video import read_frames
 
     model, processor = embedded
     inputs = _sample_inputs(embedded, read_frames(ensure_samples()[0]))
-    width = pipeline.answer_tokens(model)
-    full = pipeline.run(model, processor, inputs, Full(), width)
+    width = prompts.answer_tokens(model)
+    full = timed_run.run(model, processor, inputs, Full(), width)
     make = _policy_maker(DEFAULT_POLICY, True, DEFAULT_PRUNE_AT)
     swept = budget_sweep(model, processor, inputs, make, full.tokens, width)
     assert len(swept) == len(SWEEP_BUDGETS) and all(0 <= a <= 1 for a in swept)
-    small = pipeline.run(model, processor, inputs, make(DEFAULT_BUDGET), width)
+    small = timed_run.run(model, processor, inputs, make(DEFAULT_BUDGET), width)
     assert swept[SWEEP_BUDGETS.index(DEFAULT_BUDGET)] == agreement(small.tokens, full.tokens) == 1.0
     random = budget_sweep(model, processor, inputs, _policy_maker("random", True, "off"), full.tokens, width, (0.01,))
     assert random[0] < 1.0

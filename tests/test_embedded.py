@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlcache.evaluation.model import EMBEDDED_DIR, batch_inputs, build_untrained, load_embedded
-from vlcache.evaluation.tasks import COLOR_KEYS, TASKS, make_example, score
-from vlcache.evaluation.tensor_tasks import draw_batch
-from vlcache.evaluation.tensor_tasks import processor as task_processor
+from vlcache.apps.evaluation.embedded_model import EMBEDDED_DIR, batch_inputs, build_untrained, load_embedded
+from vlcache.apps.evaluation.tasks import COLOR_KEYS, TASKS, make_example, score
+from vlcache.apps.evaluation.tensor_tasks import draw_batch
+from vlcache.apps.evaluation.tensor_tasks import processor as task_processor
 
 
 @pytest.fixture(scope="module")

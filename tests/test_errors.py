@@ -7,7 +7,7 @@ from transformers import DynamicCache
 from util import prompt_for
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.hf.compat import cache_kwargs
 from vlcache.policies import H2O, SnapKV
 
@@ -37,7 +37,7 @@ def test_prompt_without_vision_tokens(tiny_model):
     """Documented behaviour: a text-only prompt is compressed like text under `budget`; a vision-only budget
     has nothing to act on and leaves the cache whole."""
     model = tiny_model("llava")
-    ids = torch.tensor([[1] + tiny.text_ids("a question with no image in it at all")])
+    ids = torch.tensor([[1] + testing.text_ids("a question with no image in it at all")])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     n = ids.shape[1]
     with vlcache.compress(model, SnapKV(budget=0.5, window=4)) as s:
@@ -76,7 +76,7 @@ def test_unsupported_attention_implementation(tiny_model):
 
 def test_foreign_cache_and_chunked_prefill(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     with vlcache.compress(model, SnapKV(budget=0.5)):
         with pytest.raises(ValueError, match="session.new_cache"):
             model.generate(**inputs, **cache_kwargs(DynamicCache(config=model.config)), max_new_tokens=2)

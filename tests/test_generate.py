@@ -8,10 +8,10 @@ from transformers import DynamicCache
 from util import FAMILIES, prompt_for
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.hf import CompressedCache, CompressibleLayer
-from vlcache.hf.compat import cache_kwargs
-from vlcache.hf.model import decoder
+from vlcache.hf.compat import cache_kwargs, get_cache
+from vlcache.hf.model_parts import decoder
 from vlcache.modality import layout_from_inputs
 from vlcache.policies import CAKE, H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
 
@@ -28,7 +28,7 @@ def _generate(model, inputs, policy=None, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_is_token_identical(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     plain = _generate(model, inputs, max_new_tokens=12)
     assert torch.equal(_generate(model, inputs, Full(), max_new_tokens=12), plain)
     assert torch.equal(_generate(model, inputs, SnapKV(budget=1.0), max_new_tokens=12), plain)
@@ -38,7 +38,7 @@ def test_keep_all_is_token_identical(tiny_model, family):
 def test_keep_all_is_token_identical_under_eager(tiny_model, family):
     model = tiny_model(family)
     model.set_attn_implementation("eager")
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     plain = _generate(model, inputs, max_new_tokens=10)
     assert torch.equal(_generate(model, inputs, Full(), max_new_tokens=10), plain)
     with vlcache.compress(model, SnapKV(vision_budget=0.5)) as s:
@@ -50,7 +50,7 @@ def test_keep_all_is_token_identical_under_eager(tiny_model, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_half_vision_budget_gives_exact_cache_length(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     counts = layout_from_inputs(model.config, inputs).counts()
     n_text, n_vision = counts["text"], counts["image"] + counts["video"]
     with vlcache.compress(model, SnapKV(vision_budget=0.5)) as session:
@@ -76,7 +76,7 @@ def _positions_seen(model, inputs, policy, steps):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_positions_match_uncompressed_run(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     plain = _positions_seen(model, inputs, None, 6)
     squeezed = _positions_seen(model, inputs, SnapKV(budget=0.3, window=4), 6)
     assert len(plain) == len(squeezed) >= 6  # Gemma 3 calls its rotary embedding twice a step
@@ -117,7 +117,7 @@ def _masked_reference_logits(model, inputs, keep, steps):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_equal_masked_uncompressed_run(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     steps = 4
     # one random choice shared by all heads and layers, so a single 4-D mask can express it
     with vlcache.compress(model, Random(vision_budget=0.5, shared=True, seed=3)) as session:
@@ -158,10 +158,10 @@ BATCH_POLICIES = [
 @pytest.mark.parametrize("policy", BATCH_POLICIES, ids=lambda p: f"{p.name}")
 def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
     model = tiny_model(family)
-    rows = [["ab", tiny.IMAGE, "what is it?"], ["xyzw vv", tiny.IMAGE, "tell me more about it"]]
-    batch = _generate(model, tiny.make_inputs(model, rows).inputs, policy, max_new_tokens=10)
+    rows = [["ab", testing.IMAGE, "what is it?"], ["xyzw vv", testing.IMAGE, "tell me more about it"]]
+    batch = _generate(model, testing.make_inputs(model, rows).inputs, policy, max_new_tokens=10)
     for b, row in enumerate(rows):
-        alone = _generate(model, tiny.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=10)
+        alone = _generate(model, testing.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=10)
         assert batch[b, -10:].tolist() == alone[0, -10:].tolist()
 
 
@@ -169,7 +169,7 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
 @pytest.mark.parametrize("policy", [SnapKV(budget=0.3), H2O(budget=0.3), StreamingLLM(budget=32)], ids=lambda p: p.name)
 def test_long_generation(tiny_model, policy):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     n = inputs["input_ids"].shape[1]
     with vlcache.compress(model, policy) as session:
         out = model.generate(**inputs, max_new_tokens=300, min_new_tokens=300, **GREEDY)
@@ -185,7 +185,7 @@ def test_long_generation(tiny_model, policy):
 
 def test_h2o_cache_stays_at_budget_every_step(tiny_model):
     model = tiny_model("qwen2_vl")
-    inputs = tiny.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    inputs = testing.make_inputs(model, prompt_for("qwen2_vl")).inputs
     sizes = []
     with vlcache.compress(model, H2O(budget=0.4)) as session:
         cache = session.new_cache()
@@ -206,7 +206,7 @@ def test_evict_every_k_drops_the_k_lowest_scores_every_k_steps(tiny_model, polic
     """evict_every=4: the cache runs 0-3 tokens over its budget and, every fourth token, the four lowest-scoring
     slots that are not forced (recent, sinks, protected) leave at once."""
     model = tiny_model("qwen2_vl")
-    inputs = tiny.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    inputs = testing.make_inputs(model, prompt_for("qwen2_vl")).inputs
     pol = policy(budget=0.4, evict_every=4) if policy is not CAKE else CAKE(budget=0.4, window=4, evict_every=4)
     calls = []
     keep_at_budget = pol.keep_at_budget
@@ -266,7 +266,7 @@ def _positions_during(model, fn):
 def _two_turns(model, ex, policy):
     """Generate, append a follow-up question, generate again on the same cache. Returns (positions, output)
     of the second turn."""
-    follow = torch.tensor([tiny.text_ids(" and then?")])
+    follow = torch.tensor([testing.text_ids(" and then?")])
     with vlcache.compress(model, policy) if policy else contextlib.nullcontext() as session:
         cache = session.new_cache() if session else DynamicCache(config=model.config)
         first = model.generate(**ex.inputs, **cache_kwargs(cache), max_new_tokens=5, min_new_tokens=5, **GREEDY)
@@ -282,7 +282,7 @@ def _two_turns(model, ex, policy):
 
 def test_second_turn_keeps_positions_and_keep_all_matches_plain(tiny_model):
     model = tiny_model("qwen2_vl")
-    ex = tiny.make_inputs(model, prompt_for("qwen2_vl"))
+    ex = testing.make_inputs(model, prompt_for("qwen2_vl"))
     plain_pos, plain_out = _two_turns(model, ex, None)
     full_pos, full_out = _two_turns(model, ex, Full())
     snap_pos, _ = _two_turns(model, ex, SnapKV(budget=0.3, window=4))
@@ -295,7 +295,7 @@ def test_second_turn_keeps_positions_and_keep_all_matches_plain(tiny_model):
 
 def test_memory_really_shrinks(tiny_model):
     model = tiny_model("llava_onevision")
-    inputs = tiny.make_inputs(model, prompt_for("llava_onevision")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava_onevision")).inputs
     with vlcache.compress(model, SnapKV(budget=0.25)) as session:
         cache = session.new_cache()
         model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=1, **GREEDY)
@@ -310,7 +310,7 @@ def test_memory_really_shrinks(tiny_model):
 
 def test_stats_report_modalities(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     with vlcache.compress(model, SnapKV(vision_budget=0.25)):
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **GREEDY)
     stats = vlcache.last_stats(model)
@@ -325,7 +325,7 @@ def test_stats_report_modalities(tiny_model):
 
 def test_model_is_restored_after_the_block(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     plain = _generate(model, inputs, max_new_tokens=6)
     with vlcache.compress(model, SnapKV(budget=0.2)):
         pass
@@ -338,7 +338,7 @@ def test_model_is_restored_after_the_block(tiny_model):
 def test_vlcache_cache_outside_generate_with_manual_forward(tiny_model):
     """A manual loop works too: the prompt forward compresses, decode forwards take explicit positions."""
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     n = inputs["input_ids"].shape[1]
     with vlcache.compress(model, SnapKV(budget=0.5)) as session:
         cache = session.new_cache()
@@ -420,7 +420,7 @@ def test_in_place_eviction_decodes_like_compaction(tiny_model, policy):
     """H2O and StreamingLLM evict in place while decoding (their scores ignore slot order): the same tokens, the
     same logits and the same kept positions as the compacting path."""
     model = tiny_model("qwen2_vl")
-    inputs = tiny.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    inputs = testing.make_inputs(model, prompt_for("qwen2_vl")).inputs
     runs = []
     for order_free in (True, False):
         compacting = type(policy)(**policy.settings())
@@ -444,3 +444,57 @@ def test_in_place_eviction_decodes_like_compaction(tiny_model, policy):
         assert torch.equal(_by_position(a)[0], b.slot_positions())
     # the fast path really ran: its slots are out of sequence order, the compacting path's are not
     assert any(bool((a.slot_positions().diff(dim=-1) < 0).any()) for a in fast_layers)
+
+
+def test_per_row_stats_and_kept_positions_are_worked_out_when_read(tiny_model, monkeypatch):
+    """A compressed generate works out neither the per-row stats nor the CPU copies of the kept positions (only the
+    apps read them); read afterwards, they are what the cache held right after the prefill, though decoding has
+    evicted prompt entries since."""
+    model = tiny_model("qwen2_vl")
+    rows = [["ab", testing.IMAGE, "what is it?"], ["xyzw vv", testing.IMAGE, "tell me more about it"]]
+    inputs = testing.make_inputs(model, rows).inputs  # two rows of different lengths: left-padded
+    calls, counting = [], [True]
+    for name in ("row_stats", "original_positions"):
+        real = getattr(CompressedCache, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if counting[0]:
+                calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(CompressedCache, name, counted)
+    seen = {}
+
+    def right_after_prefill(module, args, kwargs, output):  # runs after the session's own hook, registered first
+        cache = get_cache(kwargs)
+        if cache.prefilled and not seen:
+            counting[0] = False
+            seen["rows"] = [cache.stats(session.label(), row=b) for b in range(2)]
+            seen["positions"] = {
+                i: cache.original_positions(cache.layers[i].slot_positions()).clone() for i in cache.compressible()
+            }
+            counting[0] = True
+
+    # nothing protected: each new token pushes the oldest prompt entry after the sinks out
+    with vlcache.compress(model, StreamingLLM(budget=0.4, protect=())) as session:
+        handle = model.register_forward_hook(right_after_prefill, with_kwargs=True)
+        try:
+            model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, **GREEDY)
+        finally:
+            handle.remove()
+    assert calls == []
+    cache = session.last_cache
+    for i, kept in seen["positions"].items():  # the sliding window has moved on: the prefill's entries are gone
+        assert not torch.equal(cache.layers[i].slot_positions()[..., : kept.shape[-1]], kept)
+    assert session.prefill_rows == seen["rows"]
+    assert calls.count("row_stats") == 2
+    assert session.prefill_positions.keys() == seen["positions"].keys()
+    for i, kept in seen["positions"].items():
+        assert session.prefill_positions[i].device.type == "cpu"
+        assert torch.equal(session.prefill_positions[i], kept.cpu())
+    total = session.prefill_stats
+    for layer, *per_row in zip(total.layers, *(r.layers for r in session.prefill_rows)):
+        for m in ("text", "image", "video"):  # the rows' kept tokens add up to the whole batch's
+            assert sum(r.kept[m] for r in per_row) == layer.kept[m]
+    assert sum(r.kv_bytes for r in session.prefill_rows) == total.kv_bytes
+    assert session.prefill_rows is session.prefill_rows  # worked out once

@@ -5,24 +5,24 @@ import torch
 import transformers as T
 from util import FAMILIES, VIDEO_FAMILIES, layout_from_ids
 
-from vlcache import tiny
+from vlcache import testing
 from vlcache.modality import Modality, Span, UnsupportedModelError, build_layout, family_for, layout_from_inputs
 
 PROMPTS = {
-    "multi-image, text between": ["ab", tiny.IMAGE, "cd", tiny.IMAGE, "q?"],
-    "adjacent images": ["ab", tiny.IMAGE, tiny.IMAGE, "q?"],
-    "image then video": ["ab", tiny.IMAGE, "x", tiny.Video(4), "q?"],
-    "video only": ["describe", tiny.Video(6), "now"],
+    "multi-image, text between": ["ab", testing.IMAGE, "cd", testing.IMAGE, "q?"],
+    "adjacent images": ["ab", testing.IMAGE, testing.IMAGE, "q?"],
+    "image then video": ["ab", testing.IMAGE, "x", testing.Video(4), "q?"],
+    "video only": ["describe", testing.Video(6), "now"],
 }
 
 
 def _cases():
     for fam in FAMILIES:
         for name, segs in PROMPTS.items():
-            has_video = any(isinstance(s, tiny.Video) for s in segs)
+            has_video = any(isinstance(s, testing.Video) for s in segs)
             if has_video and fam not in VIDEO_FAMILIES:
                 continue
-            if fam == "llava_next_video" and tiny.IMAGE in segs:
+            if fam == "llava_next_video" and testing.IMAGE in segs:
                 continue  # its tiny model is built for videos
             yield pytest.param(fam, segs, id=f"{fam}-{name}")
 
@@ -30,7 +30,7 @@ def _cases():
 @pytest.mark.parametrize("family,segments", list(_cases()))
 def test_spans_match_hand_built_prompt(tiny_model, family, segments):
     model = tiny_model(family)
-    ex = tiny.make_inputs(model, segments)
+    ex = testing.make_inputs(model, segments)
     layout = layout_from_inputs(model.config, ex.inputs)
     (sample,) = layout.samples
     assert list(sample.spans) == ex.spans[0]
@@ -38,9 +38,9 @@ def test_spans_match_hand_built_prompt(tiny_model, family, segments):
         assert list(sample.markers) == ex.markers[0]
     last_vision = max(s.end for s in ex.spans[0])
     assert sample.question_start == last_vision
-    n_images = sum(1 for s in segments if s is tiny.IMAGE)
+    n_images = sum(1 for s in segments if s is testing.IMAGE)
     assert len(sample.images) == n_images
-    videos = [s for s in segments if isinstance(s, tiny.Video)]
+    videos = [s for s in segments if isinstance(s, testing.Video)]
     for v, spans in zip(videos, sample.videos):
         frames = [s for s in spans if s.frame >= 0]
         expect = v.frames // 2 if family.startswith("qwen") else v.frames
@@ -50,8 +50,8 @@ def test_spans_match_hand_built_prompt(tiny_model, family, segments):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision", "gemma3"])
 def test_left_padded_batch(tiny_model, family):
     model = tiny_model(family)
-    rows = [["ab", tiny.IMAGE, "what is it?"], ["a", tiny.IMAGE, "x", tiny.IMAGE, "longer question here"]]
-    ex = tiny.make_inputs(model, rows)
+    rows = [["ab", testing.IMAGE, "what is it?"], ["a", testing.IMAGE, "x", testing.IMAGE, "longer question here"]]
+    ex = testing.make_inputs(model, rows)
     layout = layout_from_inputs(model.config, ex.inputs)
     for b in range(2):
         assert list(layout.samples[b].spans) == ex.spans[b]
@@ -95,8 +95,8 @@ def test_chunks_split_adjacent_runs_and_fall_back_when_inconsistent():
 
 
 def test_idefics_tiles_group_into_images_with_the_tokenizer():
-    proc = tiny.processor("idefics3")
-    model = tiny.build("idefics3")
+    proc = testing.processor("idefics3")
+    model = testing.build("idefics3")
     fam = family_for(model.config, proc)
     glob = proc.tokenizer.convert_tokens_to_ids("<global-img>")
     fake = proc.tokenizer.convert_tokens_to_ids("<fake_token_around_image>")

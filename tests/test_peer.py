@@ -8,8 +8,8 @@ import torch
 import transformers as T
 
 import vlcache
-from vlcache.bench import peer
-from vlcache.bench import positions as P
+from vlcache.apps.bench import peer
+from vlcache.apps.bench import positions as P
 from vlcache.policies import SnapKV, StreamingLLM
 
 

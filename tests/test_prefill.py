@@ -6,9 +6,9 @@ import torch
 from util import FAMILIES, VIDEO_FAMILIES, prompt_for
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.hf.compat import cache_kwargs
-from vlcache.hf.model import decoder
+from vlcache.hf.model_parts import decoder
 from vlcache.modality import Modality, build_layout, layout_from_inputs
 from vlcache.policies import H2O, Full, Random, SnapKV, StreamingLLM, VLCache, make_policy
 from vlcache.policies.temporal import compact, frame_sequences, temporal_keep
@@ -35,7 +35,7 @@ def _last_full_layer(model):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_at_with_keep_all_budgets_is_token_identical(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     plain = _generate(model, inputs, max_new_tokens=10)
     K = _last_full_layer(model) if family == "gemma3" else 0  # Gemma 3: no sliding layer may follow K
     for policy in (SnapKV(budget=1.0, prune_at=K), VLCache(vision_budget=1.0, prune_at=K)):
@@ -59,7 +59,7 @@ def test_layers_after_k_get_the_kept_tokens_original_positions(tiny_model, famil
     """The rotary tables reaching a layer after K are the whole prompt's tables at the kept positions (M-RoPE
     included): positions are sliced, never renumbered."""
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     with vlcache.compress(model, SnapKV(vision_budget=0.3, window=4, prune_at=0)) as session:
         first, h0 = _capture_layer_inputs(model, 0)  # registered after vlcache's own hooks: sees what they pass on
         after, h1 = _capture_layer_inputs(model, 1)
@@ -79,7 +79,7 @@ def test_layers_after_k_get_the_kept_tokens_original_positions(tiny_model, famil
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "internvl"])
 def test_layers_after_k_hold_exactly_the_kept_tokens(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     layout = layout_from_inputs(model.config, inputs)
     n_vision = int(layout.vision.sum())
     budget = 0.25
@@ -99,21 +99,21 @@ def test_layers_after_k_hold_exactly_the_kept_tokens(tiny_model, family):
 
 def test_padded_batch_with_prune_at_equals_each_prompt_alone(tiny_model):
     model = tiny_model("qwen2_vl")
-    rows = [["ab", tiny.IMAGE, "what is it?"], ["abcdefgh", tiny.IMAGE, "cd", tiny.Video(4), "and this?"]]
-    batch = tiny.make_inputs(model, rows, seed=3).inputs
+    rows = [["ab", testing.IMAGE, "what is it?"], ["abcdefgh", testing.IMAGE, "cd", testing.Video(4), "and this?"]]
+    batch = testing.make_inputs(model, rows, seed=3).inputs
     assert not bool(batch["attention_mask"].all()), "a padded batch"
     for policy in (SnapKV(vision_budget=0.3, window=4, prune_at=0), H2O(vision_budget=0.4, prune_at=0)):
         together, _ = _generate(model, batch, policy, max_new_tokens=6, min_new_tokens=6)
         n = batch["input_ids"].shape[1]
         for i, row in enumerate(rows):
-            alone_inputs = tiny.make_inputs(model, [row], seed=3 + i).inputs
+            alone_inputs = testing.make_inputs(model, [row], seed=3 + i).inputs
             alone, _ = _generate(model, alone_inputs, policy, max_new_tokens=6, min_new_tokens=6)
             assert torch.equal(together[i, n:], alone[0, alone_inputs["input_ids"].shape[1] :]), (policy.name, i)
 
 
 def test_prune_at_keeps_decode_time_eviction_on_the_layers_up_to_k(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     _, session = _generate(model, inputs, StreamingLLM(budget=20, prune_at=0), max_new_tokens=6, min_new_tokens=6)
     cache = session.last_cache
     assert cache.layers[0].physical_length == 20  # held at budget while decoding
@@ -160,10 +160,10 @@ def test_gemma3_sliding_layers_are_refused_with_a_clear_error(tiny_model):
 def _static_video(model, family, frames=4):
     """Inputs whose video frames are pixel-identical (and, for Llava, two identical images)."""
     if family == "llava":
-        ex = tiny.make_inputs(model, ["ab", tiny.IMAGE, "cd", tiny.IMAGE, "what?"])
+        ex = testing.make_inputs(model, ["ab", testing.IMAGE, "cd", testing.IMAGE, "what?"])
         ex.inputs["pixel_values"][1] = ex.inputs["pixel_values"][0]
         return ex
-    ex = tiny.make_inputs(model, ["ab", tiny.Video(frames), "what?"])
+    ex = testing.make_inputs(model, ["ab", testing.Video(frames), "what?"])
     pv = ex.inputs["pixel_values_videos"]
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         t, _, _ = ex.inputs["video_grid_thw"][0].tolist()
@@ -233,7 +233,7 @@ def test_temporal_merge_of_identical_frames_keeps_one_frame(tiny_model, family):
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gemma3", "llava_next")])
 def test_temporal_merge_that_merges_nothing_is_token_identical(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs  # random pixels: no two tokens alike
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs  # random pixels: no two tokens alike
     plain = _generate(model, inputs, max_new_tokens=8)
     out, session = _generate(model, inputs, Full(temporal_merge=1.0), max_new_tokens=8)
     assert torch.equal(out, plain)
@@ -287,8 +287,8 @@ def test_padded_batch_with_temporal_merge_equals_each_prompt_alone(tiny_model):
     one = _static_video(model, "llava_onevision", frames=4).inputs
     policy = SnapKV(vision_budget=0.5, window=4, temporal_merge=0.9)
     alone, _ = _generate(model, one, policy, max_new_tokens=5, min_new_tokens=5)
-    rows = [["ab", tiny.Video(4), "what?"], ["abcdefgh", tiny.Video(4), "what?"]]
-    batch = tiny.make_inputs(model, rows).inputs
+    rows = [["ab", testing.Video(4), "what?"], ["abcdefgh", testing.Video(4), "what?"]]
+    batch = testing.make_inputs(model, rows).inputs
     batch["pixel_values_videos"][0] = one["pixel_values_videos"][0]
     pv = batch["pixel_values_videos"]
     pv[1, 1:] = pv[1, :1]
@@ -321,7 +321,7 @@ def test_random_policy_takes_the_new_settings_too():
 
 def test_image_reuse_with_prefill_cuts_is_refused(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, ["ab", tiny.IMAGE, "what?"]).inputs
+    inputs = testing.make_inputs(model, ["ab", testing.IMAGE, "what?"]).inputs
     store = vlcache.ImageKVStore(max_bytes=1 << 24)
     for policy in (SnapKV(budget=0.5, prune_at=0), Full(temporal_merge=0.9)):
         with vlcache.compress(model, policy), vlcache.reuse(model, store):

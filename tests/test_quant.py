@@ -7,8 +7,8 @@ import torch
 from util import IMG_ID, layout_from_ids, prompt_for, run_policy
 
 import vlcache
-from vlcache import tiny
-from vlcache.hf.driver import Driver
+from vlcache import testing
+from vlcache.hf.policy_runner import PolicyRunner
 from vlcache.hf.quantized import QuantizedLayer
 from vlcache.kernels import reference as ref
 from vlcache.policies import POLICIES, Full, SnapKV, make_policy
@@ -65,14 +65,14 @@ def _decode(cache, steps, policy=None, B=1, H=4, Hk=2, d=8, seed=1):
     """Append single tokens as generate does (and run the policy's decode hook); returns the appended (keys,
     values) per step."""
     g = torch.Generator().manual_seed(seed)
-    driver = Driver(policy, H) if policy is not None else None
+    runner = PolicyRunner(policy, H) if policy is not None else None
     out = []
     for _ in range(steps):
         cache.extend(torch.ones(B, 1, dtype=torch.bool))
         k, v = torch.randn(B, Hk, 1, d, generator=g), torch.randn(B, Hk, 1, d, generator=g)
         cache.update(k, v, 0)
-        if driver is not None:
-            driver.layer_forward(cache, 0, torch.randn(B, H, 1, d, generator=g), d**-0.5)
+        if runner is not None:
+            runner.layer_forward(cache, 0, torch.randn(B, H, 1, d, generator=g), d**-0.5)
         out.append((k, v))
     return out
 
@@ -129,7 +129,7 @@ def test_evicting_quantized_slots_gathers_codes_and_keeps_scales():
 
 def test_bytes_counted_are_the_tensors_real_storage(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, prompt_for("llava")).inputs
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     policy = SnapKV(vision_budget=0.5, vision_bits=4, text_bits=8, quant_residual=2, quant_group=4)
     with vlcache.compress(model, policy) as session:
         model.generate(**inputs, max_new_tokens=9, min_new_tokens=9, **GREEDY)
@@ -151,8 +151,8 @@ def test_bytes_counted_are_the_tensors_real_storage(tiny_model):
 
 
 def test_8bit_keep_all_agrees_with_the_full_cache_on_held_out_questions():
-    from vlcache.evaluation.model import batch_inputs, load_embedded
-    from vlcache.evaluation.tasks import make_example
+    from vlcache.apps.evaluation.embedded_model import batch_inputs, load_embedded
+    from vlcache.apps.evaluation.tasks import make_example
 
     model, processor = load_embedded()
     rng = np.random.default_rng(2 * 10**6 + 77)  # seeds no training batch drew
@@ -173,7 +173,7 @@ def test_every_policy_runs_with_quantization(tiny_model, family, name):
     """Selection, merging and decode-time eviction over a quantized cache: the same tokens held per layer as
     without quantization (the budgets hold), every layer quantized, fewer bytes."""
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     amount = {} if name == "full" else {"budget": 0.5}
     amount.update({"window": 4} if name == "cake" else {})
     quant = dict(vision_bits=4, text_bits=8, quant_residual=1, quant_group=4)  # a group is quantized by step 5
@@ -193,12 +193,12 @@ def test_quantized_left_padded_batch_equals_each_prompt_alone(tiny_model):
     """Padding slots are dropped before quantizing and the shorter rows fill up with dead slots, all masked: a row
     gets the same tokens in a batch as alone."""
     model = tiny_model("qwen2_vl")
-    rows = [["ab", tiny.IMAGE, "what is it?"], ["xyzw vv", tiny.IMAGE, "tell me more about it"]]
+    rows = [["ab", testing.IMAGE, "what is it?"], ["xyzw vv", testing.IMAGE, "tell me more about it"]]
     policy = SnapKV(budget=0.5, window=4, vision_bits=4, text_bits=4, quant_residual=1, quant_group=4)
     with vlcache.compress(model, policy):
-        batch = model.generate(**tiny.make_inputs(model, rows).inputs, max_new_tokens=8, **GREEDY)
+        batch = model.generate(**testing.make_inputs(model, rows).inputs, max_new_tokens=8, **GREEDY)
         for b, row in enumerate(rows):
-            alone = model.generate(**tiny.make_inputs(model, [row], seed=b).inputs, max_new_tokens=8, **GREEDY)
+            alone = model.generate(**testing.make_inputs(model, [row], seed=b).inputs, max_new_tokens=8, **GREEDY)
             assert batch[b, -8:].tolist() == alone[0, -8:].tolist()
 
 

@@ -51,7 +51,7 @@ def test_the_real_checkpoint_block_runs_on_a_local_checkpoint(tmp_path, monkeypa
     """The block for a hub checkpoint, with the hub id swapped for a local copy of the embedded checkpoint and the
     video for a sample: `load_model` then takes the `from_pretrained` path a downloaded model takes."""
     import vlcache
-    from vlcache.evaluation.model import EMBEDDED_DIR
+    from vlcache.apps.evaluation.embedded_model import EMBEDDED_DIR
 
     block = next(code for code, _ in _blocks() if code.startswith(NOT_RUN) and "load_model(" in code)
     hub_id = re.search(r'load_model\("([^"]+)"\)', block).group(1)

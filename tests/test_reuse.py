@@ -7,15 +7,15 @@ import torch
 from transformers import DynamicCache
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.hf.compat import cache_kwargs
-from vlcache.hf.model import decoder
+from vlcache.hf.model_parts import decoder
 from vlcache.hf.reuse import ImageReuse
 from vlcache.policies import SnapKV
 from vlcache.reuse import Chunk, CorruptChunkError, ImageKVStore, chunk_key, rerotate
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
-PROMPT = ["ab", tiny.IMAGE, "cd", tiny.IMAGE, "what is it?"]
+PROMPT = ["ab", testing.IMAGE, "cd", testing.IMAGE, "what is it?"]
 
 
 def _reuser(model, **kw):
@@ -25,7 +25,7 @@ def _reuser(model, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recomputing_everything_equals_a_cold_prefill(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, PROMPT).inputs
+    inputs = testing.make_inputs(model, PROMPT).inputs
     with torch.no_grad():
         cold = model(**inputs, **cache_kwargs(DynamicCache(config=model.config))).logits[:, -1]
     r = _reuser(model, k=10**6)
@@ -40,11 +40,11 @@ def test_recomputing_everything_equals_a_cold_prefill(tiny_model, family):
 def test_rerotated_keys_equal_keys_computed_at_the_new_position(tiny_model, family):
     """Compute an image's chunk at position 0 and at position delta: every layer's keys differ exactly by R(delta)."""
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, ["", tiny.IMAGE]).inputs  # bos, then the image's tokens
+    inputs = testing.make_inputs(model, ["", testing.IMAGE]).inputs  # bos, then the image's tokens
     r = _reuser(model)
     ids = inputs["input_ids"][:, 1:]
     image = r._image_inputs(inputs, 0)
-    extra = {"mm_token_type_ids": (ids == tiny.models.IMG).int()} if family.startswith("qwen") else {}
+    extra = {"mm_token_type_ids": (ids == testing.models.IMG).int()} if family.startswith("qwen") else {}
     delta = 37
     caches = []
     for offset in (0, delta):
@@ -69,13 +69,15 @@ def test_rerotated_keys_equal_keys_computed_at_the_new_position(tiny_model, fami
 def test_moved_and_swapped_images_splice_the_stored_kv(tiny_model, family):
     model = tiny_model(family)
     r = _reuser(model, k=0)
-    first = tiny.make_inputs(model, ["x", tiny.IMAGE, "y", tiny.IMAGE, "?"], seed=0).inputs
+    first = testing.make_inputs(model, ["x", testing.IMAGE, "y", testing.IMAGE, "?"], seed=0).inputs
     r.link(dict(first))
     assert len(r.store) == 2 and r.last["compiled"] == 2
     # the same two images, swapped, after a longer text: both hit, each lands at its new position
     a = r._image_inputs(first, 0)
     b = r._image_inputs(first, 1)
-    second = tiny.make_inputs(model, ["a much longer preamble", tiny.IMAGE, "and", tiny.IMAGE, "?"], seed=0).inputs
+    second = testing.make_inputs(
+        model, ["a much longer preamble", testing.IMAGE, "and", testing.IMAGE, "?"], seed=0
+    ).inputs
     pv = torch.cat([b["pixel_values"], a["pixel_values"]])
     second["pixel_values"] = pv
     if family.startswith("qwen"):
@@ -97,14 +99,14 @@ def test_moved_and_swapped_images_splice_the_stored_kv(tiny_model, family):
 def test_different_pixels_never_hit(tiny_model):
     model = tiny_model("llava")
     r = _reuser(model)
-    inputs = tiny.make_inputs(model, ["x", tiny.IMAGE, "?"], seed=1).inputs
+    inputs = testing.make_inputs(model, ["x", testing.IMAGE, "?"], seed=1).inputs
     r.link(dict(inputs))
     changed = dict(inputs)
     changed["pixel_values"] = inputs["pixel_values"].clone()
     changed["pixel_values"][0, 0, 0, 0] += 1e-3  # one value, slightly
     r.link(changed)
     assert r.last["reused"] == 0 and len(r.store) == 2
-    other = ImageReuse(model, r.store, processor=tiny.processor("llava"))  # other processor settings: other keys
+    other = ImageReuse(model, r.store, processor=testing.processor("llava"))  # other processor settings: other keys
     other.link(dict(inputs))
     assert other.last["reused"] == 0
 
@@ -162,7 +164,7 @@ def test_a_corrupt_chunk_is_dropped_and_rewritten(tiny_model, tmp_path):
     """A corrupt file is a miss with a warning, not an error on every later request: the image is compiled
     again and `put` writes a good file in its place."""
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, PROMPT).inputs
+    inputs = testing.make_inputs(model, PROMPT).inputs
     with vlcache.reuse(model, ImageKVStore(disk_dir=tmp_path)):
         want = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     files = sorted(tmp_path.glob("*.safetensors"))
@@ -185,7 +187,7 @@ def test_a_full_disk_falls_back_to_memory(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, PROMPT).inputs
+    inputs = testing.make_inputs(model, PROMPT).inputs
     store = ImageKVStore(disk_dir=tmp_path)
     with pytest.warns(RuntimeWarning, match="No space left on device.*memory"), vlcache.reuse(model, store) as r:
         model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -220,7 +222,7 @@ def test_two_processes_share_one_disk_dir(tmp_path):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_recompute_choices_in_generate(tiny_model, family):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, PROMPT).inputs
+    inputs = testing.make_inputs(model, PROMPT).inputs
     plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     store = ImageKVStore()
     outs = {}
@@ -230,13 +232,13 @@ def test_recompute_choices_in_generate(tiny_model, family):
         assert outs[mode].shape == plain.shape
     assert torch.equal(outs["full"], plain)  # the exact baseline
     reused = r.last["reused_tokens"]  # both images, their markers included
-    assert reused >= int((inputs["input_ids"] == tiny.models.IMG).sum())
+    assert reused >= int((inputs["input_ids"] == testing.models.IMG).sum())
     assert r.last["recomputed"] == r.last["tokens"] - reused + int(0.25 * reused)
 
 
 def test_compression_applies_after_linking(tiny_model):
     model = tiny_model("qwen2_vl")
-    inputs = tiny.make_inputs(model, PROMPT).inputs
+    inputs = testing.make_inputs(model, PROMPT).inputs
     n = inputs["input_ids"].shape[1]
     store = ImageKVStore()
     with vlcache.compress(model, SnapKV(budget=0.5, window=4)) as s, vlcache.reuse(model, store, k=4):
@@ -249,7 +251,7 @@ def test_compression_applies_after_linking(tiny_model):
 
 def test_nesting_order_does_not_matter(tiny_model):
     model = tiny_model("llava")
-    inputs = tiny.make_inputs(model, PROMPT).inputs
+    inputs = testing.make_inputs(model, PROMPT).inputs
     store = ImageKVStore()
     with vlcache.reuse(model, store, recompute="full"), vlcache.compress(model, SnapKV(budget=0.5, window=4)) as s:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)  # compiles the images
@@ -267,26 +269,26 @@ def test_reuse_errors(tiny_model):
     with pytest.raises(ValueError, match="recompute"):
         _reuser(tiny_model("llava"), recompute="some")
     model = tiny_model("llava")
-    batch = tiny.make_inputs(model, [["a", tiny.IMAGE, "?"], ["bb", tiny.IMAGE, "?"]]).inputs
+    batch = testing.make_inputs(model, [["a", testing.IMAGE, "?"], ["bb", testing.IMAGE, "?"]]).inputs
     with vlcache.reuse(model, ImageKVStore()):
         with pytest.raises(ValueError, match="batch size 1"):
             model.generate(**batch, max_new_tokens=2)
     with pytest.raises(ValueError, match="no images to link"):
-        _reuser(model).link(dict(tiny.make_inputs(model, ["only text"]).inputs))
+        _reuser(model).link(dict(testing.make_inputs(model, ["only text"]).inputs))
 
 
 def test_a_model_retrained_and_saved_over_the_old_checkpoint_gets_its_own_kv(tmp_path):
     """The store key names the weights, not the path: B saved to A's directory, with A's config, must not be
     handed A's stored images (it was, even with recompute="full", and answered differently from its cold run)."""
     ckpt, disk = tmp_path / "ckpt", tmp_path / "kv"
-    tiny.build("llava", seed=0).save_pretrained(ckpt)
-    model_a = type(tiny.build("llava")).from_pretrained(ckpt).eval()
-    inputs = tiny.make_inputs(model_a, PROMPT).inputs
+    testing.build("llava", seed=0).save_pretrained(ckpt)
+    model_a = type(testing.build("llava")).from_pretrained(ckpt).eval()
+    inputs = testing.make_inputs(model_a, PROMPT).inputs
     with vlcache.reuse(model_a, ImageKVStore(disk_dir=disk), recompute="full"):
         model_a.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert len(list(disk.glob("*.safetensors"))) == 2
 
-    tiny.build("llava", seed=1).save_pretrained(ckpt)  # retrained: same path, same config
+    testing.build("llava", seed=1).save_pretrained(ckpt)  # retrained: same path, same config
     model_b = type(model_a).from_pretrained(ckpt).eval()
     assert model_b.name_or_path == model_a.name_or_path and model_b.config == model_a.config
     cold = model_b.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -299,7 +301,7 @@ def test_a_model_retrained_and_saved_over_the_old_checkpoint_gets_its_own_kv(tmp
 def test_weights_digest_notices_training_in_place(tiny_model):
     from vlcache.fingerprint import weights_digest
 
-    model = tiny.build("llava")
+    model = testing.build("llava")
     before = weights_digest(model)
     assert weights_digest(model) == before  # cached
     with torch.no_grad():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlcache.evaluation.model import FAMILIES, batch_inputs, image_prompt
-from vlcache.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example, prompt_text
-from vlcache.evaluation.tensor_tasks import draw_batch, encode, processor, qwen_patches
+from vlcache.apps.evaluation.embedded_model import FAMILIES, batch_inputs, image_prompt
+from vlcache.apps.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example, prompt_text
+from vlcache.apps.evaluation.tensor_tasks import draw_batch, encode, processor, qwen_patches
 
 
 def encode_examples(examples, with_answer, family="llava"):

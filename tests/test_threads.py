@@ -7,13 +7,13 @@ import torch
 from util import prompt_for
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.policies import H2O
 
 
 def test_one_session_from_two_threads_gives_each_call_its_own_answer():
-    model = tiny.build("llava")  # not the shared fixture: this test runs generate from threads
-    examples = [tiny.make_inputs(model, prompt_for("llava"), seed=s).inputs for s in range(2)]
+    model = testing.build("llava")  # not the shared fixture: this test runs generate from threads
+    examples = [testing.make_inputs(model, prompt_for("llava"), seed=s).inputs for s in range(2)]
     with vlcache.compress(model, H2O(budget=0.5)) as session:
         want = [model.generate(**x, max_new_tokens=6, do_sample=False) for x in examples]
         got, errors = {}, []

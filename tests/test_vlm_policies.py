@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from util import IMG_ID, MARK_ID, kept_positions, layout_from_ids, prompt_for, run_policy, view_for
 
 import vlcache
-from vlcache import tiny
+from vlcache import testing
 from vlcache.kernels import reference as ref
 from vlcache.policies import CAKE, H2O, LOOKM, POLICIES, ElasticCache, Request, VLCache, make_policy
 from vlcache.policies.cake import cake_allocate
@@ -318,7 +318,7 @@ E2E_FAMILIES = ["llava", "llava_onevision", "qwen2_vl"]
 @pytest.mark.parametrize("name", [n for n, c in POLICIES.items() if c.needs_budget])
 def test_every_policy_runs_in_generate(tiny_model, family, name):
     model = tiny_model(family)
-    inputs = tiny.make_inputs(model, prompt_for(family)).inputs
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
     n = inputs["input_ids"].shape[1]
     policy = make_policy(name, budget=24) if name == "cake" else make_policy(name, budget=0.3)
     with vlcache.compress(model, policy) as session:
@@ -334,7 +334,7 @@ def test_every_policy_runs_in_generate(tiny_model, family, name):
 )
 def test_keep_all_is_token_identical_for_every_method(tiny_model, policy):
     model = tiny_model("qwen2_vl")
-    inputs = tiny.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    inputs = testing.make_inputs(model, prompt_for("qwen2_vl")).inputs
     plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     with vlcache.compress(model, policy):
         assert torch.equal(model.generate(**inputs, max_new_tokens=12, do_sample=False), plain)
@@ -348,8 +348,8 @@ def _generate(model, policy, inputs):
 @pytest.mark.parametrize("policy", NEW, ids=lambda p: p.name)
 def test_batch_equals_each_prompt_alone(tiny_model, policy):
     model = tiny_model("llava")
-    rows = [["ab", tiny.IMAGE, "what is it?"], ["xyzw vv", tiny.IMAGE, "tell me more about it"]]
-    batch = _generate(model, policy, tiny.make_inputs(model, rows).inputs)
+    rows = [["ab", testing.IMAGE, "what is it?"], ["xyzw vv", testing.IMAGE, "tell me more about it"]]
+    batch = _generate(model, policy, testing.make_inputs(model, rows).inputs)
     for b, row in enumerate(rows):
-        alone = _generate(model, policy, tiny.make_inputs(model, [row], seed=b).inputs)
+        alone = _generate(model, policy, testing.make_inputs(model, [row], seed=b).inputs)
         assert batch[b, -10:].tolist() == alone[0, -10:].tolist()

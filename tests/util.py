@@ -2,23 +2,23 @@
 
 import torch
 
-from vlcache import tiny
+from vlcache import testing
 from vlcache.modality import build_layout
 from vlcache.policies.base import LayerView
 
 IMG_ID, MARK_ID = 9, 8
 
-FAMILIES = list(tiny.BUILDERS)
+FAMILIES = list(testing.BUILDERS)
 VIDEO_FAMILIES = ["llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def prompt_for(family: str, question: str = "what is it?") -> list:
     """A prompt with text, images (several where the family takes images) and a video where it takes one."""
     if family == "llava_next_video":
-        return ["ab", tiny.Video(4), question]
+        return ["ab", testing.Video(4), question]
     if family in VIDEO_FAMILIES:
-        return ["ab", tiny.IMAGE, "cd", tiny.Video(4), question]
-    return ["ab", tiny.IMAGE, "cd", tiny.IMAGE, question]
+        return ["ab", testing.IMAGE, "cd", testing.Video(4), question]
+    return ["ab", testing.IMAGE, "cd", testing.IMAGE, question]
 
 
 def layout_from_ids(ids, mask=None):
@@ -64,16 +64,30 @@ def kept_indices(policy, view):
 
 
 def run_policy(
-    policy, layout, *, layers=2, heads=4, kv_heads=2, d=8, seed=0, qkv=None, decode=0, on_layer=None, on_prefill=None
+    policy,
+    layout,
+    *,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    d=8,
+    seed=0,
+    qkv=None,
+    decode=0,
+    decode_qkv=None,
+    on_layer=None,
+    on_prefill=None,
+    on_step=None,
 ):
     """Drive `policy` through a real CompressedCache over hand-made tensors, as generate would: every layer's
     prefill, the whole-model step, then `decode` single-token steps. `qkv[l]` gives (q, k, v) of layer l;
-    `on_layer(cache, l)` runs after each prefill layer, `on_prefill(cache)` after the whole-model step. Returns
-    the cache."""
+    `decode_qkv(step, l)` those of a decode step (default: random); `on_layer(cache, l)` runs after each prefill
+    layer, `on_prefill(cache)` after the whole-model step, `on_step(cache, step)` after each decode step.
+    Returns the cache."""
     import transformers as T
 
     from vlcache.hf.cache import CompressedCache
-    from vlcache.hf.driver import Driver
+    from vlcache.hf.policy_runner import PolicyRunner
 
     cfg = T.LlamaConfig(
         num_hidden_layers=layers,
@@ -85,7 +99,7 @@ def run_policy(
     cache = CompressedCache(cfg)
     B, n = layout.modality.shape
     cache.begin(layout, layout.valid)
-    driver = Driver(policy, heads)
+    runner = PolicyRunner(policy, heads)
     g = torch.Generator().manual_seed(seed)
     for li in range(layers):
         if qkv is not None:
@@ -97,22 +111,29 @@ def run_policy(
                 torch.randn(B, kv_heads, n, d, generator=g),
             )
         cache.update(k, v, li)
-        driver.layer_forward(cache, li, q, d**-0.5)
+        runner.layer_forward(cache, li, q, d**-0.5)
         if on_layer is not None:
             on_layer(cache, li)
-    driver.finish_prefill(cache)
+    runner.finish_prefill(cache)
     if on_prefill is not None:
         on_prefill(cache)
-    for _ in range(decode):
+    for step in range(decode):
         cache.extend(torch.ones(B, 1, dtype=torch.bool))
         for li in range(layers):
-            q, k, v = (
-                torch.randn(B, heads, 1, d, generator=g),
-                torch.randn(B, kv_heads, 1, d, generator=g),
-                torch.randn(B, kv_heads, 1, d, generator=g),
-            )
+            if decode_qkv is not None:
+                q, k, v = decode_qkv(step, li)
+            else:
+                q, k, v = (
+                    torch.randn(B, heads, 1, d, generator=g),
+                    torch.randn(B, kv_heads, 1, d, generator=g),
+                    torch.randn(B, kv_heads, 1, d, generator=g),
+                )
             cache.update(k, v, li)
-            driver.layer_forward(cache, li, q, d**-0.5)
+            if runner.looking(cache, li):  # as the session's attention does, before attending
+                runner.before_attention(cache, li, q, d**-0.5)
+            runner.layer_forward(cache, li, q, d**-0.5)
+        if on_step is not None:
+            on_step(cache, step)
     return cache
 
 

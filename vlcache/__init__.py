@@ -28,12 +28,12 @@ from . import reuse as _image_kv_store  # noqa: E402, F401
 del reuse  # noqa: F821
 
 # public name -> the submodule that defines it, or (submodule, its name there). The getting-started helpers are
-# reached only through these names, so the README does not depend on where the apps' modules live.
+# reached only through these names, so the README does not depend on where the apps' modules live (vlcache/apps/).
 _EXPORTS = {
-    "load_model": (".pipeline", "load"),
-    "frames_inputs": ".pipeline",
-    "read_frames": ".video",
-    "sample_videos": (".caption", "ensure_samples"),
+    "load_model": (".apps.model_loading", "load"),
+    "frames_inputs": ".apps.prompts",
+    "read_frames": ".apps.video",
+    "sample_videos": (".apps.samples", "ensure_samples"),
     "attach": ".api",
     "compress": ".api",
     "last_stats": ".api",
@@ -45,7 +45,7 @@ _EXPORTS = {
     "Policy": ".policies",
     "make_policy": ".policies",
     "ImageKVStore": ".reuse",
-    "CompressionStats": ".stats",
+    "CompressionStats": ".compression_stats",
 }
 
 __all__ = [
@@ -69,14 +69,14 @@ __all__ = [
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time `__getattr__` imports on demand
     from .api import attach, compress, last_stats, reuse
-    from .caption import ensure_samples as sample_videos
+    from .apps.model_loading import load as load_model
+    from .apps.prompts import frames_inputs
+    from .apps.samples import ensure_samples as sample_videos
+    from .apps.video import read_frames
+    from .compression_stats import CompressionStats
     from .modality import Layout, Modality, UnsupportedModelError
-    from .pipeline import frames_inputs
-    from .pipeline import load as load_model
     from .policies import POLICIES, Policy, make_policy
     from .reuse import ImageKVStore
-    from .stats import CompressionStats
-    from .video import read_frames
 
 
 def __getattr__(name: str):

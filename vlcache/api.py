@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from .compression_stats import CompressionStats
 from .hf.session import Session
 from .policies import Policy, make_policy
 from .reuse import ImageKVStore
-from .stats import CompressionStats
 
 
 def attach(model, policy: Policy | str = "snapkv", *, processor=None, **settings) -> Session:

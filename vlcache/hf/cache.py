@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..compression_stats import CompressionStats, LayerStats
 from ..modality import Layout
 from ..policies.base import Eviction, Selection
-from ..stats import CompressionStats, LayerStats
 from .compat import init_layer, replicate_layers_as, require
 
 DynamicCache, DynamicLayer = require("DynamicCache", "DynamicLayer")
@@ -337,19 +337,16 @@ class CompressedCache(DynamicCache):
         return sv.gather(1, positions.clamp(min=0).flatten(1)).view_as(positions) & (positions != DEAD)
 
     def stats(self, policy: str = "", row: int | None = None) -> CompressionStats:
-        """Tokens kept per layer and modality, and KV bytes, as of now; for one batch row if `row` is given (its
-        share of the bytes: every row holds the same number of slots)."""
+        """Tokens kept per layer and modality, and KV bytes, as of now; for one batch row if `row` is given."""
+        total = self._stats(policy)
+        return total if row is None else self.row_stats(total, self.kept_positions(), row)
+
+    def _stats(self, policy: str) -> CompressionStats:
         layout = self.source_layout or self.layout
-        if layout is None:
-            prompt = {"text": 0, "image": 0, "video": 0}
-        else:
-            prompt = layout.counts() if row is None else _row_counts(layout, row)
-        batch = 0 if layout is None else layout.batch_size
-        out = CompressionStats(policy=policy, batch=batch if row is None else 1, prompt=prompt)
+        prompt = {"text": 0, "image": 0, "video": 0} if layout is None else layout.counts()
+        out = CompressionStats(policy=policy, batch=0 if layout is None else layout.batch_size, prompt=prompt)
         if self.source_layout is not None:  # what temporal merging dropped before the model, per modality
-            seen = self.layout.counts() if row is None else _row_counts(self.layout, row)
-            out.merged = {k: prompt[k] - seen[k] for k in ("image", "video") if prompt[k] - seen[k]}
-        share = 1 if row is None else max(1, batch)
+            out.merged = _merged(prompt, self.layout.counts())
         full = 0
         for i, layer in enumerate(self.layers):
             if getattr(layer, "keys", None) is None:
@@ -358,25 +355,50 @@ class CompressedCache(DynamicCache):
                 continue
             nbytes = _layer_nbytes(layer)
             if not isinstance(layer, CompressibleLayer):
-                full += nbytes // share
+                full += nbytes
                 continue
             B, H = layer.keys.shape[:2]
             T = layer.physical_length
-            full += (B // share) * H * layer.get_seq_length() * layer.full_slot_bytes()
-            kept = self._kept_by_modality(layer, row)
-            out.layers.append(LayerStats(i, layer.get_seq_length(), T, kept, nbytes // share))
+            full += B * H * layer.get_seq_length() * layer.full_slot_bytes()
+            kept = self._kept_by_modality(layer.slot_positions(), self.slot_valid(layer))
+            out.layers.append(LayerStats(i, layer.get_seq_length(), T, kept, nbytes))
             if hasattr(layer, "bytes_by_kind"):
                 for kind, b in layer.bytes_by_kind().items():
-                    out.kv_bytes_by_kind[kind] = out.kv_bytes_by_kind.get(kind, 0) + b // share
-        out.kv_bytes = self.nbytes() // share
+                    out.kv_bytes_by_kind[kind] = out.kv_bytes_by_kind.get(kind, 0) + b
+        out.kv_bytes = self.nbytes()
         out.kv_bytes_full = full
         out.bits = dict(self.bits)
         return out
 
-    def _kept_by_modality(self, layer: CompressibleLayer, row: int | None = None) -> dict[str, float]:
-        pos = layer.slot_positions()
+    def kept_positions(self) -> dict[int, torch.Tensor]:
+        """layer -> [B, Hk, T] the slot positions of every compressible layer, as of now. References, not copies:
+        a layer replaces its positions tensor whenever they change and never writes into it, so these keep
+        describing this moment after later steps (what `row_stats` counts from)."""
+        return {i: self.layers[i].slot_positions() for i in self.compressible()}
+
+    def row_stats(self, total: CompressionStats, positions: dict[int, torch.Tensor], row: int) -> CompressionStats:
+        """One batch row's part of `total` (what `stats()` gave at some moment), its kept tokens counted at that
+        moment's `positions` (`kept_positions()`): the same at any later time, since the layout and the padding
+        of the positions already cached never change. Every row holds the same number of slots, so a row's bytes
+        are an equal share of the whole (every count below has the batch as a factor)."""
+        layout = self.source_layout or self.layout
+        share = max(1, total.batch)
+        out = CompressionStats(policy=total.policy, batch=1, prompt=_row_counts(layout, row), bits=dict(total.bits))
+        if self.source_layout is not None:
+            out.merged = _merged(out.prompt, _row_counts(self.layout, row))
+        for s in total.layers:
+            pos = positions[s.layer]
+            kept = self._kept_by_modality(pos, self.position_valid(pos), row)
+            out.layers.append(LayerStats(s.layer, s.seen, s.slots, kept, s.nbytes // share))
+        out.kv_bytes = total.kv_bytes // share
+        out.kv_bytes_full = total.kv_bytes_full // share
+        out.kv_bytes_by_kind = {kind: b // share for kind, b in total.kv_bytes_by_kind.items()}
+        return out
+
+    def _kept_by_modality(self, pos: torch.Tensor, real: torch.Tensor, row: int | None = None) -> dict[str, float]:
+        """Real tokens among slots at positions `pos` [B, Hk, T] (`real`: which hold one), per modality, averaged
+        over KV heads; one batch row's if `row` is given."""
         H = pos.shape[1]
-        real = self.slot_valid(layer)
         if row is not None:
             keep_row = torch.zeros(pos.shape[0], 1, 1, dtype=torch.bool, device=pos.device)
             keep_row[row] = True
@@ -400,3 +422,7 @@ def _layer_nbytes(layer) -> int:
 def _row_counts(layout: Layout, row: int) -> dict[str, int]:
     v, m = layout.valid[row], layout.modality[row]
     return {name: int(((m == k) & v).sum()) for k, name in enumerate(("text", "image", "video"))}
+
+
+def _merged(prompt: dict[str, int], seen: dict[str, int]) -> dict[str, int]:
+    return {k: prompt[k] - seen[k] for k in ("image", "video") if prompt[k] - seen[k]}

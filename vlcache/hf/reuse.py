@@ -29,7 +29,7 @@ from ..reuse.rope import rerotate
 from ..reuse.store import Chunk, ImageKVStore, chunk_key
 from .cache import CompressedCache, CompressibleLayer, DynamicCache
 from .compat import cache_kwargs, get_rope_index, pop_cache, set_rope_deltas
-from .model import current_implementation, decoder, unwrap_generate, wrap_generate
+from .model_parts import current_implementation, decoder, unwrap_generate, wrap_generate
 
 REUSE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 RECOMPUTE = ("first_k", "cacheblend", "full")

@@ -17,16 +17,15 @@ from functools import partial
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..compression_stats import CompressionStats
 from ..modality import family_for, layout_from_inputs
 from ..policies import Policy
 from ..quant.config import QuantConfig
-from ..stats import CompressionStats
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
 from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_untested
-from .driver import Driver
 from .merge import merge_inputs
-from .model import (
+from .model_parts import (
     attention_modules,
     check_reductions,
     decoder,
@@ -36,6 +35,7 @@ from .model import (
     vlcache_implementation,
     wrap_generate,
 )
+from .policy_runner import PolicyRunner
 from .prune import cut_layer_inputs
 from .quantized import QuantizedLayer
 
@@ -69,8 +69,11 @@ class Session:
             QuantConfig.of(policy, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.cache: CompressedCache | None = None  # the cache of the forward in flight
         self.prefill_stats: CompressionStats | None = None
-        self.prefill_rows: list[CompressionStats] = []  # the same, one per batch row
-        self.prefill_positions: dict[int, torch.Tensor] = {}  # layer -> [B, Hk, K] prompt positions kept after prefill
+        # what the last prefill left, for `prefill_rows` and `prefill_positions`: only the apps read those, so they
+        # are worked out when read, from the cache and its slot positions as the prefill left them
+        self._prefilled: tuple[CompressedCache, dict[int, torch.Tensor]] | None = None
+        self._rows: list[CompressionStats] | None = None
+        self._positions: dict[int, torch.Tensor] | None = None
         self.stats: CompressionStats | None = None  # at the end of the last generate
         self.last_cache: CompressedCache | None = None
         self._request_inputs: dict = {}  # the tensors of the generate call in flight
@@ -78,7 +81,7 @@ class Session:
         self._modules = []
         self._original_impl = None
         self._attached = False
-        self.driver = Driver(policy, text_config(model).num_attention_heads)
+        self.runner = PolicyRunner(policy, text_config(model).num_attention_heads)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -176,6 +179,29 @@ class Session:
         self.model._vlcache_stats = self.stats
         return out
 
+    @property
+    def prefill_rows(self) -> list[CompressionStats]:
+        """`prefill_stats` of each batch row (the captioner's per-video records), worked out on first read."""
+        if self._rows is None:
+            if self._prefilled is None:
+                return []
+            cache, positions = self._prefilled
+            B = cache.layout.batch_size
+            total = self.prefill_stats
+            self._rows = [cache.row_stats(total, positions, b) for b in range(B)] if B > 1 else [total]
+        return self._rows
+
+    @property
+    def prefill_positions(self) -> dict[int, torch.Tensor]:
+        """layer -> [B, Hk, K] positions in the prompt as given of the entries each layer kept after the prefill,
+        on the CPU (the demo's pictures of kept patches), worked out on first read."""
+        if self._positions is None:
+            if self._prefilled is None:
+                return {}
+            cache, positions = self._prefilled
+            self._positions = {i: cache.original_positions(p).detach().cpu() for i, p in positions.items()}
+        return self._positions
+
     def label(self) -> str:
         """The policy's name, its budgets and every other setting that differs from its default (so that two runs
         of one method with different settings are told apart in stats and outputs)."""
@@ -230,15 +256,19 @@ class Session:
                     f"cannot be compressed: {tested_note()}. transformers may have changed how it dispatches "
                     "attention; see vlcache/hf/compat.py"
                 )
-            self.driver.finish_prefill(cache)
-            self.prefill_stats = cache.stats(self.label())
-            B = cache.layout.batch_size
-            self.prefill_rows = [cache.stats(self.label(), row=b) for b in range(B)] if B > 1 else [self.prefill_stats]
-            self.prefill_positions = {
-                i: cache.original_positions(cache.layers[i].slot_positions()).detach().cpu()
-                for i in cache.compressible()
-            }
+            self.runner.finish_prefill(cache)
+            self._record_prefill(cache)
+        elif cache is not None and self.policy.lookahead and not cache.shared.get("_lookahead_recorded"):
+            if all(cache.layers[i].state.get("lookahead_done", False) for i in cache.compressible()):
+                cache.shared["_lookahead_recorded"] = True
+                self._record_prefill(cache)  # what the lookahead cut kept is the prompt's compression, for stats
         self.cache = None
+
+    def _record_prefill(self, cache) -> None:
+        """Stats of the compressed prompt (after the prefill, or after a lookahead's cut); per-row stats and kept
+        positions are worked out from it when read."""
+        self.prefill_stats = cache.stats(self.label())
+        self._prefilled, self._rows, self._positions = (cache, cache.kept_positions()), None, None
 
     def _merge(self, module, args, kwargs):
         out = merge_inputs(self.cache, self.policy, kwargs)
@@ -255,11 +285,16 @@ class Session:
         layer = cache.layers[li]
         if not isinstance(layer, CompressibleLayer):
             return stock(module, query, key, value, mask, **kwargs)
+        if self.runner.looking(cache, li):
+            self.runner.before_attention(cache, li, query, kwargs.get("scaling"))
+            layer = cache.layers[li]  # compacted in place, or quantized and then cut
+            if layer.compacted and not isinstance(layer, QuantizedLayer):
+                key, value = layer.dense()
         if isinstance(layer, QuantizedLayer):
             # the stock functions would need the whole layer in full precision: attend over the codes instead
             scaling = kwargs.get("scaling")
             out = layer.attend(query, scaling if scaling is not None else query.shape[-1] ** -0.5)
-            self.driver.layer_forward(cache, li, query, scaling)
+            self.runner.layer_forward(cache, li, query, scaling)
             return out.transpose(1, 2).contiguous(), None
         q = query.shape[2]
         if layer.compacted or cache.hidden:
@@ -272,5 +307,5 @@ class Session:
             cache.attended.add(li)
         with _decode_backends(query) if cache.prefilled else contextlib.nullcontext():
             out = stock(module, query, key, value, mask, **kwargs)
-        self.driver.layer_forward(cache, li, query, kwargs.get("scaling"))
+        self.runner.layer_forward(cache, li, query, kwargs.get("scaling"))
         return out

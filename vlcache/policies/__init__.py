@@ -3,8 +3,10 @@
 import ast
 from dataclasses import fields
 
+from .base import BUDGET_FIELDS as BUDGET_FIELDS  # public: the apps list every policy's budgets
 from .base import DecodeEvicting, Eviction, LayerView, Plan, Policy, Request, Selection
 from .cake import CAKE
+from .compose import Composed
 from .elastic import ElasticCache
 from .full import Full
 from .h2o import H2O
@@ -26,6 +28,7 @@ POLICIES: dict[str, type[Policy]] = {
     "lookm": LOOKM,
     "elastic": ElasticCache,
     "cake": CAKE,
+    "compose": Composed,
 }
 
 
@@ -62,6 +65,7 @@ def parse_settings(items: list[str]) -> dict:
 
 __all__ = [
     "CAKE",
+    "Composed",
     "DecodeEvicting",
     "LOOKM",
     "POLICIES",

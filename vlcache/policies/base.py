@@ -25,6 +25,7 @@ from .. import kernels
 from ..modality import Layout
 from ..quant.config import check_bits, check_settings
 from .budget import check_amount, resolve
+from .heads import HEAD_BUDGETS, adaptive_head_budgets
 
 PROTECTABLE = ("markers", "question")
 BUDGET_FIELDS = ("budget", "vision_budget", "text_budget")  # the amounts every policy takes (labels list them first)
@@ -169,10 +170,14 @@ class Plan:
             k = k + n
         return k
 
-    def to_slots(self, view: LayerView) -> Plan:
+    def to_slots(self, view: LayerView, keep_generated: bool = False) -> Plan:
         """This prompt-space plan mapped onto the current slots of `view`'s layer ([B, Hk, T] masks): what a
-        policy needs to select again in a layer that was already compacted."""
-        return Plan(view.prompt_mask(self.forced), [(view.prompt_mask(m), k) for m, k in self.pools])
+        policy needs to select again in a layer that was already compacted. Slots of generated tokens are in no
+        pool; with `keep_generated` they are forced (a cut after some decode steps keeps what was generated)."""
+        forced = view.prompt_mask(self.forced)
+        if keep_generated:
+            forced = forced | (view.positions >= view.layout.length)
+        return Plan(forced, [(view.prompt_mask(m), k) for m, k in self.pools])
 
 
 @dataclass(kw_only=True)
@@ -185,6 +190,12 @@ class Policy:
     - protect: token groups never evicted, from ("markers", "question"); () lets everything compete.
     - frame_min: every image and video frame keeps at least this many of its best-scoring tokens (0: off), so
       no frame disappears entirely; they count against the budget.
+    - head_budgets ("uniform"): "adaptive" moves a layer's prefill budget between its KV heads (Ada-KV): the
+      layer keeps its best-scoring entries over all heads together, so a head with concentrated scores keeps
+      fewer and one that spreads its attention more. The cache stores the largest head's count in every head
+      (the others' extra slots are masked), so memory follows the largest head, not the average.
+    - head_floor (0.2): with "adaptive", the share of the even per-head budget each head takes first (Ada-KV's
+      safeguard against a head losing everything).
 
     Settings that make the prefill itself cheaper (FastV / PyramidDrop, FrameFusion / DyCoke style):
 
@@ -198,6 +209,16 @@ class Policy:
       `full` included. Frames are the spans of one video, or consecutive images of the same token count.
     - temporal_mode ("drop"): "drop" removes such tokens; "mean" also folds each into the token it matched
       (the kept embedding becomes the mean of its group).
+
+    Lookahead scoring (the queries that matter are the ones that will be generated):
+
+    - lookahead (0): g. The prompt stays whole for the first g generated tokens; the queries of those tokens join
+      the policy's scoring rows, and each layer is cut right before its attention in the g-th decode step, so
+      only g - 1 tokens are computed over the whole cache (the first one comes from the prompt's forward in any
+      case). Policies that score by attention from a set of rows take it: SnapKV, PyramidKV, VL-Cache.
+    - lookahead_share (0.5): the scores are (1 - share) x the prompt rows' mean attention + share x the
+      generated rows' mean attention, whatever the number of rows on either side; 1.0 scores by the generated
+      rows alone (as Lookahead Q-Cache scores by its pseudo queries alone).
 
     KV quantization of what is kept (KIVI / VidKV style, after selection and merging, right after the prefill):
 
@@ -216,6 +237,10 @@ class Policy:
     text_budget: float | int | None = None
     protect: tuple[str, ...] = PROTECTABLE
     frame_min: int = 0
+    head_budgets: str = "uniform"
+    head_floor: float = 0.2
+    lookahead: int = 0
+    lookahead_share: float = 0.5
     prune_at: int | None = None
     temporal_merge: float | None = None
     temporal_mode: str = "drop"
@@ -228,6 +253,8 @@ class Policy:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_budget: ClassVar[bool] = True
+    # scores are attention sums over a set of query rows, which generated rows can join (`lookahead`)
+    looks_ahead: ClassVar[bool] = False
     # decode-time scores read slots by position, never by slot order (no pooling over neighbouring slots, no
     # "last slots are recent"): evictions may then fill the holes in place (`Eviction`)
     order_free: ClassVar[bool] = False
@@ -247,10 +274,27 @@ class Policy:
             raise ValueError(f"protect={bad} not understood; choose from {PROTECTABLE}")
         if self.frame_min < 0:
             raise ValueError(f"frame_min must be >= 0, got {self.frame_min}")
+        if self.head_budgets not in HEAD_BUDGETS:
+            raise ValueError(f"head_budgets must be one of {HEAD_BUDGETS}, got {self.head_budgets!r}")
+        f = self.head_floor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or math.isnan(f) or not 0.0 <= f <= 1.0:
+            raise ValueError(f"head_floor must be a share in [0, 1], got {f!r}")
         if self.prune_at is not None and (
             isinstance(self.prune_at, bool) or not isinstance(self.prune_at, int) or self.prune_at < 0
         ):
             raise ValueError(f"prune_at must be a decoder layer index >= 0, got {self.prune_at!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 0:
+            raise ValueError(f"lookahead must be a number of generated tokens >= 0, got {self.lookahead!r}")
+        w = self.lookahead_share
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or math.isnan(w) or not 0.0 <= w <= 1.0:
+            raise ValueError(f"lookahead_share must be a share in [0, 1], got {w!r}")
+        if self.lookahead and not self.looks_ahead:
+            raise ValueError(
+                f"{type(self).__name__} does not score by attention from a set of rows that generated tokens could "
+                "join: lookahead works with snapkv, pyramidkv and vlcache"
+            )
+        if self.lookahead and self.prune_at is not None:
+            raise ValueError("prune_at cuts the prompt during the prefill, lookahead after it: choose one")
         if self.temporal_merge is not None:
             t = self.temporal_merge
             if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or not 0.0 < t <= 1.0:
@@ -269,6 +313,10 @@ class Policy:
     # ------------------------------------------------------------------ hooks
 
     def on_prefill(self, view: LayerView) -> dict[int, Selection] | None:
+        if self.lookahead:  # keep the prompt whole; its scoring rows' attention waits for the generated rows'
+            sums, rows = self.observed(view)
+            view.slot_state["lookahead"] = sums / rows.clamp(min=1).view(-1, 1, 1).to(sums.dtype)
+            return None
         scores = self.score(view)
         if scores is None:
             return None
@@ -304,7 +352,39 @@ class Policy:
     def on_append(self, view: LayerView) -> dict[int, Selection] | None:
         return None
 
+    def lookahead_step(self, view: LayerView) -> dict[int, Selection] | None:
+        """Before a decode step's attention in this layer (`lookahead` only): add the new rows' attention to the
+        scoring rows'; on the g-th generated token, cut the layer to its budget (generated tokens are kept)."""
+        rows = view.probs(slice(None)).sum(2)  # [B, H, T]
+        gen = view.slot_state.get("lookahead_gen")
+        gen = rows if gen is None else gen + rows
+        steps = view.state["lookahead_steps"] = view.state.get("lookahead_steps", 0) + view.new
+        if steps < self.lookahead:
+            view.slot_state["lookahead_gen"] = gen
+            return None
+        prompt = view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
+        view.slot_state.pop("lookahead_gen", None)
+        view.state["lookahead_done"] = True
+        share = self.lookahead_share
+        acc = (1.0 - share) * prompt + share * gen / steps
+        plan = self.lookahead_plan(view).to_slots(view, keep_generated=True)
+        plan = Plan(plan.forced & view.slot_valid, plan.pools)
+        return {view.layer: self.select(view, plan, self.ranked(view, acc))}
+
     # ------------------------------------------------------------------ pieces subclasses override
+
+    def observed(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
+        """`looks_ahead` policies: ([B, H, T] the attention each slot receives from the prompt's scoring rows,
+        summed over them, per query head; [B] how many rows that is): the rows generated tokens join."""
+        raise NotImplementedError
+
+    def ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
+        """`looks_ahead` policies: [B, Hk, T] scores from `observed`'s sums (with the generated rows' added)."""
+        raise NotImplementedError
+
+    def lookahead_plan(self, view: LayerView) -> Plan:
+        """The prompt-space budget a lookahead cut keeps in this layer (default: `plan`)."""
+        return self.plan(view)
 
     def score(self, view: LayerView) -> torch.Tensor | None:
         """[B, Hk, T] importance of every slot (higher is kept first), or None to keep everything."""
@@ -391,6 +471,13 @@ class Policy:
         """Kept slots of a prefill plan: the forced ones, each frame's minimum, then the best of each pool."""
         if self.frame_min > 0:
             plan = self._with_frame_minimum(view, plan, scores)
+        if self.head_budgets == "adaptive" and scores.shape[1] > 1:
+            Hk = scores.shape[1]
+            pools = []
+            for mask, k in plan.pools:
+                pool = per_head(mask, Hk) & view.slot_valid & ~per_head(plan.forced, Hk)
+                pools.append((pool, adaptive_head_budgets(scores, pool, k, self.head_floor)))
+            plan = Plan(plan.forced, pools)
         return Selection(*select_indices(scores, plan.forced, plan.pools, view.slot_valid, with_filler=True))
 
     def _with_frame_minimum(self, view: LayerView, plan: Plan, scores: torch.Tensor) -> Plan:

@@ -42,13 +42,14 @@ class PyramidKV(SnapKV):
             raise ValueError(f"beta must be >= 1, got {self.beta}")
 
     def plan(self, view: LayerView, *, total: torch.Tensor | None = None, weight: float = 1.0) -> Plan:
-        plan = super().plan(view, total=total, weight=weight)
-        pools = []
-        for mask, k in plan.pools:
-            size = mask.sum(-1)
-            k_l = [
-                pyramid(int(kb), int(sb), view.num_layers, self.beta)[view.depth]
-                for kb, sb in zip(k.tolist(), size.tolist())
-            ]
-            pools.append((mask, torch.tensor(k_l, dtype=torch.long, device=k.device)))
-        return Plan(plan.forced, pools)
+        return pyramid_plan(super().plan(view, total=total, weight=weight), view.depth, view.num_layers, self.beta)
+
+
+def pyramid_plan(plan: Plan, depth: int, layers: int, beta: float) -> Plan:
+    """A layer's plan with each pool's k replaced by the pyramid's share for this depth."""
+    pools = []
+    for mask, k in plan.pools:
+        size = mask.sum(-1)
+        k_l = [pyramid(int(kb), int(sb), layers, beta)[depth] for kb, sb in zip(k.tolist(), size.tolist())]
+        pools.append((mask, torch.tensor(k_l, dtype=torch.long, device=k.device)))
+    return Plan(plan.forced, pools)

@@ -41,10 +41,21 @@ class SnapKV(Policy):
     def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
         return last_real(view.layout.valid, total.clamp(max=self.window))  # the window is at most the budget
 
+    looks_ahead = True
+
     def score(self, view: LayerView) -> torch.Tensor:
+        return self.ranked(view, self.observed(view)[0])
+
+    def observed(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
         # the window is the last query rows, which are the last slots (whole prompt or its recomputed tail)
-        T, w = view.slots, min(self.window, view.new)
-        s = view.probs(slice(view.new - w, None)).sum(2)  # [B, H, T]
-        prefix = kernels.pool1d(s[..., : T - w], self.kernel, self.pooling)
-        s = torch.cat([prefix, torch.full_like(s[..., T - w :], float("inf"))], dim=-1)
+        w = min(self.window, view.new)
+        sums = view.probs(slice(view.new - w, None)).sum(2)  # [B, H, T]
+        return sums, view.query_valid(slice(view.new - w, None)).sum(-1)
+
+    def ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
+        # pooled up to the window; the window (and any generated token after it) is kept anyway
+        n = view.layout.length
+        start = view.slots - min(self.window, view.new) if view.slots <= n else n - min(self.window, n)
+        prefix = kernels.pool1d(sums[..., :start], self.kernel, self.pooling)
+        s = torch.cat([prefix, torch.full_like(sums[..., start:], float("inf"))], dim=-1)
         return kernels.group_reduce(s, view.kv_heads, self.agg)

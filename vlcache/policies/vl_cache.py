@@ -19,6 +19,11 @@ class VLCache(Policy):
     are set once every layer has seen the prompt (the full cache is held until then), clipped to
     [min_fraction, 1] of the prompt, and sum to the model-wide budget. Prefill only.
 
+    With `cascading` (CAKE's scheme applied to VL-Cache's densities), every layer is cut right after its prefill
+    instead: the model-wide budget is split by density over the layers seen so far, and each of them is re-cut to
+    its share. A share only shrinks as more layers arrive, so the cache never holds more than the model-wide
+    budget plus the layer being computed, and the last cut uses the same densities and total as the paper's one.
+
     - threshold (0.01): the ThresholdFilter's fraction of the row maximum.
     - recent (0.1): share of each layer's budget kept as the most recent tokens.
     - min_fraction (0.01): the smallest layer budget, as a fraction of the prompt.
@@ -26,6 +31,8 @@ class VLCache(Policy):
     - fallback_rows (32): rows used when the prompt ends on a vision token.
     - exact (True): integer budgets that add up exactly to the total (largest remainder); False floors each
       layer's clipped fraction as the paper does, losing what clipping and rounding drop.
+    - cascading (False): cut every layer as soon as it is seen (above); peak memory near SnapKV's, not the full
+      cache's. The paper holds every layer whole until the last one's density is known.
     """
 
     threshold: float = 0.01
@@ -34,11 +41,13 @@ class VLCache(Policy):
     max_queries: int | None = None
     fallback_rows: int = 32
     exact: bool = True
+    cascading: bool = False
     agg: str = "mean"
     chunk: int = 256
 
     name = "vlcache"
     paper = "https://arxiv.org/abs/2410.23317"
+    looks_ahead = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +59,8 @@ class VLCache(Policy):
             raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction}")
         if self.max_queries is not None and self.max_queries < 1:
             raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
+        if self.cascading and self.lookahead:
+            raise ValueError("cascading cuts each layer during the prefill, lookahead after it: choose one")
 
     def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
         return last_real(view.layout.valid, torch.floor(self.recent * total.double()).long())
@@ -71,7 +82,9 @@ class VLCache(Policy):
         r0 = int((~chosen).sum(-1).min())  # the first row any prompt uses
         return r0, chosen[:, r0:] & view.query_valid(slice(r0, None))
 
-    def on_prefill(self, view: LayerView):
+    def measure(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """(colsum [B, H, T]: the attention each slot gets from the post-vision rows, per query head; [B] how many
+        rows those are; the layer's density per prompt)."""
         r0, q_valid = self.post_vision_rows(view)
         rows = slice(r0, None)
         st = kernels.attention_stats(
@@ -88,48 +101,95 @@ class VLCache(Policy):
         causal = view.layout.valid.long().cumsum(-1)[:, r0:].float() * q_valid  # visible keys per row
         zero = ((causal[:, None, :] - st.density) * q_valid[:, None, :]).sum(-1)  # [B, H]
         sparsity = zero / causal.sum(-1, keepdim=True).clamp(min=1)
-        view.slot_state["vlcache"] = kernels.group_reduce(st.colsum, view.kv_heads, self.agg)
-        view.shared.setdefault("vlcache_density", {})[view.layer] = (1.0 - sparsity.mean(1)).tolist()  # [B]
+        return st.colsum, q_valid.sum(-1), (1.0 - sparsity.mean(1)).tolist()
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return kernels.group_reduce(self.measure(view)[0], view.kv_heads, self.agg)
+
+    def on_prefill(self, view: LayerView):
+        colsum, rows, density = self.measure(view)
+        view.slot_state["vlcache"] = kernels.group_reduce(colsum, view.kv_heads, self.agg)
+        if self.lookahead:  # the generated rows join these (lookahead_step)
+            view.slot_state["lookahead"] = colsum / rows.clamp(min=1).view(-1, 1, 1).to(colsum.dtype)
+        view.shared.setdefault("vlcache_density", {})[view.layer] = density  # [B]
+        if self.cascading:
+            return self.allocate(view.request, view.depth + 1)
         return None  # budgets need every layer's density: see after_prefill
 
     def cut_scores(self, view: LayerView) -> torch.Tensor:
         return view.slot_state["vlcache"]  # on_prefill's post-vision attention of this layer
 
-    def layer_budgets(self, density: list[float], total: int, n: int) -> list[int]:
-        """Per-layer budgets out of n candidates, `total` per layer on average, in proportion to density."""
-        L = len(density)
+    def layer_budgets(self, density: list[float], total: int, n: int, layers: int | None = None) -> list[int]:
+        """Budgets of the layers with these densities, out of n candidates each, in proportion to density. They
+        share `total` x `layers` (default: as many layers as densities; more while cascading, when the layers
+        seen so far share the whole model's budget)."""
+        seen = len(density)
+        whole = total * (layers or seen)
         s = sum(density) or 1.0
         lo, hi = max(1.0, self.min_fraction * n), float(n)
-        share = [min(max(d / s * total * L, lo), hi) for d in density]
+        share = [min(max(d / s * whole, lo), hi) for d in density]
         if self.exact:
-            return apportion(total * L, share, [n] * L)
+            return apportion(whole, share, [n] * seen)
         return [max(1, int(x)) for x in share]
 
-    def densities(self, request: Request) -> list[list[float]]:
-        """Per prompt, the density of every layer."""
-        by_layer = [request.shared["vlcache_density"][layer] for layer in request.layers]
+    def densities(self, request: Request, seen: int | None = None) -> list[list[float]]:
+        """Per prompt, the density of every layer (of the first `seen`)."""
+        by_layer = [request.shared["vlcache_density"][layer] for layer in request.layers[:seen]]
         return [list(row) for row in zip(*by_layer)]
 
-    def budgets(self, request: Request) -> dict[int, torch.Tensor]:
-        """Each layer's budget [B] (the single-`budget` case)."""
-        layout = request.view(request.layers[0]).layout
-        total = self.total_budget(layout).tolist()
-        n = layout.valid.sum(-1).tolist()
-        per_row = [self.layer_budgets(d, t, m) for d, t, m in zip(self.densities(request), total, n)]
-        dev = layout.valid.device
-        return {layer: torch.tensor([row[i] for row in per_row], device=dev) for i, layer in enumerate(request.layers)}
+    def observed(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
+        colsum, rows, _ = self.measure(view)
+        return colsum, rows
+
+    def ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
+        return kernels.group_reduce(sums, view.kv_heads, self.agg)
+
+    def lookahead_plan(self, view: LayerView) -> Plan:
+        return view.state["lookahead_plan"]  # this layer's share, set when every density was known
 
     def after_prefill(self, request: Request):
-        if self.budget is not None:
-            budgets = self.budgets(request)
-            plans = {layer: self.plan(request.view(layer), total=budgets[layer]) for layer in request.layers}
+        if self.lookahead:  # the shares are known now; each layer is cut when the generated rows have joined
+            for layer, plan in self.plans(request, len(request.layers)).items():
+                request.view(layer).state["lookahead_plan"] = plan
+            return None
+        if self.cascading:
+            return None  # the last layer's prefill made the final cut
+        return self.allocate(request, len(request.layers))
+
+    def allocate(self, request: Request, seen: int) -> dict:
+        """Cut each of the first `seen` layers to its share of the model-wide budget (by density over them)."""
+        out = {}
+        for layer, plan in self.plans(request, seen).items():
+            view = request.view(layer)
+            if seen < len(request.layers) and bool((view.slot_valid[:, 0].sum(-1) <= plan.kept()).all()):
+                continue  # already within its share
+            slots = plan.to_slots(view)  # the layer may hold fewer slots than the prompt after an earlier cut
+            out[layer] = self.select(
+                view, Plan(slots.forced & view.slot_valid, slots.pools), view.slot_state["vlcache"]
+            )
+        return out
+
+    def plans(self, request: Request, seen: int, policy: Policy | None = None) -> dict[int, Plan]:
+        """The prompt-space budgets of the first `seen` layers: the model-wide budget split by density over them.
+        `policy` (default: this one) gives the amounts and the tokens always kept (a composed policy's own)."""
+        policy = policy or self
+        layers, L = request.layers[:seen], len(request.layers)
+        density = self.densities(request, seen)
+        first = request.view(request.layers[0])
+        layout = first.layout
+        if policy.budget is not None:
+            totals = policy.total_budget(layout).tolist()
+            n = layout.valid.sum(-1).tolist()
+            per_row = [self.layer_budgets(d, t, m, L) for d, t, m in zip(density, totals, n)]
+            dev = layout.valid.device
+            plans = {
+                layer: policy.plan(first, total=torch.tensor([row[i] for row in per_row], device=dev))
+                for i, layer in enumerate(layers)
+            }
         else:  # per-modality amounts: each pool's model-wide total split by density, like the single budget
-            base = self.plan(request.view(request.layers[0]))
+            base = policy.plan(first)
             split = [
-                [
-                    self.layer_budgets(d, k, size)
-                    for d, k, size in zip(self.densities(request), k.tolist(), mask.sum(-1).tolist())
-                ]
+                [self.layer_budgets(d, k, size, L) for d, k, size in zip(density, k.tolist(), mask.sum(-1).tolist())]
                 for mask, k in base.pools
             ]
             plans = {
@@ -140,10 +200,6 @@ class VLCache(Policy):
                         for (mask, _), rows in zip(base.pools, split)
                     ],
                 )
-                for i, layer in enumerate(request.layers)
+                for i, layer in enumerate(layers)
             }
-        out = {}
-        for layer, plan in plans.items():
-            view = request.view(layer)
-            out[layer] = self.select(view, plan, view.slot_state["vlcache"])
-        return out
+        return plans

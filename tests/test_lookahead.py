@@ -1,0 +1,109 @@
+"""Lookahead scoring: the prompt stays whole for g generated tokens, whose queries join the scoring rows."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
+
+from record_policies import IDS, MASK  # noqa: E402
+from util import layout_from_ids, run_policy  # noqa: E402
+
+from vlcache import kernels  # noqa: E402
+from vlcache.policies import H2O, PyramidKV, SnapKV, VLCache  # noqa: E402
+
+
+def real_counts(cache, li):
+    return cache.slot_valid(cache.layers[li])[:, 0].sum(-1).tolist()
+
+
+def real_positions(cache, li):
+    layer = cache.layers[li]
+    pos, valid = layer.slot_positions(), cache.slot_valid(layer)
+    return [[sorted(pos[b, h][valid[b, h]].tolist()) for h in range(pos.shape[1])] for b in range(pos.shape[0])]
+
+
+@pytest.mark.parametrize(
+    "make", [lambda **kw: VLCache(budget=0.3, **kw), lambda **kw: PyramidKV(vision_budget=0.2, window=4, **kw)]
+)
+def test_the_prompt_stays_whole_for_g_tokens_then_keeps_its_budget_and_what_was_generated(make):
+    layout = layout_from_ids(IDS, MASK)
+    n = layout.valid.sum(-1).tolist()
+    plain = run_policy(make(), layout, layers=3)
+    sizes = []
+    run_policy(make(lookahead=2), layout, layers=3, decode=3, on_step=lambda c, s: sizes.append(real_counts(c, 1)))
+    assert sizes[0] == [m + 1 for m in n]  # step 1 of 2: still whole
+    assert sizes[1] == [k + 2 for k in real_counts(plain, 1)]  # the cut: the same budget, plus both generated
+    assert sizes[2] == [k + 3 for k in real_counts(plain, 1)]
+
+
+def test_lookahead_zero_is_no_lookahead():
+    layout = layout_from_ids(IDS, MASK)
+    a = run_policy(VLCache(budget=0.2), layout, layers=3, seed=2)
+    b = run_policy(VLCache(budget=0.2, lookahead=0), layout, layers=3, seed=2)
+    assert all(real_positions(a, li) == real_positions(b, li) for li in range(3))
+
+
+def test_share_zero_keeps_what_the_prompt_rows_chose():
+    # the generated rows weigh nothing: the same prompt tokens as without lookahead, the generated one on top
+    layout = layout_from_ids(IDS, MASK)
+    for policy in (VLCache, SnapKV):
+        kw = {"budget": 0.3} if policy is VLCache else {"budget": 0.3, "window": 4}
+        plain = run_policy(policy(**kw), layout, layers=2, seed=4)
+        looked = run_policy(policy(lookahead=1, lookahead_share=0.0, **kw), layout, layers=2, seed=4, decode=1)
+        n = layout.length
+        for li in range(2):
+            got = [[[p for p in head if p < n] for head in row] for row in real_positions(looked, li)]
+            assert got == real_positions(plain, li), f"{policy.__name__}, layer {li}"
+
+
+def test_share_one_keeps_the_top_of_the_generated_rows_attention():
+    layout = layout_from_ids(IDS, MASK)
+    B, heads, kv_heads, d = 2, 4, 2, 8
+    g = torch.Generator().manual_seed(7)
+    q_gen = torch.randn(B, heads, 1, d, generator=g) * 3
+    k_gen, v_gen = torch.randn(B, kv_heads, 1, d, generator=g), torch.randn(B, kv_heads, 1, d, generator=g)
+    seen = {}
+
+    def step(s, li):
+        return q_gen, k_gen, v_gen
+
+    def before_cut(cache):  # the prompt's keys, to compute what the generated row attends to
+        seen["keys"] = cache.layers[0].keys.clone()
+
+    policy = SnapKV(budget=12, window=2, kernel=1, protect=(), lookahead=1, lookahead_share=1.0)
+    cache = run_policy(policy, layout, layers=1, seed=3, decode=1, decode_qkv=step, on_prefill=before_cut)
+    keys = torch.cat([seen["keys"], k_gen], dim=2)
+    T = keys.shape[2]
+    valid = torch.cat([layout.valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+    probs = kernels.attention_probs(q_gen, keys, d**-0.5, torch.full((B, 1), T - 1), valid)  # [B, H, 1, T]
+    scores = kernels.group_reduce(probs.sum(2), kv_heads, "mean")
+    n = layout.length
+    for b in range(B):
+        real = valid[b, :n].nonzero().flatten()
+        window = real[-2:].tolist()
+        pool = [p for p in real.tolist() if p not in window]
+        for h in range(kv_heads):
+            top = sorted(pool, key=lambda p: -float(scores[b, h, p]))[: 12 - 2]
+            assert real_positions(cache, 0)[b][h] == sorted(top + window + [n])
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"budget": 0.1, "lookahead": -1}, "lookahead"),
+        ({"budget": 0.1, "lookahead": 1, "lookahead_share": 1.5}, "lookahead_share"),
+        ({"budget": 0.1, "lookahead": 1, "prune_at": 1}, "choose one"),
+        ({"budget": 0.1, "lookahead": 1, "cascading": True}, "choose one"),
+    ],
+)
+def test_bad_lookahead_settings_are_refused(settings, match):
+    with pytest.raises(ValueError, match=match):
+        VLCache(**settings)
+
+
+def test_a_policy_that_cannot_look_ahead_says_so():
+    with pytest.raises(ValueError, match="snapkv, pyramidkv and vlcache"):
+        H2O(budget=0.1, lookahead=1)

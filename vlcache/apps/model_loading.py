@@ -1,0 +1,57 @@
+"""Loading a model for the apps by name: the embedded model, a tiny random one, a hub id or a local directory."""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_MODEL = "embedded"
+
+
+def load(name: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None):
+    """(model, processor) for a hub id or a local path. None or "embedded": the trained embedded model shipped in
+    the package (a small Llava that reads synthetic videos); "tiny": a tiny Llava with random weights."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name in (None, DEFAULT_MODEL):
+        from .evaluation.embedded_model import load_embedded
+
+        return load_embedded(device=device)
+    if name == "tiny":
+        from .. import testing
+
+        return testing.build("llava").to(device), testing.processor("llava")
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from .model_source import resolve
+
+    source = resolve(name)  # a missing directory or an unreachable hub fails here, in seconds
+    kw = {"local_files_only": True} if source.local_only else {}
+    try:
+        _check_family(name, AutoConfig.from_pretrained(source.name, **kw))  # before any weight is read
+        processor = AutoProcessor.from_pretrained(source.name, **kw)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source.name, **kw, dtype=dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32),
+            device_map=device,
+        )  # fmt: skip
+    except OSError as e:
+        raise ValueError(f"cannot load model {name!r}: {_first_line(e)}") from e
+    return model.eval(), processor
+
+
+def _check_family(name: str, config) -> None:
+    from ..modality import SUPPORTED_FAMILIES, UnsupportedModelError, family_for
+
+    if family_for(config).name == "text":  # raises itself, listing the families, for anything else unknown
+        raise UnsupportedModelError(
+            f"--model {name}: a text-only {config.model_type} model; the apps need a vision-language model. "
+            f"Supported vision-language families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def is_embedded(model) -> bool:
+    from .evaluation.embedded_model import EMBEDDED_DIR
+
+    return str(getattr(model, "name_or_path", "")) == str(EMBEDDED_DIR)
