@@ -107,3 +107,16 @@ def test_distill_vision_fits_the_llava_projector():
         )
     got = torch.cat(list(got.pooler_output))
     assert got.shape == want.reshape(-1, 32).shape == (2 * 16, 32)  # one token per Llava patch, in the same order
+
+
+def test_the_apps_load_it_by_name():
+    import vlcache
+    from vlcache.apps.prompts import answer_tokens, default_question
+
+    model, processor = vlcache.load_model("embedded-qwen")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert default_question(model) == "describe?" and answer_tokens(model) == 9  # asked as the embedded Llava is
+    frames = vlcache.read_frames(vlcache.sample_videos()[0], frames=8)
+    inputs = vlcache.frames_inputs(processor, frames, "describe?", device=model.device)
+    out = model.generate(**inputs, max_new_tokens=9, do_sample=False)
+    assert processor.decode(out[0, inputs["input_ids"].shape[1] :]) == "=....p..."  # the Llava's caption of it
