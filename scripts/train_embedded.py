@@ -10,7 +10,17 @@
     python scripts/train_embedded.py --init /tmp/m --batch 32 --lr 0.0005 --curriculum 4-10:5000 \
         --weights lookup=10,count=3 --projector-norm 0.1 --attend 1 --hard-colors bc --hard-share 0.4 --out /tmp/m6
 
-The shipped model came from six CPU runs, each continuing the last (docs/lookup.md has the table); its
+    python scripts/train_embedded.py --family qwen2_vl --threads 1 --batch 32 --lr 0.001 --text-from vlcache/embedded \
+        --curriculum 4-10:2500 --weights where=3,lookup=8,count=3 --projector-norm 0.1 --attend 1 --out /tmp/q
+        # the Qwen2-VL one (`embedded_qwen/`), started from the Llava: docs/embedded_qwen.md
+
+`--family qwen2_vl` trains the second embedded model, a Qwen2-VL (M-RoPE, 2 x 2 merged patches, each frame an
+image between its vision markers), on the same tasks and losses (the projector norm penalty acts on its merger).
+With `--text-from` it starts from a trained Llava instead of random weights: the text model copied
+(`copy_text_model`), the vision tower first fitted to the Llava's projector outputs (`distill_vision`: one merged
+token covers the same pixels as one Llava patch); then the usual training, which has to learn the new positions.
+
+The shipped Llava came from six CPU runs, each continuing the last (docs/lookup.md has the table); its
 training.json holds every run's exact command, device, wall time and held-out accuracy (`init_from`, nested). The default curriculum below has run
 from random weights only scaled down (--scale 0.137, 8 minutes on a shared H100: needle 0.76, count 0.29 at 8
 frames, loss still falling); its full length (46,600 steps of 256 videos) has not been run to the end.
@@ -38,10 +48,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcache.apps.evaluation.embedded_model import EMBEDDED_DIR, build_untrained  # noqa: E402
+from vlcache.apps.evaluation.embedded_model import (  # noqa: E402
+    BUILDERS,
+    EMBEDDED_DIR,
+    EMBEDDED_QWEN_DIR,
+    FAMILIES,
+    load_embedded,
+)
 from vlcache.apps.evaluation.quality import accuracy  # noqa: E402
 from vlcache.apps.evaluation.tasks import TASKS  # noqa: E402
-from vlcache.apps.evaluation.tensor_tasks import color_indices, draw_batch, processor  # noqa: E402
+from vlcache.apps.evaluation.tensor_tasks import color_indices, draw_batch, processor, qwen_patches  # noqa: E402
 from vlcache.hf.compat import attn_implementation  # noqa: E402
 
 # task sampling weights
@@ -51,6 +67,12 @@ WEIGHTS = {"needle": 1, "where": 1, "lookup": 3, "count": 2, "describe": 2}
 # to 8 frames (tried: a 2-4-frame lookup stage at the end dropped 8-frame needle accuracy from 1.00 to 0.71).
 CURRICULUM = [(1, 600), (2, 1000), (4, 2000), (8, 3000), ((4, 10), 40000)]
 HELD_OUT = 10**6
+OUT = {"llava": EMBEDDED_DIR, "qwen2_vl": EMBEDDED_QWEN_DIR}  # where each family's model ships
+
+
+def projector(model):
+    """The module whose outputs are the vision tokens the text model reads: Llava's projector, Qwen2-VL's merger."""
+    return model.model.visual.merger if model.config.model_type == "qwen2_vl" else model.model.multi_modal_projector
 
 
 def parse_curriculum(text: str) -> list:
@@ -98,7 +120,7 @@ def projector_norm_penalty(model, weight: float):
     make the lookup learnable on its own: H100 runs with it, continued or from random weights, stayed near 0.6; with
     `attention_loss` as well it is learned (docs/lookup.md)."""
     seen = {}
-    model.model.multi_modal_projector.register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out))
+    projector(model).register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out))
 
     def penalty() -> torch.Tensor:
         rms = seen.pop("out").float().pow(2).mean(-1).sqrt()
@@ -123,9 +145,62 @@ def attention_loss(weight: float, layer: int, targets: torch.Tensor):
     return loss
 
 
+def copy_text_model(model, source) -> int:
+    """Start `model`'s text model from `source`'s, a trained embedded Llava of the same widths (both name the
+    embeddings, decoder layers, final norm and head alike): every text weight is copied, and the q/k/v biases that
+    Qwen2 adds and Llama lacks start at zero, so the copy computes what the Llava's language model computes on the
+    same input vectors. Returns the number of tensors copied."""
+    text = {k: v for k, v in source.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))}
+    target = model.state_dict()
+    wrong = [k for k, v in text.items() if k not in target or target[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"--text-from: the two text models differ ({', '.join(wrong[:3])}); give the same widths")
+    missing = set(model.load_state_dict(text, strict=False).missing_keys)
+    biases = {k for k in missing if k.startswith("model.language_model.") and k.endswith("_proj.bias")}
+    if {k for k in missing if k.startswith(("model.language_model.", "lm_head."))} != biases:
+        raise ValueError("--text-from: the source lacks text weights other than the q/k/v biases")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in biases:
+                param.zero_()
+    return len(text)
+
+
+def distill_vision(model, teacher, steps: int, batch: int, g, device, lr: float = 2e-3) -> list[float]:
+    """Fit a Qwen2-VL's vision tower to a Llava `teacher`'s projector outputs on the same frames, `steps` steps of
+    `batch` videos of 8 frames (needle, lookup, count, describe in turn), lr `lr` decaying linearly. A Qwen2-VL
+    token (a 2 x 2 merge of 4-pixel patches of the 2x-upscaled frame) covers the same 4 x 4 pixels as a Llava patch,
+    in the same order, so after `copy_text_model` the text model reads the vectors it was trained on. Loss:
+    squared error over the teacher's mean square. Returns the loss every 100 steps."""
+    llava, qwen = processor("llava").image_processor, processor("qwen2_vl").image_processor
+    if list(llava.image_mean) != list(qwen.image_mean) or list(llava.image_std) != list(qwen.image_std):
+        raise ValueError("the two processors normalise differently: the Llava's pixels cannot be reused")
+    vision = model.model.visual
+    opt = torch.optim.AdamW(vision.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.005, 1 - i / steps))
+    losses = []
+    for step in range(steps):
+        pixels = draw_batch(("needle", "lookup", "count", "describe")[step % 4], 8, batch, g, device)[0]["pixel_values"]
+        with torch.no_grad():
+            want = teacher.model.get_image_features(pixel_values=pixels)
+            want = torch.cat([x.reshape(-1, x.shape[-1]) for x in getattr(want, "pooler_output", want)])
+        grid = torch.tensor([[1, 8, 8]], device=device).expand(pixels.shape[0], 3)
+        got = model.model.get_image_features(pixel_values=qwen_patches(pixels), image_grid_thw=grid)
+        got = torch.cat(list(getattr(got, "pooler_output", got)))  # [frames * 16, hidden], frame by frame
+        loss = (got - want).pow(2).mean() / want.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            losses.append(round(loss.item(), 6))
+            print(f"distill {step + 1:5d}/{steps}  relative squared error {losses[-1]:.5f}", flush=True)
+    return losses
+
+
 def step_seconds(args, device) -> float:
     """Seconds per training step on 7-frame videos (the middle of the long stage), on a throwaway model."""
-    model = build_untrained(args.seed, args.layers, args.hidden, args.heads, args.kv_heads).to(device)
+    model = BUILDERS[args.family](args.seed, args.layers, args.hidden, args.heads, args.kv_heads).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     g = torch.Generator(device).manual_seed(12345)
     for i in range(25):
@@ -133,7 +208,7 @@ def step_seconds(args, device) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        train_step(model, opt, draw_batch(TASKS[i % len(TASKS)], 7, args.batch, g, device)[0])
+        train_step(model, opt, draw_batch(TASKS[i % len(TASKS)], 7, args.batch, g, device, family=args.family)[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / 20
@@ -141,7 +216,8 @@ def step_seconds(args, device) -> float:
 
 def reproduce(args) -> str:
     """The arguments that repeat this run, with --minutes resolved to the --scale it picked."""
-    parts = [f"--device {args.device}", f"--seed {args.seed}", f"--batch {args.batch}", f"--lr {args.lr}"]
+    parts = [f"--family {args.family}"] if args.family != "llava" else []  # the Llava's records predate --family
+    parts += [f"--device {args.device}", f"--seed {args.seed}", f"--batch {args.batch}", f"--lr {args.lr}"]
     parts += [f"--layers {args.layers}", f"--hidden {args.hidden}", f"--heads {args.heads}"]
     parts += [f"--kv-heads {args.kv_heads}", f"--scale {args.scale}"]
     if args.projector_norm:
@@ -150,6 +226,8 @@ def reproduce(args) -> str:
         parts.append(f"--attend {args.attend} --attend-layer {args.attend_layer}")
     if args.hard_colors is not None:
         parts.append(f"--hard-colors {args.hard_colors} --hard-share {args.hard_share}")
+    if args.text_from is not None:
+        parts.append(f"--text-from {args.text_from} --distill-steps {args.distill_steps}")
     for name in ("init", "curriculum", "weights"):
         if getattr(args, name):
             parts.append(f"--{name} {getattr(args, name)}")
@@ -158,7 +236,8 @@ def reproduce(args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(EMBEDDED_DIR))
+    p.add_argument("--family", default="llava", choices=FAMILIES, help="which embedded model (default: the Llava)")
+    p.add_argument("--out", default=None, help="where to save (default: the family's folder in the package)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=256)
@@ -185,7 +264,16 @@ def main(argv=None) -> int:
         help='colour keys a model confuses, e.g. "bcr": --hard-share of the lookup batches draw objects of only these',
     )
     p.add_argument("--hard-share", type=float, default=0.5, help="share of lookup batches --hard-colors draws")
+    p.add_argument(
+        "--text-from",
+        default=None,
+        help="qwen2_vl from random weights only: copy this trained Llava's text model (copy_text_model) and fit the "
+        "vision tower to its projector (--distill-steps) before training",
+    )
+    p.add_argument("--distill-steps", type=int, default=600, help="with --text-from: distill_vision's steps")
     args = p.parse_args(argv)
+    if args.text_from is not None and (args.family != "qwen2_vl" or args.init):
+        p.error("--text-from starts a qwen2_vl model from random weights: give --family qwen2_vl and no --init")
     if args.attend and not 0 <= args.attend_layer < args.layers:
         p.error(f"--attend-layer {args.attend_layer}: the model has layers 0 to {args.layers - 1}")
     if args.hard_colors is not None:
@@ -215,17 +303,26 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     g = torch.Generator(device).manual_seed(args.seed)
-    model = build_untrained(args.seed, args.layers, args.hidden, args.heads, args.kv_heads)
+    model = BUILDERS[args.family](args.seed, args.layers, args.hidden, args.heads, args.kv_heads)
     if args.init:
         model = type(model).from_pretrained(args.init)
     model.to(device).train()
+    started = time.time()  # the distillation counts in the run's wall time
+    distill = None
+    if args.text_from is not None:
+        teacher = load_embedded(args.text_from, device=device)[0]
+        if teacher.config.model_type != "llava":
+            p.error(f"--text-from {args.text_from}: a Llava embedded model, not {teacher.config.model_type}")
+        copied = copy_text_model(model, teacher)
+        print(f"copied {copied} text tensors from {args.text_from}", flush=True)
+        distill = distill_vision(model, teacher, args.distill_steps, args.batch, g, device)
+        del teacher
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     penalty = projector_norm_penalty(model, args.projector_norm) if args.projector_norm else None
     warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
     )
-    started = time.time()
     step = 0
     per_task: dict[str, float] = {}
     for stage_frames, steps in stages:
@@ -243,10 +340,13 @@ def main(argv=None) -> int:
             hard = task == "lookup" and args.hard_colors is not None and rng.random() < args.hard_share
             colors = args.hard_colors if hard else None
             if args.attend and task == "lookup":
-                inputs, _, targets = draw_batch(task, frames, args.batch, g, device, targets=True, colors=colors)
+                inputs, _, targets = draw_batch(
+                    task, frames, args.batch, g, device, targets=True, colors=colors, family=args.family
+                )
                 attend = attention_loss(args.attend, args.attend_layer, targets)
             else:
-                inputs, attend = draw_batch(task, frames, args.batch, g, device, colors=colors)[0], None
+                inputs = draw_batch(task, frames, args.batch, g, device, colors=colors, family=args.family)[0]
+                attend = None
             loss = train_step(model, opt, inputs, penalty, attend)
             sched.step()
             step += 1
@@ -267,14 +367,15 @@ def main(argv=None) -> int:
         for task in TASKS:
             if task in ("where", "lookup") and frames > 10:
                 continue
-            acc = accuracy(model, processor(), task, frames, None, args.eval_n, HELD_OUT + frames, batch=200)
+            acc = accuracy(model, processor(args.family), task, frames, None, args.eval_n, HELD_OUT + frames, batch=200)
             results[f"{task}@{frames}"] = acc
             print(f"held-out {task:9s} {frames:2d} frames: {acc:.3f}", flush=True)
-    out = Path(args.out)
+    out = Path(args.out or OUT[args.family])
     out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(out)
-    processor().save_pretrained(out)
+    processor(args.family).save_pretrained(out)
     meta = {
+        "family": args.family,
         "seed": args.seed,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "curriculum": stages,
@@ -293,6 +394,9 @@ def main(argv=None) -> int:
         "attend_layer": args.attend_layer,
         "hard_colors": args.hard_colors,
         "hard_share": args.hard_share if args.hard_colors is not None else None,
+        "text_from": args.text_from,
+        "distill_steps": args.distill_steps if args.text_from is not None else None,
+        "distill_loss": distill,
         "command": "python scripts/train_embedded.py " + reproduce(args),
         "transformers": __import__("transformers").__version__,
         "torch": torch.__version__,

@@ -1,32 +1,34 @@
 """The tensor-drawn tasks used for GPU training match the PIL/processor path: the same inputs from the same pixels
-and text, and answers that follow from what the frames show under the rules of `tasks.make_example`."""
+and text (for both embedded models: the Llava's flat patches and the Qwen2-VL's merged ones), and answers that follow
+from what the frames show under the rules of `tasks.make_example`."""
 
 import numpy as np
 import pytest
 import torch
 
-from vlcache.apps.evaluation.embedded_model import batch_inputs
+from vlcache.apps.evaluation.embedded_model import FAMILIES, batch_inputs, image_prompt
 from vlcache.apps.evaluation.tasks import COLOR_KEYS, COLORS, GRID, PATCH, TASKS, make_example, prompt_text
-from vlcache.apps.evaluation.tensor_tasks import draw_batch, encode, processor
+from vlcache.apps.evaluation.tensor_tasks import draw_batch, encode, processor, qwen_patches
 
 
-def encode_examples(examples, with_answer):
+def encode_examples(examples, with_answer, family="llava"):
     pixels = torch.from_numpy(np.stack([np.stack([np.asarray(im) for im in e.frames]) for e in examples]))
-    texts = [prompt_text(len(e.frames), e.question) for e in examples]
-    return encode(pixels, texts, [e.answer for e in examples] if with_answer else None)
+    texts = [prompt_text(len(e.frames), e.question, image_prompt(processor(family))) for e in examples]
+    return encode(pixels, texts, [e.answer for e in examples] if with_answer else None, family)
 
 
 def decode(ids):
     return processor().tokenizer.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("task", TASKS)
-def test_encode_matches_processor(task):
+def test_encode_matches_processor(task, family):
     rng = np.random.default_rng(5)
     examples = [make_example(task, 4, rng) for _ in range(3)]
     for with_answer in (False, True):
-        ref = batch_inputs(processor(), examples, with_answer=with_answer)
-        got = encode_examples(examples, with_answer=with_answer)
+        ref = batch_inputs(processor(family), examples, with_answer=with_answer)
+        got = encode_examples(examples, with_answer=with_answer, family=family)
         assert set(got) == set(ref)
         for key in ref:
             if key == "pixel_values":
@@ -139,3 +141,33 @@ def test_draw_batch_targets_point_at_the_answer_patch(task):
             assert objs[frame] == answers[b]
         else:
             assert answers[b] == str(frame)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_qwen_draw_is_the_llava_draw_in_merged_patches(task):
+    """The Qwen2-VL batches show the same videos with the same answers: its pixel rows are the Llava frames cut into
+    merged patches, every frame is one image of 4 x 4 merged tokens between the vision markers, `mm_token_type_ids`
+    marks exactly the image tokens, and each target is the token of the same (frame, cell) as the Llava's."""
+    frames = 5
+    llava = draw_batch(task, frames, 12, torch.Generator().manual_seed(6), targets=True)
+    qwen = draw_batch(task, frames, 12, torch.Generator().manual_seed(6), targets=True, family="qwen2_vl")
+    assert qwen[1] == llava[1]
+    inputs = qwen[0]
+    torch.testing.assert_close(inputs["pixel_values"], qwen_patches(llava[0]["pixel_values"]), atol=0, rtol=0)
+    assert inputs["pixel_values"].shape == (12 * frames * 64, 3 * 2 * 4 * 4)
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]] * (12 * frames)
+    ids = inputs["input_ids"]
+    tokenizer = processor("qwen2_vl").tokenizer
+    image = ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(inputs["mm_token_type_ids"], image.long())
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
+    assert (ids == start).sum(1).tolist() == [frames] * 12 == (ids == end).sum(1).tolist()
+    assert image.sum(1).tolist() == [16 * frames] * 12
+    cell = {}  # sequence position of an image token -> (frame, cell), per model
+    for name, batch in (("llava", llava), ("qwen", qwen)):
+        positions = (batch[0]["input_ids"][0] == 250).nonzero()[:, 0].tolist()
+        cell[name] = {p: divmod(i, 16) for i, p in enumerate(positions)}
+    if task in ("count", "describe"):
+        assert qwen[2].tolist() == [-1] * 12
+    else:
+        assert [cell["qwen"][int(t)] for t in qwen[2]] == [cell["llava"][int(t)] for t in llava[2]]

@@ -88,7 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "inputs", nargs="*", help="videos, images, folders, or .txt files listing paths (default: the sample videos)"
     )
     p.add_argument("-o", "--out", default="captions.jsonl")
-    p.add_argument("--model", default="embedded", help="hub id or local path (default: the embedded model)")
+    p.add_argument(
+        "--model",
+        default="embedded",
+        help="hub id, local path, embedded-qwen (the Qwen2-VL embedded model) or tiny (default: the embedded Llava)",
+    )
     p.add_argument("--policy", default="vlcache")
     add_budget_args(p, default="--vision-budget 0.25")
     p.add_argument("--frames", type=int, default=8, help="frames spread uniformly over each video")

@@ -142,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "inputs", nargs="*", metavar="VIDEO", help="a video, or several images (default: a synthetic 8-frame video)"
     )
-    p.add_argument("--model", default="embedded", help="hub id or local path (default: the embedded model)")
+    p.add_argument(
+        "--model",
+        default="embedded",
+        help="hub id, local path, embedded-qwen (the Qwen2-VL embedded model) or tiny (default: the embedded Llava)",
+    )
     p.add_argument(
         "--policies", default=",".join(n for n in POLICIES if n != "full"), help="comma-separated policy names"
     )

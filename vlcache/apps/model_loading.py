@@ -5,16 +5,22 @@ from __future__ import annotations
 import torch
 
 DEFAULT_MODEL = "embedded"
+EMBEDDED_QWEN = "embedded-qwen"  # the second embedded model, a Qwen2-VL (M-RoPE, merged patches)
 
 
 def load(name: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None):
     """(model, processor) for a hub id or a local path. None or "embedded": the trained embedded model shipped in
-    the package (a small Llava that reads synthetic videos); "tiny": a tiny Llava with random weights."""
+    the package (a small Llava that reads synthetic videos); "embedded-qwen": its Qwen2-VL sibling; "tiny": a tiny
+    Llava with random weights."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name in (None, DEFAULT_MODEL):
         from .evaluation.embedded_model import load_embedded
 
         return load_embedded(device=device)
+    if name == EMBEDDED_QWEN:
+        from .evaluation.embedded_model import load_embedded
+
+        return load_embedded("qwen", device=device)
     if name == "tiny":
         from .. import testing
 
@@ -52,6 +58,6 @@ def _first_line(error: Exception) -> str:
 
 
 def is_embedded(model) -> bool:
-    from .evaluation.embedded_model import EMBEDDED_DIR
+    from .evaluation.embedded_model import EMBEDDED_DIR, EMBEDDED_QWEN_DIR
 
-    return str(getattr(model, "name_or_path", "")) == str(EMBEDDED_DIR)
+    return str(getattr(model, "name_or_path", "")) in (str(EMBEDDED_DIR), str(EMBEDDED_QWEN_DIR))

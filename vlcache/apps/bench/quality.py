@@ -2,6 +2,7 @@
 fidelity (token agreement and KL against the full cache).
 
     vlcache bench quality                     # the embedded model, 8-frame held-out videos and 16-frame ones
+    vlcache bench quality --model qwen        # the Qwen2-VL embedded model (merged patches, M-RoPE)
     vlcache bench quality --quick             # a tiny grid (what CI runs)
     vlcache bench quality --policies "vlcache,vlcache:prune_at=2,full:temporal_merge=0.9" --tasks static
 
@@ -32,7 +33,7 @@ BUDGETS = (0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
 HELD_OUT = 2 * 10**6  # training draws from seed 0; evaluation streams start here
 
 
-# the new prefill settings next to the methods they modify (prune_at=2 of the embedded model's 4 layers)
+# the new prefill settings next to the methods they modify (prune_at=2 of the embedded models' 4 layers)
 EXTRA_ROWS = ("vlcache:prune_at=2", "snapkv:prune_at=2", "vlcache:temporal_merge=0.9", "full:temporal_merge=0.9")
 
 
@@ -45,7 +46,11 @@ def policy_for(spec: str, budget: float):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vlcache bench quality", description=first_paragraph(__doc__))
-    p.add_argument("--model", default=None, help="a trained embedded-model directory (default: the shipped one)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a trained embedded-model directory, or a shipped one: llava (the default) or qwen (the Qwen2-VL)",
+    )
     p.add_argument("--policies", default=",".join([*(n for n in POLICIES if n != "full"), *EXTRA_ROWS]))
     p.add_argument("--tasks", default=",".join(EVAL_TASKS))
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))

@@ -3,8 +3,10 @@
 `tasks.make_example` draws one example as PIL frames that the processor then converts: right for judging, but about
 a second of CPU for a batch of 256 eight-frame videos, which would leave a GPU idle. `draw_batch` draws a whole batch
 from the same distribution in a few tensor operations, and `encode` turns its pixels and text into exactly the
-inputs `model.batch_inputs` makes through the processor (tests/test_tensor_tasks.py checks both), taking the
-normalisation and the token ids from that processor.
+inputs `model.batch_inputs` makes through the processor of either embedded model (`family`, "llava" by default;
+tests/test_tensor_tasks.py checks both), taking the normalisation and the token ids from that processor. For the
+Qwen2-VL one that means the processor's whole path: the 2x nearest-neighbour upscale, the temporal copy of each
+frame, the patch order that puts every 2 x 2 merge together, `image_grid_thw` and `mm_token_type_ids`.
 """
 
 from __future__ import annotations
@@ -13,36 +15,68 @@ from functools import lru_cache
 
 import torch
 
-from .embedded_model import build_processor
+from .embedded_model import (
+    FAMILIES,
+    IMAGE_TOKEN_ID,
+    PROCESSORS,
+    QWEN_MERGE,
+    QWEN_PATCH,
+    QWEN_SCALE,
+    QWEN_TEMPORAL,
+    image_prompt,
+)
 from .tasks import ANSWER_PREFIX, COLOR_KEYS, COLORS, GRID, MAX_OBJECTS, PATCH, QUESTIONS, SIZE, TASKS, prompt_text
 
 IMAGE = "<image>"
-processor = lru_cache(maxsize=1)(build_processor)
+
+
+@lru_cache(maxsize=len(FAMILIES))
+def processor(family: str = "llava"):
+    """The processor of an embedded model `family` (built, not loaded: the tensor path needs no checkpoint)."""
+    if family not in PROCESSORS:
+        raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
+    return PROCESSORS[family]()
 
 
 @lru_cache(maxsize=8192)  # a batch repeats a few hundred distinct prompts at most
-def token_ids(text: str) -> tuple[int, ...]:
+def token_ids(text: str, family: str = "llava") -> tuple[int, ...]:
     """The processor's token ids for `text`, every image token expanded to one frame's vision tokens as it does."""
-    expanded = text.replace(IMAGE, IMAGE * (GRID * GRID))
-    return tuple(processor().tokenizer(expanded, add_special_tokens=False)["input_ids"])
+    image = processor(family).image_token
+    expanded = text.replace(image, image * (GRID * GRID))
+    return tuple(processor(family).tokenizer(expanded, add_special_tokens=False)["input_ids"])
 
 
-def encode(pixels: torch.Tensor, texts: list[str], answers: list[str] | None = None) -> dict:
+def qwen_patches(frames: torch.Tensor) -> torch.Tensor:
+    """[N, 3, SIZE, SIZE] normalised frames -> [N * 64, 3 * 2 * 4 * 4] the rows of Qwen2-VL's `pixel_values`:
+    upscaled 2x, cut into 4-px patches ordered merge group by merge group (row-major), each patch channel, time
+    (the frame twice), row, column, as `Qwen2VLImageProcessorPil.patchify` lays them out."""
+    n, m, p = frames.shape[0], QWEN_MERGE, QWEN_PATCH
+    big = frames.repeat_interleave(QWEN_SCALE, 2).repeat_interleave(QWEN_SCALE, 3)
+    g = big.shape[-1] // p  # patches a side
+    x = big.reshape(n, 3, g // m, m, p, g // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # n, gh, gw, mh, mw, C, ph, pw
+    x = x[:, :, :, :, :, :, None].expand(*x.shape[:6], QWEN_TEMPORAL, p, p)
+    return x.reshape(n * g * g, 3 * QWEN_TEMPORAL * p * p)
+
+
+def encode(pixels: torch.Tensor, texts: list[str], answers: list[str] | None = None, family: str = "llava") -> dict:
     """Model inputs from uint8 frames (batch, frames, SIZE, SIZE, 3) and prompt texts of equal length; with
     `answers`, the answer ("=" and what follows) is appended and is all that `labels` scores."""
     device = pixels.device
     if answers is not None:
         texts = [t + ANSWER_PREFIX + a for t, a in zip(texts, answers)]
-    ids = torch.tensor([token_ids(t) for t in texts], device=device)
-    images = processor().image_processor
+    ids = torch.tensor([token_ids(t, family) for t in texts], device=device)
+    images = processor(family).image_processor
     mean = torch.tensor(images.image_mean, device=device).view(3, 1, 1)
     std = torch.tensor(images.image_std, device=device).view(3, 1, 1)
-    frames = pixels.reshape(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float()
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": (frames * images.rescale_factor - mean) / std,
-    }
+    frames = (pixels.reshape(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2).float() * images.rescale_factor - mean) / std
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if family == "qwen2_vl":
+        side = QWEN_SCALE * SIZE // QWEN_PATCH
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN_ID).long()  # 1 image, 0 text (2 would be video)
+        inputs["pixel_values"] = qwen_patches(frames)
+        inputs["image_grid_thw"] = torch.tensor([[1, side, side]], device=device).expand(frames.shape[0], 3).clone()
+    else:
+        inputs["pixel_values"] = frames
     if answers is not None:
         labels = ids.clone()
         labels[:, : ids.shape[1] - len(ANSWER_PREFIX + answers[0])] = -100
@@ -78,12 +112,15 @@ def draw_batch(
     device=None,
     targets: bool = False,
     colors: str | None = None,
+    family: str = "llava",
 ) -> tuple[dict, list[str]] | tuple[dict, list[str], torch.Tensor]:
     """(`encode`'s inputs with labels, answers) for `batch` examples of `task` over `frames` frames, drawn from the
     distribution `tasks.make_example` draws from. With `targets`, also [batch] the sequence position of the vision
     token that holds the answer (the named object's patch for lookup; -1 for count and describe, whose answers
     need many), for training that supervises attention. With `colors` (colour keys, e.g. "bcr"), objects take only
-    those colours: for training on the lookups a model confuses (the default draw is unchanged by the option)."""
+    those colours: for training on the lookups a model confuses (the default draw is unchanged by the option).
+    `family`: whose inputs (the pixels and answers drawn do not depend on it; a frame's 16 tokens are its 4 x 4
+    cells in row-major order in both models)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     low = 2 if task == "lookup" else 1
@@ -141,13 +178,12 @@ def draw_batch(
                 "".join(k if i in set(color_c[b][has_c[b]].tolist()) else "." for i, k in enumerate(COLOR_KEYS))
                 for b in range(B)
             ]
-    texts = [prompt_text(F, q) for q in questions]
-    inputs = encode(pixels, texts, answers)
+    texts = [prompt_text(F, q, image_prompt(processor(family))) for q in questions]
+    inputs = encode(pixels, texts, answers, family)
     if not targets:
         return inputs, answers
     if task in ("count", "describe"):
         return inputs, answers, torch.full((B,), -1, device=device)
-    image_id = processor().tokenizer.convert_tokens_to_ids(IMAGE)
-    vision = (inputs["input_ids"][0] == image_id).nonzero()[:, 0]  # every row has the same layout
+    vision = (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[:, 0]  # every row has the same layout
     token = frame * GRID * GRID + patch_c.gather(1, frame[:, None])[:, 0]
     return inputs, answers, vision.cpu()[token].to(device)
