@@ -95,6 +95,7 @@ def test_bench_usage():
     assert main(["bench", "nope"]) == 2
 
 
+@pytest.mark.slow  # a benchmark quick-run (5 s); the full suite runs it
 def test_quant_speed_part(tmp_path):
     rows = "full,full:vision_bits=4;text_bits=4"
     args = ["bench", "quant", "--parts", "speed", "--preset", "quick", "--sizes", "300", "--new-tokens", "3"]

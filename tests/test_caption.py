@@ -270,6 +270,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_what_was_written(videos
     assert sorted(r["path"] for r in _records(out)) == sorted(str(p) for p in paths)
 
 
+@pytest.mark.slow  # six captioning runs over the sample videos (14 s); the full suite runs it
 def test_resume_keys_on_the_whole_configuration(videos, tmp_path, capsys):
     """A rerun with another --policy into the same file skipped everything and printed the old records under the
     new policy's header."""

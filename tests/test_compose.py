@@ -62,7 +62,13 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("parts", COMBOS, ids=str)
+def _combo(parts):
+    """The fast set: every scorer alone, and every split and merging under VL-Cache's scores; the full suite: all."""
+    fast = parts["scorer"] == "vlcache" or (parts["allocator"], parts["merger"]) == ("uniform", "none")
+    return pytest.param(parts, id=str(parts), marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("parts", [_combo(c) for c in COMBOS])
 def test_every_combination_keeps_exactly_the_model_wide_budget(parts):
     # protect=() so that every kept token comes out of the budget: over the layers, L x the per-layer total
     layout = layout_from_ids(IDS, MASK)

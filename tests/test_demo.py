@@ -281,6 +281,7 @@ def test_agreement_counts_positions_against_the_full_answer():
     assert agreement([], []) == 0.0  # no answer at all: defined, not a division by zero
 
 
+@pytest.mark.slow  # seven compressed runs of the embedded model; the full suite runs it
 def test_the_budget_sweep_measures_each_budget(embedded):
     """At the page's default budget the sweep gives what the comparison gives; a policy that keeps a random 1% of
     the vision tokens does not give the full cache's answer, so the sweep can show a loss."""

@@ -91,6 +91,7 @@ def test_copied_text_model_computes_what_the_llava_language_model_does():
         copy_text_model(build_untrained_qwen(0, layers=2, hidden=64, heads=2, kv_heads=1), llava)
 
 
+@pytest.mark.slow  # a training loop (101 distillation steps, 31 s); the full suite runs it
 def test_distill_vision_fits_the_llava_projector():
     from train_embedded import distill_vision
 

@@ -154,7 +154,8 @@ BATCH_POLICIES = [
 ]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
+# the video family runs in the full suite only: the fast set keeps a flat grid and M-RoPE
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", pytest.param("llava_onevision", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("policy", BATCH_POLICIES, ids=lambda p: f"{p.name}")
 def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
     model = tiny_model(family)

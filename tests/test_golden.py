@@ -9,7 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
-from record_policies import cases, load, run  # noqa: E402
+from record_policies import AMOUNTS, cases, load, run  # noqa: E402
+
+AMOUNT_KEYS = {k for amount in AMOUNTS for k in amount}
 
 RECORD = load()
 CASES = cases()
@@ -19,7 +21,16 @@ def test_every_case_was_recorded():
     assert {label for label, _, _ in CASES} == set(RECORD)
 
 
-@pytest.mark.parametrize("label, name, settings", CASES, ids=[c[0] for c in CASES])
+def _param(case):
+    """The fast set (`-m "not slow"`) replays each method's settings at the first two amounts, and the prefill
+    cuts; the full suite replays every case."""
+    label, name, settings = case
+    amounts = {k: v for k, v in settings.items() if k in AMOUNT_KEYS}
+    fast = "prune_at" in settings or amounts in AMOUNTS[:2]
+    return pytest.param(*case, id=label, marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("label, name, settings", [_param(c) for c in CASES])
 def test_policy_keeps_what_it_kept(label, name, settings):
     want, got = RECORD[label], run(name, settings)
     for phase in ("prefill", "decoded"):

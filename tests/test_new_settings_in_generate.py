@@ -9,7 +9,7 @@ import vlcache
 from vlcache import testing
 from vlcache.policies import SnapKV, VLCache
 
-FAMILIES = ["llava", "llava_onevision", "qwen2_vl"]
+FAMILIES = ["llava", pytest.param("llava_onevision", marks=pytest.mark.slow), "qwen2_vl"]  # the video one: full suite
 SETTINGS = [
     {"lookahead": 2},
     {"cascading": True},
