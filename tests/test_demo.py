@@ -10,7 +10,9 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from vlcache.apps import model_loading, prompts, timed_run  # noqa: E402
 from vlcache.apps.demo import (  # noqa: E402
+    DEFAULT_ADAPTIVE_HEADS,
     DEFAULT_BUDGET,
+    DEFAULT_LOOKAHEAD,
     DEFAULT_POLICY,
     DEFAULT_PRUNE_AT,
     MAX_FILE_MB,
@@ -52,14 +54,15 @@ def _run(client, video=None, images=None, frames=8, **kw):
     """The page's /run with the page's defaults unless given: (report, kept-patch picture, sweep plot)."""
     args = dict(
         question="", model_name="embedded", policy_name=DEFAULT_POLICY, budget=DEFAULT_BUDGET, vision_only=True,
-        layer="average", prune_at=DEFAULT_PRUNE_AT, sweep=True,
+        layer="average", prune_at=DEFAULT_PRUNE_AT, sweep=True, lookahead=DEFAULT_LOOKAHEAD,
+        adaptive_heads=DEFAULT_ADAPTIVE_HEADS,
     )  # fmt: skip
     args.update(kw)
     return client.predict(
         handle_file(str(video)) if video else None,
         [handle_file(str(p)) for p in images] if images else None,
         args["question"], args["model_name"], args["policy_name"], args["budget"], args["vision_only"], frames,
-        args["layer"], args["prune_at"], args["sweep"],
+        args["layer"], args["prune_at"], args["sweep"], args["lookahead"], args["adaptive_heads"],
         api_name="/run",
     )  # fmt: skip
 
@@ -72,7 +75,7 @@ def test_compares_full_and_compressed_on_a_video(client):
     from vlcache.apps.viz import CELL
 
     report, picture, plot = _run(client, video=ensure_samples()[0])
-    assert "| | full cache | vlcache(vision=0.1, prune_at=2) |" in report
+    assert "| | full cache | vlcache(vision=0.1, head_budgets=adaptive, lookahead=1) |" in report
     assert "KV cache after prefill" in report and "% saved" in report
     assert "| vision tokens kept | 128 | 12 |" in report  # 10% of 128 vision tokens, rounded down
     assert "| agreement with the full cache | 100% | 100% of tokens |" in report
@@ -96,9 +99,9 @@ def test_images_and_a_single_layer_heatmap(client, tmp_path):
         f.save(paths[-1])
     report, _, plot = _run(
         client, images=paths, question="color?", policy_name="lookm", budget=0.5, vision_only=False, layer="1",
-        prune_at="off", sweep=False,
+        prune_at="off", sweep=False, adaptive_heads=False,
     )  # fmt: skip
-    assert "lookm(budget=0.5)" in report and plot is None
+    assert "lookm(budget=0.5)" in report and plot is None  # LOOK-M does not look ahead: the page's lookahead is off
 
 
 @pytest.mark.slow
@@ -111,7 +114,7 @@ def test_images_and_a_single_layer_heatmap(client, tmp_path):
             f"greater than maximum value {MAX_FRAMES}",
         ),  # the slider's own check
         (dict(video="SAMPLE", layer="9"), "not compressible"),
-        (dict(video="SAMPLE", prune_at="9"), "prune_at"),  # the embedded model has 4 layers
+        (dict(video="SAMPLE", prune_at="9", lookahead="off"), "prune_at"),  # the embedded model has 4 layers
     ],
 )
 def test_clear_messages_for_bad_input(client, kwargs, message):
@@ -293,7 +296,7 @@ def test_the_budget_sweep_measures_each_budget(embedded):
     inputs = _sample_inputs(embedded, read_frames(ensure_samples()[0]))
     width = prompts.answer_tokens(model)
     full = timed_run.run(model, processor, inputs, Full(), width)
-    make = _policy_maker(DEFAULT_POLICY, True, DEFAULT_PRUNE_AT)
+    make = _policy_maker(DEFAULT_POLICY, True, DEFAULT_PRUNE_AT, DEFAULT_LOOKAHEAD, DEFAULT_ADAPTIVE_HEADS)
     swept = budget_sweep(model, processor, inputs, make, full.tokens, width)
     assert len(swept) == len(SWEEP_BUDGETS) and all(0 <= a <= 1 for a in swept)
     small = timed_run.run(model, processor, inputs, make(DEFAULT_BUDGET), width)

@@ -6,9 +6,11 @@
 
 Shows both answers, the KV memory each one held, prefill and decode times, for each frame which of its patches the
 policy kept (outlined over the frame; one layer, or averaged over layers and heads), and a budget sweep: how much of
-the answer agrees with the full cache's from 1% to 50% kept. It opens on VL-Cache keeping 10% of the vision tokens
-and pruning the hidden states after layer 2 (`prune_at=2`), the best setting of the quality benchmark on the
-embedded model. A thin consumer of the public API.
+the answer agrees with the full cache's from 1% to 50% kept. It opens on VL-Cache keeping 10% of the vision tokens,
+scoring with the first generated token too (`lookahead=1`) and splitting each layer's budget between its heads
+(`head_budgets="adaptive"`): the combination that wins most cells of the quality benchmark on the embedded model.
+`prune_at` (drop the evicted tokens from the hidden states after a layer) is one choice away. A thin consumer of the
+public API.
 
 Visitors choose only among the models given at launch (`--models`), never a path or hub id of their own. A model
 loads in a worker thread, outside any lock a request waits on: a request for a model still loading gets "try
@@ -37,7 +39,8 @@ MAX_QUESTION_CHARS = 500  # the embedded tokenizer is per character: a 100,000-c
 MODELS = ["embedded", "tiny"]  # the built-in ones; any others come from --models
 LOAD_TIMEOUT_S = 20.0
 # what the page opens on: the quality benchmark's best on the embedded model (README, "Cutting prefill")
-DEFAULT_POLICY, DEFAULT_BUDGET, DEFAULT_PRUNE_AT = "vlcache", 0.1, "2"
+DEFAULT_POLICY, DEFAULT_BUDGET, DEFAULT_PRUNE_AT = "vlcache", 0.1, "off"
+DEFAULT_LOOKAHEAD, DEFAULT_ADAPTIVE_HEADS = "1", True
 SWEEP_BUDGETS = (0.01, 0.03, 0.05, 0.1, 0.25, 0.5)  # the quality tables' budgets below 100%
 # Both runs are timed twice, in turn, when the pair takes less than this: a shared CPU can stall one run of the
 # small model for longer than the whole difference between the caches, and the faster of two is the steadier
@@ -93,6 +96,8 @@ class Runner:
         prune_at: str = "off",
         sweep: bool = True,
         label: str = "frame",
+        lookahead: str = "off",
+        adaptive_heads: bool = False,
     ):
         """(report markdown, kept-patch picture, budget-sweep plot or None) for one question about `frames`."""
         from ..modality import layout_from_inputs
@@ -101,7 +106,7 @@ class Runner:
         from .viz import agreement_plot, heatmap, kept_fraction
 
         check_question(question)
-        make = _policy_maker(policy_name, vision_only, prune_at)
+        make = _policy_maker(policy_name, vision_only, prune_at, lookahead, adaptive_heads)
         policy = make(budget)  # a bad setting fails before a model loads
         model, processor = self.model(model_name)  # outside the run lock: a slow load blocks nobody else
         with self._run_locks[model_name]:
@@ -124,17 +129,24 @@ class Runner:
         plot = None
         if swept is not None:
             what = "this video" if label == "frame" else "these images"
-            settings = "" if prune_at in ("", "off") else f", prune_at={prune_at}"
+            settings = "".join(f", {k}={v}" for k, v in policy.changed_settings().items())
             title = f"{policy_name} ({'vision tokens' if vision_only else 'all tokens'}{settings}) on {what}"
             plot = agreement_plot(list(SWEEP_BUDGETS), swept, title, chosen=budget)
         return report(full, small, policy, timed), picture, plot
 
 
-def _policy_maker(policy_name: str, vision_only: bool, prune_at: str):
+def _policy_maker(policy_name: str, vision_only: bool, prune_at: str, lookahead: str = "off", adaptive_heads=False):
     """budget -> the policy the page describes (its budget on the vision tokens or on all of them)."""
-    from ..policies import make_policy
+    from ..policies import POLICIES, make_policy
 
+    if policy_name not in POLICIES:
+        raise ValueError(f"unknown policy {policy_name!r}; choose one of {', '.join(POLICIES)}")
     settings = {} if prune_at in ("", "off", None) else {"prune_at": int(prune_at)}
+    if lookahead not in ("", "off", None) and POLICIES[policy_name].looks_ahead:
+        # only the methods that score from a set of rows take it; the report's label says what ran
+        settings["lookahead"] = int(lookahead)
+    if adaptive_heads:
+        settings["head_budgets"] = "adaptive"
 
     def make(budget: float):
         return make_policy(
@@ -231,13 +243,17 @@ def build(runner: Runner | None = None):
     runner = runner or Runner()
     samples = [str(p) for p in ensure_samples()]
 
-    def run(video, images, question, model_name, policy_name, budget, vision_only, frames, layer, prune_at, sweep):
+    def run(
+        video, images, question, model_name, policy_name, budget, vision_only, frames, layer, prune_at, sweep,
+        lookahead, adaptive_heads,
+    ):  # fmt: skip
         try:
             check_question(question or "")  # before any frame is decoded
             picked = load_frames(video, images, int(frames))
             return runner.compare(
                 picked, question or "", model_name, policy_name, float(budget), bool(vision_only), str(layer),
-                str(prune_at), bool(sweep), "frame" if video else "image",
+                str(prune_at), bool(sweep), "frame" if video else "image", lookahead=str(lookahead),
+                adaptive_heads=bool(adaptive_heads),
             )  # fmt: skip
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
@@ -271,6 +287,14 @@ def build(runner: Runner | None = None):
                         ["off"] + [str(i) for i in range(32)], value=DEFAULT_PRUNE_AT,
                         label="prune hidden states after layer (prune_at)",
                     )  # fmt: skip
+                    lookahead = gr.Dropdown(
+                        ["off", "1", "2", "4"], value=DEFAULT_LOOKAHEAD,
+                        label="score with the first generated tokens too (lookahead: SnapKV, PyramidKV, VL-Cache)",
+                    )  # fmt: skip
+                with gr.Row():
+                    adaptive_heads = gr.Checkbox(
+                        value=DEFAULT_ADAPTIVE_HEADS, label="split each layer's budget between its heads (Ada-KV)"
+                    )
                     sweep = gr.Checkbox(value=True, label=f"budget sweep ({len(SWEEP_BUDGETS)} more runs)")
                 with gr.Row():
                     frames = gr.Slider(1, MAX_FRAMES, value=8, step=1, label="frames")
@@ -293,7 +317,21 @@ def build(runner: Runner | None = None):
         picture = gr.Image(type="pil", format="png", show_label=False, buttons=[], elem_id=HEATMAP_ID)
         go.click(
             run,
-            [video, images, question, model_name, policy_name, budget, vision_only, frames, layer, prune_at, sweep],
+            [
+                video,
+                images,
+                question,
+                model_name,
+                policy_name,
+                budget,
+                vision_only,
+                frames,
+                layer,
+                prune_at,
+                sweep,
+                lookahead,
+                adaptive_heads,
+            ],  # fmt: skip
             [result, picture, plot],
             api_name="run",
         )
