@@ -43,6 +43,7 @@ def test_policies_lists_every_policy(capsys):
     out = capsys.readouterr().out
     for name in POLICIES:
         assert f"\n{name} " in "\n" + out
+    assert "part_settings={}" in out  # a setting whose default is made by a factory is listed too
 
 
 def test_ci_runs_the_readme_test_command():

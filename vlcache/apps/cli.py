@@ -25,6 +25,14 @@ def first_sentence(doc: str) -> str:
     return text
 
 
+def _has_default(f) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # e.g. compose's part_settings
+
+
 def cmd_policies(args) -> int:
     import textwrap
 
@@ -35,7 +43,7 @@ def cmd_policies(args) -> int:
             print(f"{'':<14} {line}")
         if cls.paper:
             print(f"{'':<14} paper: {cls.paper}")
-        settings = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING]
+        settings = [f"{f.name}={_default(f)!r}" for f in dataclasses.fields(cls) if _has_default(f)]
         print(f"{'':<14} settings: {', '.join(settings)}")
     return 0
 
