@@ -8,18 +8,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
 from record_policies import IDS, MASK  # noqa: E402
-from util import layout_from_ids, run_policy  # noqa: E402
+from util import layout_from_ids, real_positions, run_policy  # noqa: E402
 
 from vlcache.policies import VLCache  # noqa: E402
 
 LAYERS = 6
-
-
-def real_positions(cache, li):
-    """Per row and KV head, the sorted positions of the real tokens a layer holds (filler and padding left out)."""
-    layer = cache.layers[li]
-    pos, valid = layer.slot_positions(), cache.slot_valid(layer)
-    return [[sorted(pos[b, h][valid[b, h]].tolist()) for h in range(pos.shape[1])] for b in range(pos.shape[0])]
 
 
 SETTINGS = [

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
 from record_policies import IDS, MASK  # noqa: E402
-from util import layout_from_ids, prompt_for, run_policy  # noqa: E402
+from util import layout_from_ids, prompt_for, real_positions, run_policy  # noqa: E402
 
 import vlcache  # noqa: E402
 from vlcache import testing  # noqa: E402
@@ -18,12 +18,6 @@ from vlcache.policies import H2O, LOOKM, Composed, PyramidKV, SnapKV, VLCache, m
 from vlcache.policies.compose import ALLOCATORS, MERGERS, SCORERS  # noqa: E402
 
 LAYERS = 4
-
-
-def real_positions(cache, li):
-    layer = cache.layers[li]
-    pos, valid = layer.slot_positions(), cache.slot_valid(layer)
-    return [[sorted(pos[b, h][valid[b, h]].tolist()) for h in range(pos.shape[1])] for b in range(pos.shape[0])]
 
 
 PRESETS = [

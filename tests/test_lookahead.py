@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
 from record_policies import IDS, MASK  # noqa: E402
-from util import layout_from_ids, run_policy  # noqa: E402
+from util import layout_from_ids, real_positions, run_policy  # noqa: E402
 
 from vlcache import kernels  # noqa: E402
 from vlcache.policies import H2O, PyramidKV, SnapKV, VLCache  # noqa: E402
@@ -17,12 +17,6 @@ from vlcache.policies import H2O, PyramidKV, SnapKV, VLCache  # noqa: E402
 
 def real_counts(cache, li):
     return cache.slot_valid(cache.layers[li])[:, 0].sum(-1).tolist()
-
-
-def real_positions(cache, li):
-    layer = cache.layers[li]
-    pos, valid = layer.slot_positions(), cache.slot_valid(layer)
-    return [[sorted(pos[b, h][valid[b, h]].tolist()) for h in range(pos.shape[1])] for b in range(pos.shape[0])]
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,14 @@ def run_policy(
     return cache
 
 
+def real_positions(cache, li):
+    """Per row and KV head, the sorted positions of the real tokens layer `li` holds (filler and padding left out):
+    what two caches must agree on when their slot order or filler may differ."""
+    layer = cache.layers[li]
+    pos, valid = layer.slot_positions(), cache.slot_valid(layer)
+    return [[sorted(pos[b, h][valid[b, h]].tolist()) for h in range(pos.shape[1])] for b in range(pos.shape[0])]
+
+
 def kept_positions(cache, layer=0):
     """[B, Hk, K] original positions held by a layer."""
     return cache.layers[layer].slot_positions()
