@@ -154,3 +154,32 @@ def test_lookahead_in_a_composition_is_lookahead_in_its_scorer(allocator):
     k = torch.floor(layout.valid.sum(-1).double() * 0.3).long()
     held = sum(looked.slot_valid(looked.layers[li])[:, 0].sum(-1) for li in range(LAYERS))
     assert held.tolist() == (LAYERS * (k + 2)).tolist()  # the budget, and both generated tokens in every layer
+
+
+def test_a_new_scorer_is_one_class_that_combines_with_every_allocator():
+    from dataclasses import dataclass
+
+    from vlcache.policies import Policy
+    from vlcache.policies.compose import SCORERS, register_scorer
+
+    @register_scorer("latest")
+    @dataclass(kw_only=True)
+    class Latest(Policy):  # the most recent tokens first: StreamingLLM without sinks, written as a scorer
+        def score(self, view):
+            return view.positions.float()
+
+    try:
+        layout = layout_from_ids(IDS, MASK)
+        for allocator in ALLOCATORS:
+            cache = run_policy(Composed(budget=0.3, protect=(), scorer="latest", allocator=allocator), layout, layers=2)
+            held = [real_positions(cache, li) for li in range(2)]
+            for layer in held:
+                for row, n in zip(layer, layout.valid.sum(-1).tolist()):
+                    for head in row:  # the newest tokens of the row, as many as the layer's share
+                        assert head == list(range(layout.length - len(head), layout.length)) and len(head) <= n
+        with pytest.raises(ValueError, match="exists already"):
+            register_scorer("latest")
+        with pytest.raises(ValueError, match="its own score"):
+            register_scorer("plain")(Policy)
+    finally:
+        SCORERS.pop("latest", None)

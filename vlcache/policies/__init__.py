@@ -17,7 +17,7 @@ from .base import (
     Selection,
 )
 from .cake import CAKE
-from .compose import Composed
+from .compose import Composed, register_scorer
 from .elastic import ElasticCache
 from .full import Full
 from .h2o import H2O
@@ -99,4 +99,5 @@ __all__ = [
     "VLCache",
     "make_policy",
     "parse_settings",
+    "register_scorer",
 ]

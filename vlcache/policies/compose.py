@@ -55,6 +55,32 @@ ALLOCATORS: dict[str, type[Policy] | None] = {
     "preference": CAKE,
 }
 MERGERS: dict[str, type[Policy] | None] = {"none": None, "lookm": LOOKM, "elastic": ElasticCache}
+
+
+def register_scorer(name: str):
+    """Class decorator: a new scorer for compositions, as one file. The class is a `Policy` whose `score(view)`
+    ranks the slots ([B, Hk, T], higher kept first) and whose `always_keep` (optional) names what it never evicts;
+    `compose` then combines it with every allocator and merger:
+
+        @register_scorer("mine")
+        @dataclass(kw_only=True)
+        class Mine(Policy):
+            def score(self, view): ...
+
+        Composed(vision_budget=0.05, scorer="mine", allocator="preference")
+    """
+    if name in SCORERS:
+        raise ValueError(f"scorer {name!r} exists already; choose another name")
+
+    def add(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Policy)) or cls.score is Policy.score:
+            raise ValueError(f"a scorer is a Policy subclass with its own score(view); got {cls!r}")
+        SCORERS[name] = cls
+        return cls
+
+    return add
+
+
 _AMOUNTS = ("budget", "vision_budget", "text_budget", "protect")
 
 
