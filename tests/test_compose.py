@@ -183,3 +183,15 @@ def test_a_new_scorer_is_one_class_that_combines_with_every_allocator():
             register_scorer("plain")(Policy)
     finally:
         SCORERS.pop("latest", None)
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_one_methods_scorer_and_allocator_share_one_attention_pass(monkeypatch, lookahead):
+    # VL-Cache's scores and densities come from the same post-vision attention: one pass a layer, not two
+    calls = []
+    measure = VLCache.measure
+    monkeypatch.setattr(VLCache, "measure", lambda self, view: calls.append(view.layer) or measure(self, view))
+    layout = layout_from_ids(IDS, MASK)
+    policy = Composed(budget=0.3, scorer="vlcache", allocator="density", lookahead=lookahead)
+    run_policy(policy, layout, layers=LAYERS, decode=lookahead)
+    assert calls == list(range(LAYERS))

@@ -24,7 +24,7 @@ import torch
 from .. import kernels
 from ..modality import Layout
 from ..quant.config import check_bits, check_settings
-from .budget import check_amount, resolve
+from .budget import check_amount, rank_desc, resolve
 from .heads import HEAD_BUDGETS, adaptive_head_budgets
 
 PROTECTABLE = ("markers", "question")
@@ -344,8 +344,7 @@ class Policy:
 
     def on_prefill(self, view: LayerView) -> dict[int, Selection] | None:
         if self.lookahead:  # keep the prompt whole; its scoring rows' attention waits for the generated rows'
-            sums, rows = self.observed(view)
-            view.slot_state["lookahead"] = sums / rows.clamp(min=1).view(-1, 1, 1).to(sums.dtype)
+            hold_for_lookahead(view, *self.observed(view))
             return None
         scores = self.score(view)
         if scores is None:
@@ -603,6 +602,26 @@ class DecodeEvicting(Policy):
         return False
 
 
+def hold_for_lookahead(view: LayerView, sums: torch.Tensor, rows: torch.Tensor) -> None:
+    """Keep the prompt's scoring rows' mean attention [B, H, T] (`sums` over `rows` [B] rows) for the generated rows
+    to join (`Policy.lookahead_step`); the layer stays whole until then."""
+    view.slot_state["lookahead"] = sums / rows.clamp(min=1).view(-1, 1, 1).to(sums.dtype)
+
+
+def cut_to_plans(request: Request, plans: dict[int, Plan], seen: int, cut) -> dict[int, Selection]:
+    """Cut each layer of `plans` (prompt-space budgets) to its plan, mapped onto the slots it holds now;
+    `cut(view, plan)` gives the selection. While layers are still arriving (`seen` below all of them), a layer
+    already within its share is left as it is."""
+    out = {}
+    for layer, plan in plans.items():
+        view = request.view(layer)
+        if seen < len(request.layers) and bool((view.slot_valid[:, 0].sum(-1) <= plan.kept()).all()):
+            continue
+        slots = plan.to_slots(view)  # the layer may hold fewer slots than the prompt after an earlier cut
+        out[layer] = cut(view, Plan(slots.forced & view.slot_valid, slots.pools))
+    return out
+
+
 def lookahead_state(view: LayerView) -> LookaheadState:
     """The lookahead's state of `view`'s layer, made on first use."""
     state = view.state.get("lookahead")
@@ -614,14 +633,6 @@ def lookahead_state(view: LayerView) -> LookaheadState:
 def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, T] -> [B, Hk, T] (a view); [B, Hk, T] is returned as is."""
     return mask[:, None, :].expand(mask.shape[0], heads, mask.shape[-1]) if mask.ndim == 2 else mask
-
-
-def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry along the last dim, 0 = highest score; ties go to the lower position (stable)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return rank
 
 
 def select_indices(
@@ -643,7 +654,7 @@ def select_indices(
     keep = per_head(forced, Hk).clone()
     for mask, k in pools:
         m = per_head(mask, Hk)
-        rank = _rank_desc(s.masked_fill(~m, float("-inf")))
+        rank = rank_desc(s.masked_fill(~m, float("-inf")))
         keep |= m & (rank < k.view(B, -1, 1))
     counts = keep.sum(-1)  # [B, Hk], equal across heads of a row
     K = int(counts.max()) if counts.numel() else 0
@@ -652,7 +663,7 @@ def select_indices(
     else:
         # order: kept, then padding, then the rest by score; the first K of that order survive
         group = torch.where(keep, 0, torch.where(slot_valid, 2, 1))
-        key = group * (T + 1) + _rank_desc(s)
+        key = group * (T + 1) + rank_desc(s)
         idx = torch.topk(key, K, dim=-1, largest=False).indices.sort(dim=-1).values
     if not with_filler:
         return idx

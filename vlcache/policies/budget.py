@@ -1,4 +1,5 @@
-"""Budget amounts: a ratio of tokens (float in (0, 1]) or an absolute token count (int >= 1)."""
+"""Budget amounts (a ratio of tokens, float in (0, 1], or an absolute token count, int >= 1), their split over
+layers, and the ranking that picks the best candidates within one."""
 
 from __future__ import annotations
 
@@ -65,3 +66,11 @@ def apportion(total: int, weights: list[float], caps: list[int] | None = None) -
         left = total - sum(out)
         free = [i for i in free if out[i] < caps[i]]
     return out
+
+
+def rank_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim, 0 = highest score; ties go to the lower position (stable)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank

@@ -27,7 +27,18 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .base import LayerStatistics, LayerView, Plan, Policy, Request, Selection, lookahead_state
+from .. import kernels
+from .base import (
+    LayerStatistics,
+    LayerView,
+    Plan,
+    Policy,
+    Request,
+    Selection,
+    cut_to_plans,
+    hold_for_lookahead,
+    lookahead_state,
+)
 from .cake import CAKE, cake_allocate
 from .elastic import ElasticCache
 from .h2o import H2O
@@ -122,7 +133,7 @@ class Composed(Policy):
             raise ValueError(f"part_settings must be a dict of setting names to values, got {self.part_settings!r}")
         amounts = {k: getattr(self, k) for k in _AMOUNTS}
         classes = [SCORERS[self.scorer], ALLOCATORS[self.allocator], MERGERS[self.merger]]
-        taken = {f.name for c in classes if c is not None for f in fields(c)} - set(fields_of(Policy))
+        taken = {f.name for c in classes if c is not None for f in fields(c)} - {f.name for f in fields(Policy)}
         unknown = sorted(set(self.part_settings) - taken)
         if unknown:
             raise ValueError(f"no part of this composition has the setting {', '.join(map(repr, unknown))}")
@@ -145,11 +156,32 @@ class Composed(Policy):
             return self._scorer.layer_statistics(view)[1]
         return self._scorer.score(view)
 
-    def _measure(self, view: LayerView) -> float | list[float]:
-        """The allocator's per-layer statistic of this layer, per prompt."""
+    def _prefill_passes(self, view: LayerView, observe: bool = False):
+        """(the scorer's scores [B, Hk, T], or with `observe` its (sums, rows) for lookahead; the allocator's
+        statistic of this layer per prompt, None for uniform and pyramid). A scorer and an allocator of one method
+        (VL-Cache's scores and densities, CAKE's indicator and preference) take their settings from the same
+        `part_settings`, so one attention pass gives both."""
+        one = type(self._allocator) is type(self._scorer)
+        if one and isinstance(self._scorer, VLCache):
+            colsum, rows, density = self._scorer.measure(view)
+            first = (colsum, rows) if observe else kernels.group_reduce(colsum, view.kv_heads, self._scorer.agg)
+            return first, density
+        if one and isinstance(self._scorer, CAKE):  # CAKE does not look ahead
+            preference, indicator = self._scorer.layer_statistics(view)
+            return indicator, preference
+        first = self._scorer.observed(view) if observe else self.score(view)
         if isinstance(self._allocator, VLCache):
-            return self._allocator.measure(view)[2]
-        return self._allocator.layer_statistics(view)[0]
+            return first, self._allocator.measure(view)[2]
+        if isinstance(self._allocator, CAKE):
+            return first, self._allocator.layer_statistics(view)[0]
+        return first, None
+
+    def _layer_plan(self, view: LayerView) -> Plan:
+        """This layer's prompt-space budget where it is known from the layer alone (uniform, pyramid)."""
+        plan = self.plan(view)
+        if self.allocator == "pyramid":
+            plan = pyramid_plan(plan, view.depth, view.num_layers, self._allocator.beta)
+        return plan
 
     def _merge(self, view: LayerView, sel: Selection, plan: Plan) -> Selection:
         if isinstance(self._merger, LOOKM):
@@ -172,29 +204,21 @@ class Composed(Policy):
         return self._scorer.ranked(view, sums)
 
     def lookahead_plan(self, view: LayerView) -> Plan:
-        if lookahead_state(view).plan is not None:  # a layer-splitting allocator's share, set after the prefill
-            return lookahead_state(view).plan
-        plan = self.plan(view)
-        if self.allocator == "pyramid":
-            plan = pyramid_plan(plan, view.depth, view.num_layers, self._allocator.beta)
-        return plan
+        plan = lookahead_state(view).plan  # a layer-splitting allocator's share, set after the prefill
+        return self._layer_plan(view) if plan is None else plan
 
     # ------------------------------------------------------------------ hooks
 
     def on_prefill(self, view: LayerView):
-        if self.lookahead:  # the base keeps the prompt whole and the scorer's rows for the generated ones to join
-            if self.allocator in ("density", "preference"):
-                view.shared.setdefault("compose", LayerStatistics()).by_layer[view.layer] = self._measure(view)
-            return super().on_prefill(view)
-        scores = self.score(view)
-        if self.allocator in ("uniform", "pyramid"):
-            plan = self.plan(view)
-            if self.allocator == "pyramid":
-                plan = pyramid_plan(plan, view.depth, view.num_layers, self._allocator.beta)
-            return {view.layer: self._cut(view, plan, scores)}
-        view.slot_state["compose"] = scores  # moved with the slots by every cut
-        stats = view.shared.setdefault("compose", LayerStatistics())
-        stats.by_layer[view.layer] = self._measure(view)
+        first, statistic = self._prefill_passes(view, observe=bool(self.lookahead))
+        if statistic is not None:
+            view.shared.setdefault("compose", LayerStatistics()).by_layer[view.layer] = statistic
+        if self.lookahead:  # keep the prompt whole and the scorer's rows for the generated ones to join
+            hold_for_lookahead(view, *first)
+            return None
+        if statistic is None:  # uniform, pyramid: the layer's budget is known now
+            return {view.layer: self._cut(view, self._layer_plan(view), first)}
+        view.slot_state["compose"] = first  # moved with the slots by every cut
         if self.cascading:
             return self.allocate(view.request, view.depth + 1)
         return None
@@ -237,15 +261,9 @@ class Composed(Policy):
 
     def allocate(self, request: Request, seen: int) -> dict:
         """Cut each of the first `seen` layers to its share (skipping those already within it while cascading)."""
-        out = {}
-        for layer, plan in self.plans(request, seen).items():
-            view = request.view(layer)
-            if seen < len(request.layers) and bool((view.slot_valid[:, 0].sum(-1) <= plan.kept()).all()):
-                continue
-            slots = plan.to_slots(view)
-            out[layer] = self._cut(view, Plan(slots.forced & view.slot_valid, slots.pools), view.slot_state["compose"])
-        return out
-
-
-def fields_of(cls) -> list[str]:
-    return [f.name for f in fields(cls)]
+        return cut_to_plans(
+            request,
+            self.plans(request, seen),
+            seen,
+            lambda view, plan: self._cut(view, plan, view.slot_state["compose"]),
+        )

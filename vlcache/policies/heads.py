@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .budget import rank_desc
+
 HEAD_BUDGETS = ("uniform", "adaptive")
 
 
@@ -25,12 +27,8 @@ def adaptive_head_budgets(scores: torch.Tensor, pool: torch.Tensor, k: torch.Ten
     size = pool.sum(-1)  # [B, Hk]
     k = torch.minimum(k, size)
     base = torch.minimum(torch.floor(k.double() * floor).long(), size)  # the floor, per head
-    order = torch.argsort(s, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=s.device).expand_as(order))
-    taken = rank < base[..., None]  # each head's own best
+    taken = rank_desc(s) < base[..., None]  # each head's own best
     rest = s.masked_fill(taken | ~pool, float("-inf")).flatten(1)  # [B, Hk * T]
     left = (k.sum(-1) - base.sum(-1)).clamp(min=0)  # [B]
-    joint = torch.argsort(rest, dim=-1, descending=True, stable=True)
-    jrank = torch.empty_like(joint).scatter_(-1, joint, torch.arange(Hk * T, device=s.device).expand_as(joint))
-    won = (jrank < left[:, None]) & (rest > float("-inf"))
+    won = (rank_desc(rest) < left[:, None]) & (rest > float("-inf"))
     return base + won.view(B, Hk, T).sum(-1)

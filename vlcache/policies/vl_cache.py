@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerStatistics, LayerView, Plan, Policy, Request, lookahead_state
+from .base import LayerStatistics, LayerView, Plan, Policy, Request, cut_to_plans, hold_for_lookahead, lookahead_state
 from .budget import apportion
 from .h2o import last_real
 
@@ -110,7 +110,7 @@ class VLCache(Policy):
         colsum, rows, density = self.measure(view)
         view.slot_state["vlcache"] = kernels.group_reduce(colsum, view.kv_heads, self.agg)
         if self.lookahead:  # the generated rows join these (lookahead_step)
-            view.slot_state["lookahead"] = colsum / rows.clamp(min=1).view(-1, 1, 1).to(colsum.dtype)
+            hold_for_lookahead(view, colsum, rows)
         view.shared.setdefault("vlcache_density", LayerStatistics()).by_layer[view.layer] = density  # [B]
         if self.cascading:
             return self.allocate(view.request, view.depth + 1)
@@ -154,16 +154,12 @@ class VLCache(Policy):
 
     def allocate(self, request: Request, seen: int) -> dict:
         """Cut each of the first `seen` layers to its share of the model-wide budget (by density over them)."""
-        out = {}
-        for layer, plan in self.plans(request, seen).items():
-            view = request.view(layer)
-            if seen < len(request.layers) and bool((view.slot_valid[:, 0].sum(-1) <= plan.kept()).all()):
-                continue  # already within its share
-            slots = plan.to_slots(view)  # the layer may hold fewer slots than the prompt after an earlier cut
-            out[layer] = self.select(
-                view, Plan(slots.forced & view.slot_valid, slots.pools), view.slot_state["vlcache"]
-            )
-        return out
+        return cut_to_plans(
+            request,
+            self.plans(request, seen),
+            seen,
+            lambda view, plan: self.select(view, plan, view.slot_state["vlcache"]),
+        )
 
     def plans(self, request: Request, seen: int, policy: Policy | None = None) -> dict[int, Plan]:
         """The prompt-space budgets of the first `seen` layers: the model-wide budget split by density over them.
