@@ -137,21 +137,21 @@ class Runner:
 
 def _policy_maker(policy_name: str, vision_only: bool, prune_at: str, lookahead: str = "off", adaptive_heads=False):
     """budget -> the policy the page describes (its budget on the vision tokens or on all of them)."""
-    from ..policies import POLICIES, make_policy
+    from ..policies import make_policy
 
-    if policy_name not in POLICIES:
-        raise ValueError(f"unknown policy {policy_name!r}; choose one of {', '.join(POLICIES)}")
     settings = {} if prune_at in ("", "off", None) else {"prune_at": int(prune_at)}
-    if lookahead not in ("", "off", None) and POLICIES[policy_name].looks_ahead:
-        # only the methods that score from a set of rows take it; the report's label says what ran
-        settings["lookahead"] = int(lookahead)
     if adaptive_heads:
         settings["head_budgets"] = "adaptive"
+    looks = lookahead not in ("", "off", None)
 
     def make(budget: float):
-        return make_policy(
-            policy_name, **({"vision_budget": budget} if vision_only else {"budget": budget}), **settings
-        )
+        amount = {"vision_budget": budget} if vision_only else {"budget": budget}
+        policy = make_policy(policy_name, **amount, **settings)
+        if looks and policy.looks_ahead:
+            # only the methods that score from a set of rows take it (the policy says, a composition by its
+            # scorer); the report's label says what ran
+            policy = make_policy(policy_name, **amount, **settings, lookahead=int(lookahead))
+        return policy
 
     return make
 
