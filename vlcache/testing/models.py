@@ -119,7 +119,7 @@ def llava_onevision(grid=8, patch=4, **text):
     return T.LlavaOnevisionForConditionalGeneration(cfg)
 
 
-def _qwen(config_cls, model_cls, vision, text):
+def qwen_vl_model(config_cls, model_cls, vision, text):
     """A Qwen-VL model from its vision and text configs, with the shared special-token ids."""
     cfg = config_cls(
         text_config=text.to_dict(),
@@ -138,7 +138,9 @@ _QWEN_VISION = dict(depth=2, num_heads=2, spatial_merge_size=2, temporal_patch_s
 
 def qwen2_vl(grid=8, patch=4, **text):
     vision = T.Qwen2VLVisionConfig(embed_dim=32, hidden_size=64, patch_size=patch, **_QWEN_VISION)
-    return _qwen(T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration, vision, _qwen_text(T.Qwen2VLTextConfig, **text))
+    return qwen_vl_model(
+        T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration, vision, _qwen_text(T.Qwen2VLTextConfig, **text)
+    )
 
 
 def qwen2_5_vl(grid=8, patch=4, **text):
@@ -151,7 +153,7 @@ def qwen2_5_vl(grid=8, patch=4, **text):
         fullatt_block_indexes=[1],
         **_QWEN_VISION,
     )
-    return _qwen(
+    return qwen_vl_model(
         T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration, vision, _qwen_text(T.Qwen2_5_VLTextConfig, **text)
     )
 
@@ -168,7 +170,7 @@ def qwen3_vl(grid=8, patch=4, **text):
     )
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
     text_config = _qwen_text(T.Qwen3VLTextConfig, head_dim=16, rope_parameters=rope, **text)
-    return _qwen(T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration, vision, text_config)
+    return qwen_vl_model(T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration, vision, text_config)
 
 
 def _idefics_like(cfg_cls, vis_cls, model_cls, grid, patch, text):

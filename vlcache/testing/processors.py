@@ -116,9 +116,9 @@ def llava_onevision(grid=8, patch=4):
     )
 
 
-def _qwen(cls, grid=8, patch=4):
-    S = grid * patch
-    tok = build_tokenizer(
+def qwen_tokenizer(chat_template=None):
+    """The Qwen-VL families' tokenizer: their image, video and vision-marker tokens on the shared ids."""
+    return build_tokenizer(
         {"<|image_pad|>": IMG, "<|video_pad|>": VID, "<|vision_start|>": VSTART, "<|vision_end|>": VEND},
         {
             "image_token": "<|image_pad|>",
@@ -126,7 +126,13 @@ def _qwen(cls, grid=8, patch=4):
             "vision_start_token": "<|vision_start|>",
             "vision_end_token": "<|vision_end|>",
         },
+        chat_template,
     )
+
+
+def _qwen(cls, grid=8, patch=4):
+    S = grid * patch
+    tok = qwen_tokenizer()
     ip = T.Qwen2VLImageProcessorPil(
         patch_size=patch, merge_size=2, temporal_patch_size=2, size={"shortest_edge": S * S, "longest_edge": S * S}
     )

@@ -20,14 +20,14 @@ import torch
 import transformers as T
 
 from ...hf.compat import quiet_progress
-from ...testing.models import VEND, VID, VSTART, text_kwargs
-from ...testing.processors import build_tokenizer, image_only
+from ...testing.models import IMG, qwen_vl_model, text_kwargs
+from ...testing.processors import build_tokenizer, image_only, qwen_tokenizer
 from .tasks import ANSWER_PREFIX, PATCH, SIZE, Example, prompt_text
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "embedded"
 EMBEDDED_QWEN_DIR = Path(__file__).resolve().parents[2] / "embedded_qwen"
 EMBEDDED = {"llava": EMBEDDED_DIR, "qwen": EMBEDDED_QWEN_DIR}  # names `load_embedded` takes besides paths
-IMAGE_TOKEN_ID = 250
+IMAGE_TOKEN_ID = IMG  # the fixtures' vocabulary: the embedded models' tokenizers are built the same way
 FAMILIES = ("llava", "qwen2_vl")  # the embedded models' model_type, the key of every per-family table here
 
 
@@ -120,15 +120,7 @@ def build_untrained_qwen(seed: int = 0, layers: int = 4, hidden: int = 128, head
             rms_norm_eps=1e-6,  # Llama's (Qwen2 defaults to 1e-5): a text model copied from the Llava computes the same
         )
     )
-    config = T.Qwen2VLConfig(
-        text_config=text.to_dict(),
-        vision_config=vision.to_dict(),
-        image_token_id=IMAGE_TOKEN_ID,
-        video_token_id=VID,
-        vision_start_token_id=VSTART,
-        vision_end_token_id=VEND,
-    )
-    model = T.Qwen2VLForConditionalGeneration(config)
+    model = qwen_vl_model(T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration, vision, text)
     model.generation_config.pad_token_id = 0
     return model
 
@@ -144,16 +136,7 @@ Qwen2VLImageProcessor = image_only(T.Qwen2VLProcessor)
 
 
 def build_processor_qwen():
-    tokenizer = build_tokenizer(
-        {"<|image_pad|>": IMAGE_TOKEN_ID, "<|video_pad|>": VID, "<|vision_start|>": VSTART, "<|vision_end|>": VEND},
-        {
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>",
-            "vision_end_token": "<|vision_end|>",
-        },
-        QWEN_CHAT_TEMPLATE,
-    )
+    tokenizer = qwen_tokenizer(QWEN_CHAT_TEMPLATE)
     pixels = QWEN_SIDE * QWEN_SIDE  # min = max: every frame is resized to 32 x 32, nearest-neighbour (exact 2x)
     image_processor = T.Qwen2VLImageProcessorPil(
         patch_size=QWEN_PATCH,
