@@ -112,7 +112,7 @@ def test_combinations_in_generate(tiny_model, family, parts):
 def test_compositions_by_name_and_from_settings_strings():
     policy = make_policy("compose", vision_budget=0.1, **parse_settings(["scorer=vlcache", "allocator=preference",
                                                                           "merger=lookm", "part_settings={'window': 8}"]))  # fmt: skip
-    assert (policy.scorer, policy.allocator, policy.merger, policy._allocator.window) == (
+    assert (policy.scorer, policy.allocator, policy.merger, policy._allocator.method.window) == (
         "vlcache",
         "preference",
         "lookm",
@@ -130,7 +130,10 @@ def test_compositions_by_name_and_from_settings_strings():
         ({"allocator": "uniform", "cascading": True}, "density or preference"),
         ({"allocator": "density", "cascading": True, "merger": "lookm"}, "merged entries"),
         ({"scorer": "h2o", "lookahead": 1}, "does not score by attention from a set of rows"),
-        ({"lookahead": 1, "merger": "lookm"}, "without cascading or a merger"),
+        ({"lookahead": 1, "merger": "lookm"}, "without cascading, a merger or a decode schedule"),
+        ({"lookahead": 1, "schedule": "h2o"}, "without cascading, a merger or a decode schedule"),
+        ({"schedule": "every"}, "schedule='every' not understood"),
+        ({"part_settings": {"evict_every": 2}}, "no part of this composition has the setting 'evict_every'"),
     ],
 )
 def test_bad_compositions_are_refused(settings, match):

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
 from record_policies import AMOUNTS, cases, load, run  # noqa: E402
 
+from vlcache.policies.presets import preset  # noqa: E402
+
 AMOUNT_KEYS = {k for amount in AMOUNTS for k in amount}
 
 RECORD = load()
@@ -32,7 +34,16 @@ def _param(case):
 
 @pytest.mark.parametrize("label, name, settings", [_param(c) for c in CASES])
 def test_policy_keeps_what_it_kept(label, name, settings):
-    want, got = RECORD[label], run(name, settings)
+    _same(RECORD[label], run(name, settings))
+
+
+@pytest.mark.parametrize("label, name, settings", [_param(c) for c in CASES])
+def test_every_published_method_is_its_preset_of_parts(label, name, settings):
+    # the same record, the policy built from scorer, allocator, merger and schedule (policies/presets.py)
+    _same(RECORD[label], run(name, settings, build=preset))
+
+
+def _same(want, got):
     for phase in ("prefill", "decoded"):
         for li, (w, g) in enumerate(zip(want[phase], got[phase], strict=True)):
             assert w.shape == g.shape, f"{phase}, layer {li}: kept counts changed"

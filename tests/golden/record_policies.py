@@ -82,9 +82,9 @@ def _kept(cache) -> list[torch.Tensor]:
     return [cache.layers[i].slot_positions().sort(-1).values.to(torch.int16) for i in range(LAYERS)]
 
 
-def run(name: str, settings: dict) -> dict:
+def run(name: str, settings: dict, build=make_policy) -> dict:
     """The kept positions of every layer after the prefill and after decoding, and the kept keys' sums where the
-    method merges, for one case."""
+    method merges, for one case; `build(name, **settings)` makes the policy (the published class by default)."""
     seen = {}
 
     def after_prefill(cache):
@@ -93,9 +93,7 @@ def run(name: str, settings: dict) -> dict:
             seen["merged_keys"] = [cache.layers[i].keys.sum(-1) for i in range(LAYERS)]
 
     layout = layout_from_ids(IDS, MASK)
-    cache = run_policy(
-        make_policy(name, **settings), layout, layers=LAYERS, seed=1, decode=DECODE, on_prefill=after_prefill
-    )
+    cache = run_policy(build(name, **settings), layout, layers=LAYERS, seed=1, decode=DECODE, on_prefill=after_prefill)
     return {**seen, "decoded": _kept(cache)}
 
 

@@ -17,7 +17,7 @@ class PolicyRunner:
     def __init__(self, policy: Policy, heads: int):
         self.policy = policy
         self.heads = heads  # query heads, for views of a layer without new rows
-        self.appends = type(policy).on_append is not Policy.on_append
+        self.appends = policy.decodes
         self.prune_at = policy.prune_at
         self.lookahead = policy.lookahead
 

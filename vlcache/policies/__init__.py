@@ -17,11 +17,21 @@ from .base import (
     Selection,
 )
 from .cake import CAKE
-from .compose import Composed, register_scorer
+from .compose import Composed
 from .elastic import ElasticCache
 from .full import Full
 from .h2o import H2O
 from .lookm import LOOKM
+from .parts import (
+    Allocator,
+    Merger,
+    Schedule,
+    register_allocator,
+    register_merger,
+    register_schedule,
+    register_scorer,
+)
+from .presets import PRESETS, preset
 from .pyramidkv import PyramidKV
 from .random import Random
 from .snapkv import SnapKV
@@ -75,11 +85,13 @@ def parse_settings(items: list[str]) -> dict:
 
 
 __all__ = [
+    "Allocator",
     "CAKE",
     "Composed",
     "DecodeEvicting",
     "LOOKM",
     "POLICIES",
+    "PRESETS",
     "ElasticCache",
     "Eviction",
     "EvictionState",
@@ -87,17 +99,23 @@ __all__ = [
     "H2O",
     "LayerStatistics",
     "LayerView",
+    "Merger",
     "LookaheadState",
     "Plan",
     "Policy",
     "PyramidKV",
     "Random",
     "Request",
+    "Schedule",
     "Selection",
     "SnapKV",
     "StreamingLLM",
     "VLCache",
     "make_policy",
     "parse_settings",
+    "preset",
+    "register_allocator",
+    "register_merger",
+    "register_schedule",
     "register_scorer",
 ]

@@ -336,6 +336,12 @@ class Policy:
         check_settings(self.quant_group, self.quant_residual, self.value_axis)
 
     @property
+    def decodes(self) -> bool:
+        """Whether the policy acts after decode steps too (`on_append`: H2O, StreamingLLM, CAKE, Elastic Cache,
+        compositions with their schedules); the integration skips the per-step hook for the others."""
+        return type(self).on_append is not Policy.on_append
+
+    @property
     def quantizes(self) -> bool:
         """Whether the kept entries are quantized after the prefill (any modality below 16 bits)."""
         return self.vision_bits < 16 or self.text_bits < 16

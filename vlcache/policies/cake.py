@@ -39,6 +39,18 @@ def cake_allocate(total: int, prefs: list[float], cap: int) -> list[int]:
     return budgets
 
 
+def cake_shares(plan: Plan, prefs: list[list[float]], layers: int) -> list[list[list[int]]]:
+    """Per pool of the prompt-space `plan`, per prompt: the model-wide total (`layers` x the pool's k) split over
+    the layers whose preferences `prefs` (per prompt, per layer) are given, each capped at the pool's size."""
+    return [
+        [
+            cake_allocate(layers * int(kb), list(p), int(sb))
+            for p, kb, sb in zip(prefs, k.tolist(), mask.sum(-1).tolist())
+        ]
+        for mask, k in plan.pools
+    ]
+
+
 @dataclass
 class CakeLayer(EvictionState):
     """A CAKE layer while decoding: held at `hold` [B] real tokens, the newest `window` always kept."""
@@ -100,6 +112,19 @@ class CAKE(DecodeEvicting):
     def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
         return last_real(view.layout.valid, total.clamp(max=self.window))
 
+    def score(self, view: LayerView) -> torch.Tensor:
+        return self.layer_statistics(view)[1]
+
+    def fits(self, layout, total: torch.Tensor) -> bool:
+        """Whether every prompt fits the budget `total` [B] plus the window: CAKE then leaves it whole."""
+        return bool((layout.valid.sum(-1) <= total + self.window).all())
+
+    def start_decoding(self, view: LayerView, plan: Plan) -> None:
+        """Hold the layer at what its prompt-space `plan` keeps while decoding, the newest `window` kept."""
+        state = self.layer_state(view)
+        state.hold = plan.kept()  # real tokens kept while decoding
+        state.window = min(self.window, int(self.total_budget(view.layout).min()))
+
     def layer_statistics(self, view: LayerView) -> tuple[list[float], torch.Tensor]:
         """(preference per prompt, indicator [B, Hk, n]) from the last `window` prompt rows."""
         T, w = view.slots, min(self.window, view.new)  # the window: the last query rows, the last slots
@@ -121,9 +146,8 @@ class CAKE(DecodeEvicting):
         return state
 
     def on_prefill(self, view: LayerView):
-        valid = view.layout.valid
         request = self.request_state(view.shared)
-        if bool((valid.sum(-1) <= self.total_budget(view.layout) + self.window).all()):
+        if self.fits(view.layout, self.total_budget(view.layout)):
             request.skip = True  # the prompt fits: CAKE leaves it whole
             return None
         preference, indicator = self.layer_statistics(view)
@@ -149,25 +173,18 @@ class CAKE(DecodeEvicting):
         prefs = state.preference.rows(layers)  # per prompt, per layer
         plan = state.plan
         L = len(request.layers)
-        # per pool and prompt: the model-wide total, split over the layers seen so far
-        shares = []
-        for mask, k in plan.pools:
-            size = mask.sum(-1).tolist()
-            shares.append([cake_allocate(L * int(kb), list(p), int(sb)) for p, kb, sb in zip(prefs, k.tolist(), size)])
+        shares = cake_shares(plan, prefs, L)  # per pool and prompt: the model-wide total over the layers seen
         out = {}
         for i, layer in enumerate(layers):
             view = request.view(layer)
-            slots = plan.to_slots(view)
-            pools = [
-                (mask, torch.tensor([row[i] for row in share], device=mask.device))
-                for (mask, _), share in zip(slots.pools, shares)
-            ]
-            cut = Plan(slots.forced & view.slot_valid, pools)
-            layer_state = self.layer_state(view)
-            layer_state.hold = cut.forced[:, 0].sum(-1) + sum(k for _, k in pools)  # real tokens kept while decoding
-            layer_state.window = min(self.window, int(self.total_budget(view.layout).min()))
-            if bool((view.slot_valid[:, 0].sum(-1) > layer_state.hold).any()):
-                out[layer] = self.select(view, cut, view.slot_state["cake"])
+            mine = Plan(plan.forced, [(mask, torch.tensor([row[i] for row in share], device=mask.device))
+                                      for (mask, _), share in zip(plan.pools, shares)])  # fmt: skip
+            self.start_decoding(view, mine)
+            slots = mine.to_slots(view)
+            if bool((view.slot_valid[:, 0].sum(-1) > self.layer_state(view).hold).any()):
+                out[layer] = self.select(
+                    view, Plan(slots.forced & view.slot_valid, slots.pools), view.slot_state["cake"]
+                )
         return out
 
     def on_append(self, view: LayerView):

@@ -14,11 +14,16 @@
   layers seen so far share the model-wide budget; see VLCache.cascading).
 - merger: what happens to the evicted entries: none (dropped), lookm (merged into the most similar kept key),
   elastic (merged into the nearest kept anchor by position).
+- schedule: when layers are cut: prefill (once, after the prompt; the cache then grows by one entry per generated
+  token), or also while decoding, holding each layer at the size its prefill cut left: h2o (accumulated attention,
+  recent share kept), streamingllm (the oldest after the sinks leaves), cake (the entry the newest token attends to
+  least), elastic (the entry at a fixed point leaves); every `evict_every` tokens.
 - part_settings: settings of the parts, by name, e.g. {"window": 8, "beta": 10, "merge": "average"}; each goes to
   every part that has a setting of that name (a name no part has is refused).
 
-Prefill only: after the prompt the cache grows by one entry per generated token. Per-head budgets
-(`head_budgets`), `frame_min`, `prune_at` and the quantization settings apply as to any policy.
+The parts and their registries are in policies/parts/ (a new part is one registered class, in one file); every
+published method written as its parts is in policies/presets.py. Per-head budgets (`head_budgets`), `frame_min`,
+`prune_at` and the quantization settings apply as to any policy.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .. import kernels
 from .base import (
     LayerStatistics,
     LayerView,
@@ -39,70 +43,31 @@ from .base import (
     hold_for_lookahead,
     lookahead_state,
 )
-from .cake import CAKE, cake_allocate
-from .elastic import ElasticCache
-from .h2o import H2O
-from .lookm import LOOKM
-from .pyramidkv import PyramidKV, pyramid_plan
-from .random import Random
-from .snapkv import SnapKV
-from .streaming import StreamingLLM
-from .vl_cache import VLCache
+from .parts import ALLOCATORS, MERGERS, SCHEDULES, SCORERS, register_scorer
 
-SCORERS: dict[str, type[Policy]] = {
-    "snapkv": SnapKV,
-    "vlcache": VLCache,
-    "h2o": H2O,
-    "lookm": LOOKM,
-    "cake": CAKE,
-    "elastic": ElasticCache,
-    "streamingllm": StreamingLLM,
-    "random": Random,
-}
-ALLOCATORS: dict[str, type[Policy] | None] = {
-    "uniform": None,
-    "pyramid": PyramidKV,
-    "density": VLCache,
-    "preference": CAKE,
-}
-MERGERS: dict[str, type[Policy] | None] = {"none": None, "lookm": LOOKM, "elastic": ElasticCache}
-
-
-def register_scorer(name: str):
-    """Class decorator: a new scorer for compositions, as one file. The class is a `Policy` whose `score(view)`
-    ranks the slots ([B, Hk, T], higher kept first) and whose `always_keep` (optional) names what it never evicts;
-    `compose` then combines it with every allocator and merger:
-
-        @register_scorer("mine")
-        @dataclass(kw_only=True)
-        class Mine(Policy):
-            def score(self, view): ...
-
-        Composed(vision_budget=0.05, scorer="mine", allocator="preference")
-    """
-    if name in SCORERS:
-        raise ValueError(f"scorer {name!r} exists already; choose another name")
-
-    def add(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Policy)) or cls.score is Policy.score:
-            raise ValueError(f"a scorer is a Policy subclass with its own score(view); got {cls!r}")
-        SCORERS[name] = cls
-        return cls
-
-    return add
-
+__all__ = ["ALLOCATORS", "MERGERS", "SCHEDULES", "SCORERS", "Composed", "ComposedRequest", "register_scorer"]
 
 _AMOUNTS = ("budget", "vision_budget", "text_budget", "protect")
+
+
+@dataclass
+class ComposedRequest:
+    """What a composition knows of the whole request: the allocator's statistic of every layer seen, and whether
+    the allocator left the prompt whole."""
+
+    statistics: LayerStatistics = field(default_factory=LayerStatistics)
+    whole: bool = False
 
 
 @dataclass(kw_only=True)
 class Composed(Policy):
     """Tokens ranked by one method's scores, the budget split over layers by another's rule, the evicted entries
-    merged by a third's. See the module's docstring for the parts."""
+    merged by a third's, cut on a fourth's schedule. See the module's docstring for the parts."""
 
     scorer: str = "vlcache"
     allocator: str = "uniform"
     merger: str = "none"
+    schedule: str = "prefill"
     cascading: bool = False
     part_settings: dict = field(default_factory=dict)
 
@@ -110,7 +75,11 @@ class Composed(Policy):
 
     @property
     def looks_ahead(self) -> bool:  # lookahead joins the scorer's rows: those of SnapKV and VL-Cache
-        return self.scorer in ("snapkv", "vlcache")
+        return bool(getattr(SCORERS.get(self.scorer), "looks_ahead", False))
+
+    @property
+    def decodes(self) -> bool:
+        return self._schedule.evicts
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,33 +87,36 @@ class Composed(Policy):
             ("scorer", self.scorer, SCORERS),
             ("allocator", self.allocator, ALLOCATORS),
             ("merger", self.merger, MERGERS),
+            ("schedule", self.schedule, SCHEDULES),
         ):
             if value not in known:
                 raise ValueError(f"{kind}={value!r} not understood; choose from {', '.join(known)}")
-        if self.cascading and self.allocator not in ("density", "preference"):
-            raise ValueError(
-                "cascading re-cuts layers as the split over layers changes: allocator density or preference"
-            )
+        splits = ALLOCATORS[self.allocator].splits
+        if self.cascading and not splits:
+            names = " or ".join(n for n, a in ALLOCATORS.items() if a.splits)
+            raise ValueError(f"cascading re-cuts layers as the split over layers changes: allocator {names}")
         if self.cascading and self.merger != "none":
             raise ValueError("cascading cuts a layer several times, and merging each time would merge merged entries")
-        if self.lookahead and (self.cascading or self.merger != "none"):
-            raise ValueError("lookahead cuts each layer once, after the prefill: without cascading or a merger")
+        if self.lookahead and (self.cascading or self.merger != "none" or self.schedule != "prefill"):
+            raise ValueError(
+                "lookahead cuts each layer once, after the prefill: without cascading, a merger or a decode schedule"
+            )
         if not isinstance(self.part_settings, dict):
             raise ValueError(f"part_settings must be a dict of setting names to values, got {self.part_settings!r}")
-        amounts = {k: getattr(self, k) for k in _AMOUNTS}
-        classes = [SCORERS[self.scorer], ALLOCATORS[self.allocator], MERGERS[self.merger]]
-        taken = {f.name for c in classes if c is not None for f in fields(c)} - {f.name for f in fields(Policy)}
+        parts = [ALLOCATORS[self.allocator], MERGERS[self.merger], SCHEDULES[self.schedule]]
+        classes = [SCORERS[self.scorer]] + [p.uses for p in parts if p.uses is not None]
+        taken = {f.name for c in classes for f in fields(c)} - {f.name for f in fields(Policy)}
         unknown = sorted(set(self.part_settings) - taken)
         if unknown:
             raise ValueError(f"no part of this composition has the setting {', '.join(map(repr, unknown))}")
+        amounts = {k: getattr(self, k) for k in _AMOUNTS}
 
-        def part(cls):
+        def method(cls):
             own = {f.name for f in fields(cls)}
             return cls(**amounts, **{k: v for k, v in self.part_settings.items() if k in own})
 
-        self._scorer = part(SCORERS[self.scorer])
-        self._allocator = None if ALLOCATORS[self.allocator] is None else part(ALLOCATORS[self.allocator])
-        self._merger = None if MERGERS[self.merger] is None else part(MERGERS[self.merger])
+        self._scorer = method(SCORERS[self.scorer])
+        self._allocator, self._merger, self._schedule = (p(None if p.uses is None else method(p.uses)) for p in parts)
 
     # ------------------------------------------------------------------ parts
 
@@ -152,50 +124,36 @@ class Composed(Policy):
         return self._scorer.always_keep(view, total)
 
     def score(self, view: LayerView) -> torch.Tensor:
-        if isinstance(self._scorer, CAKE):
-            return self._scorer.layer_statistics(view)[1]
         return self._scorer.score(view)
+
+    def plan(self, view: LayerView, *, total: torch.Tensor | None = None, weight: float = 1.0) -> Plan:
+        # the scorer's: the same amounts and forced tokens, and its own rule where it has one (LOOK-M's
+        # official_compat keeps all text)
+        return self._scorer.plan(view, total=total, weight=weight)
+
+    def request_state(self, shared: dict) -> ComposedRequest:
+        state = shared.get("compose")
+        if state is None:
+            state = shared["compose"] = ComposedRequest()
+        return state
 
     def _prefill_passes(self, view: LayerView, observe: bool = False):
         """(the scorer's scores [B, Hk, T], or with `observe` its (sums, rows) for lookahead; the allocator's
-        statistic of this layer per prompt, None for uniform and pyramid). A scorer and an allocator of one method
-        (VL-Cache's scores and densities, CAKE's indicator and preference) take their settings from the same
-        `part_settings`, so one attention pass gives both."""
-        one = type(self._allocator) is type(self._scorer)
-        if one and isinstance(self._scorer, VLCache):
-            colsum, rows, density = self._scorer.measure(view)
-            first = (colsum, rows) if observe else kernels.group_reduce(colsum, view.kv_heads, self._scorer.agg)
-            return first, density
-        if one and isinstance(self._scorer, CAKE):  # CAKE does not look ahead
-            preference, indicator = self._scorer.layer_statistics(view)
-            return indicator, preference
-        first = self._scorer.observed(view) if observe else self.score(view)
-        if isinstance(self._allocator, VLCache):
-            return first, self._allocator.measure(view)[2]
-        if isinstance(self._allocator, CAKE):
-            return first, self._allocator.layer_statistics(view)[0]
-        return first, None
-
-    def _layer_plan(self, view: LayerView) -> Plan:
-        """This layer's prompt-space budget where it is known from the layer alone (uniform, pyramid)."""
-        plan = self.plan(view)
-        if self.allocator == "pyramid":
-            plan = pyramid_plan(plan, view.depth, view.num_layers, self._allocator.beta)
-        return plan
-
-    def _merge(self, view: LayerView, sel: Selection, plan: Plan) -> Selection:
-        if isinstance(self._merger, LOOKM):
-            return self._merger.merge_evicted(view, sel)
-        if isinstance(self._merger, ElasticCache):
-            # anchors are the kept slots outside the forced ones; one layer cut once, so slots are prompt positions
-            return self._merger.merge_into_anchors(
-                view, sel, plan.forced if plan.forced.ndim == 2 else plan.forced[:, 0]
-            )
-        return sel
+        statistic of this layer per prompt, None for per-layer rules). A part of the scorer's own method (VL-Cache's
+        densities, CAKE's preferences, H2O's decode-time sums) gives the scores from the same attention pass."""
+        first, statistic = None, None
+        if self._allocator.splits:
+            first, statistic = self._allocator.measure(view, self._scorer, observe)
+        scheduled = self._schedule.observe(view)
+        if first is None and scheduled is not None and type(self._schedule.method) is type(self._scorer):
+            first = scheduled
+        if first is None:
+            first = self._scorer.observed(view) if observe else self.score(view)
+        return first, statistic
 
     def _cut(self, view: LayerView, plan: Plan, scores: torch.Tensor) -> Selection:
-        sel = self.select(view, plan, scores)
-        return self._merge(view, sel, plan) if self._merger is not None else sel
+        """Select by `scores` within `plan` (slot space), merge what it evicts."""
+        return self._merger.merge(self, view, self.select(view, plan, scores), plan)
 
     def observed(self, view: LayerView):
         return self._scorer.observed(view)
@@ -205,29 +163,39 @@ class Composed(Policy):
 
     def lookahead_plan(self, view: LayerView) -> Plan:
         plan = lookahead_state(view).plan  # a layer-splitting allocator's share, set after the prefill
-        return self._layer_plan(view) if plan is None else plan
+        return self._allocator.layer_plan(self, view) if plan is None else plan
 
     # ------------------------------------------------------------------ hooks
 
     def on_prefill(self, view: LayerView):
+        request = self.request_state(view.shared)
+        if request.whole or self._allocator.leaves_whole(self, view):
+            request.whole = True
+            return None
         first, statistic = self._prefill_passes(view, observe=bool(self.lookahead))
         if statistic is not None:
-            view.shared.setdefault("compose", LayerStatistics()).by_layer[view.layer] = statistic
+            request.statistics.by_layer[view.layer] = statistic
         if self.lookahead:  # keep the prompt whole and the scorer's rows for the generated ones to join
             hold_for_lookahead(view, *first)
             return None
-        if statistic is None:  # uniform, pyramid: the layer's budget is known now
-            return {view.layer: self._cut(view, self._layer_plan(view), first)}
+        if statistic is None:  # a per-layer rule: the layer's budget is known now
+            plan = self._allocator.layer_plan(self, view)
+            sel = self._cut(view, plan, first)
+            self._schedule.start(self, view, plan, sel)
+            return {view.layer: sel}
         view.slot_state["compose"] = first  # moved with the slots by every cut
         if self.cascading:
             return self.allocate(view.request, view.depth + 1)
         return None
 
-    def cut_scores(self, view: LayerView) -> torch.Tensor:
+    def cut_scores(self, view: LayerView) -> torch.Tensor | None:
+        if self.request_state(view.shared).whole:
+            return None
         return view.slot_state["compose"] if "compose" in view.slot_state else self.score(view)
 
     def after_prefill(self, request: Request):
-        if self.allocator in ("uniform", "pyramid") or self.cascading:
+        state = self.request_state(request.shared)
+        if not self._allocator.splits or self.cascading or state.whole:
             return None
         if self.lookahead:  # the shares are known now; each layer is cut when the generated rows have joined
             for layer, plan in self.plans(request, len(request.layers)).items():
@@ -235,35 +203,18 @@ class Composed(Policy):
             return None
         return self.allocate(request, len(request.layers))
 
+    def on_append(self, view: LayerView):
+        return self._schedule.on_append(self, view)
+
     def plans(self, request: Request, seen: int) -> dict[int, Plan]:
         """Prompt-space budgets of the first `seen` layers, the model-wide total split by the allocator."""
-        stats = request.shared["compose"]
-        if isinstance(self._allocator, VLCache):
-            request.shared["vlcache_density"] = stats  # where VL-Cache's split reads its densities
-            return self._allocator.plans(request, seen, policy=self)
-        layers, L = request.layers[:seen], len(request.layers)
-        prefs = stats.rows(layers)
-        base = self.plan(request.view(request.layers[0]))
-        shares = [
-            [cake_allocate(L * int(kb), p, int(sb)) for p, kb, sb in zip(prefs, k.tolist(), mask.sum(-1).tolist())]
-            for mask, k in base.pools
-        ]
-        return {
-            layer: Plan(
-                base.forced,
-                [
-                    (mask, torch.tensor([row[i] for row in share], device=mask.device))
-                    for (mask, _), share in zip(base.pools, shares)
-                ],
-            )
-            for i, layer in enumerate(layers)
-        }
+        return self._allocator.plans(self, request, self.request_state(request.shared).statistics, seen)
 
     def allocate(self, request: Request, seen: int) -> dict:
-        """Cut each of the first `seen` layers to its share (skipping those already within it while cascading)."""
-        return cut_to_plans(
-            request,
-            self.plans(request, seen),
-            seen,
-            lambda view, plan: self._cut(view, plan, view.slot_state["compose"]),
-        )
+        """Cut each of the first `seen` layers to its share (skipping those already within it while cascading);
+        the schedule starts from each layer's share."""
+        plans = self.plans(request, seen)
+        out = cut_to_plans(request, plans, seen, lambda view, plan: self._cut(view, plan, view.slot_state["compose"]))
+        for layer, plan in plans.items():
+            self._schedule.start(self, request.view(layer), plan, out.get(layer))
+        return out

@@ -64,6 +64,12 @@ class ElasticCache(DecodeEvicting):
         plan = self.plan(view)
         sel = self.select(view, plan, self.score(view))
         sel = self.merge_into_anchors(view, sel, plan.forced)
+        self.start_decoding(view, sel)
+        return {view.layer: sel}
+
+    def start_decoding(self, view: LayerView, sel: Selection) -> None:
+        """Hold the layer at the fraction of the tokens seen that the prefill's selection `sel` kept, deleting from
+        the fixed point on."""
         real = view.layout.valid.sum(-1)
         state = self.layer_state(view)
         if isinstance(self.budget, float):  # the paper's floor((1 - r) * T)
@@ -75,7 +81,6 @@ class ElasticCache(DecodeEvicting):
         length = sel.indices.shape[-1]
         point = self.distance if self.distance >= 0 else length + self.distance
         state.point = max(min(point, length - 1), min(self.start, length - 1))
-        return {view.layer: sel}
 
     def merge_into_anchors(self, view: LayerView, sel: Selection, forced: torch.Tensor) -> Selection:
         """Fold every evicted token into the anchor nearest by position (anchors: kept and not forced)."""
@@ -98,6 +103,8 @@ class ElasticCache(DecodeEvicting):
 
     def on_append(self, view: LayerView):
         state = self.layer_state(view)
+        if state.seen is None:  # the prompt was left whole
+            return None
         seen = state.seen = state.seen + view.new  # every appended token is real (generate extends with ones)
         if not self.eviction_due(view):
             return None

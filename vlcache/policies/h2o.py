@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import DecodeEvicting, EvictionState, LayerView
+from .base import DecodeEvicting, EvictionState, LayerView, Plan
 
 
 @dataclass
@@ -79,16 +79,24 @@ class H2O(DecodeEvicting):
             return sums
         return sums / rows_seeing(view).clamp(min=1)
 
-    def on_prefill(self, view: LayerView):
+    def observe(self, view: LayerView) -> torch.Tensor:
+        """The prompt rows' attention sums, kept per slot for decoding to add to; returns the prefill scores."""
         sums = self._sums(view)
         if self.normalize:
             view.slot_state["h2o_rows"] = rows_seeing(view)
-        scores = self._ranked(view, sums)
-        plan = self.plan(view)
         view.slot_state["h2o"] = sums  # the cache gathers it with the kept slots
+        return self._ranked(view, sums)
+
+    def start_decoding(self, view: LayerView, plan: Plan) -> None:
+        """Hold the layer at what its prompt-space `plan` keeps, the newest `recent` share of the budget kept."""
         state = self.layer_state(view)
         state.budget = self.growth_budget(view, plan)
         state.recent = self._recent(self.total_budget(view.layout))
+
+    def on_prefill(self, view: LayerView):
+        scores = self.observe(view)
+        plan = self.plan(view)
+        self.start_decoding(view, plan)
         return {view.layer: self.select(view, plan, scores)}
 
     def cut_scores(self, view: LayerView) -> torch.Tensor:
@@ -99,7 +107,7 @@ class H2O(DecodeEvicting):
         view.slot_state["h2o"] = acc
         if self.normalize:
             view.slot_state["h2o_rows"] = view.slot_state["h2o_rows"] + rows_seeing(view)
-        if not self.eviction_due(view):
+        if not self.eviction_due(view) or self.layer_state(view).budget is None:  # (None: the prompt left whole)
             return None
         # recent = the newest `recent` real tokens of each row, by position
         end = view.positions.amax(-1, keepdim=True) + 1  # [B, Hk, 1]

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DecodeEvicting, LayerView
+from .base import DecodeEvicting, LayerView, Plan
 from .h2o import HeldState
 
 
@@ -43,13 +43,17 @@ class StreamingLLM(DecodeEvicting):
     def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
         return first_real(view.layout.valid, self.sinks)
 
+    def start_decoding(self, view: LayerView, plan: Plan) -> None:
+        """Hold the layer at what its prompt-space `plan` keeps."""
+        self.layer_state(view).budget = self.growth_budget(view, plan)
+
     def on_prefill(self, view: LayerView):
         plan = self.plan(view)
-        self.layer_state(view).budget = self.growth_budget(view, plan)
+        self.start_decoding(view, plan)
         return {view.layer: self.select(view, plan, self.score(view))}
 
     def on_append(self, view: LayerView):
-        if not self.eviction_due(view):
+        if not self.eviction_due(view) or self.layer_state(view).budget is None:  # (None: the prompt left whole)
             return None
         forced = view.prompt_mask(self.protected(view.layout) | first_real(view.layout.valid, self.sinks))
         return self.keep_at_budget(view, self.layer_state(view).budget, self.score(view), forced)

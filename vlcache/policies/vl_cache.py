@@ -161,12 +161,15 @@ class VLCache(Policy):
             lambda view, plan: self.select(view, plan, view.slot_state["vlcache"]),
         )
 
-    def plans(self, request: Request, seen: int, policy: Policy | None = None) -> dict[int, Plan]:
+    def plans(
+        self, request: Request, seen: int, policy: Policy | None = None, stats: LayerStatistics | None = None
+    ) -> dict[int, Plan]:
         """The prompt-space budgets of the first `seen` layers: the model-wide budget split by density over them.
-        `policy` (default: this one) gives the amounts and the tokens always kept (a composed policy's own)."""
+        `policy` (default: this one) gives the amounts and the tokens always kept, `stats` the densities (default:
+        this method's own); a composed policy passes its own."""
         policy = policy or self
         layers, L = request.layers[:seen], len(request.layers)
-        density = self.densities(request, seen)
+        density = self.densities(request, seen) if stats is None else stats.rows(layers)
         first = request.view(request.layers[0])
         layout = first.layout
         if policy.budget is not None:
