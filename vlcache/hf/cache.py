@@ -240,6 +240,8 @@ class CompressedCache(DynamicCache):
         # prune_at: the sequence positions kept at the prune layer [B, m'] and which of them are filler (or None)
         self.cut: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.bits: dict[str, int] = {}  # bits per modality once quantized (`quantize`), empty while not
+        self.draft = None  # lookahead_draft: the drafting in flight (hf/draft.py), None otherwise
+        self.drafted: torch.Tensor | None = None  # lookahead_draft: the [B, g] tokens it drafted
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 

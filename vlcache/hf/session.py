@@ -24,6 +24,7 @@ from ..quant.config import QuantConfig
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
 from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_untested
+from .draft import check_draftable, run_draft
 from .merge import merge_inputs
 from .model_parts import (
     attention_modules,
@@ -67,6 +68,8 @@ class Session:
         if policy.quantizes:  # a group size that does not divide the head dim fails here, not mid-generate
             cfg = text_config(model)
             QuantConfig.of(policy, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        if policy.lookahead_draft:  # refused here rather than inside the first generate
+            check_draftable(CompressedCache(model.config))
         self.cache: CompressedCache | None = None  # the cache of the forward in flight
         self.prefill_stats: CompressionStats | None = None
         # what the last prefill left, for `prefill_rows` and `prefill_positions`: only the apps read those, so they
@@ -247,6 +250,9 @@ class Session:
 
     def _after(self, module, args, kwargs, output):
         cache = self.cache
+        if cache is not None and cache.draft is not None:  # a draft forward (lookahead_draft): nothing to record
+            self.cache = None
+            return
         if cache is not None and not cache.prefilled:
             unseen = [i for i in cache.compressible() if i not in cache.attended]
             if unseen:
@@ -257,6 +263,9 @@ class Session:
                     "attention; see vlcache/hf/compat.py"
                 )
             self.runner.finish_prefill(cache)
+            if self.policy.lookahead_draft:  # draft the first tokens, then cut every layer (hf/draft.py)
+                run_draft(self, cache, output, kwargs)
+                cache.shared["_lookahead_recorded"] = True
             self._record_prefill(cache)
         elif cache is not None and self.policy.lookahead and not cache.shared.get("_lookahead_recorded"):
             if not any(self.runner.looking(cache, i) for i in cache.compressible()):
@@ -285,6 +294,8 @@ class Session:
         layer = cache.layers[li]
         if not isinstance(layer, CompressibleLayer):
             return stock(module, query, key, value, mask, **kwargs)
+        if cache.draft is not None:
+            return cache.draft.attend(self, module, query, key, value, stock, eager, **kwargs)
         if self.runner.looking(cache, li):
             self.runner.before_attention(cache, li, query, kwargs.get("scaling"))
             layer = cache.layers[li]  # compacted in place, or quantized and then cut

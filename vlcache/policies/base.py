@@ -249,6 +249,11 @@ class Policy:
     - lookahead_share (0.5): the scores are (1 - share) x the prompt rows' mean attention + share x the
       generated rows' mean attention, whatever the number of rows on either side; 1.0 scores by the generated
       rows alone (as Lookahead Q-Cache scores by its pseudo queries alone).
+    - lookahead_draft (False): no waiting (Lookahead Q-Cache, Wang et al., EMNLP 2025, arXiv 2505.20334): right
+      after the prompt, g tokens are drafted greedily with every layer attending only over what the policy keeps
+      from the prompt's rows alone (a cheap, provisional cut); the drafts' queries join the scoring rows, every
+      layer is cut, and the drafts are dropped, so generation starts over the final cache and no step attends over
+      the whole one. Costs g draft forwards over the provisional cache.
 
     KV quantization of what is kept (KIVI / VidKV style, after selection and merging, right after the prefill):
 
@@ -271,6 +276,7 @@ class Policy:
     head_floor: float = 0.2
     lookahead: int = 0
     lookahead_share: float = 0.5
+    lookahead_draft: bool = False
     prune_at: int | None = None
     temporal_merge: float | None = None
     temporal_mode: str = "drop"
@@ -323,6 +329,12 @@ class Policy:
                 f"{type(self).__name__} does not score by attention from a set of rows that generated tokens could "
                 "join: lookahead works with snapkv, pyramidkv and vlcache"
             )
+        if not isinstance(self.lookahead_draft, bool):
+            raise ValueError(f"lookahead_draft must be True or False, got {self.lookahead_draft!r}")
+        if self.lookahead_draft and not self.lookahead:
+            raise ValueError("lookahead_draft drafts the first `lookahead` tokens: set lookahead >= 1 with it")
+        if self.lookahead_draft and (self.vision_bits < 16 or self.text_bits < 16):
+            raise ValueError("lookahead_draft attends over full-precision entries: drop vision_bits / text_bits")
         if self.lookahead and self.prune_at is not None:
             raise ValueError("prune_at cuts the prompt during the prefill, lookahead after it: choose one")
         if self.temporal_merge is not None:
@@ -399,14 +411,30 @@ class Policy:
         if steps < self.lookahead:
             view.slot_state["lookahead_gen"] = gen
             return None
+        return self.lookahead_cut(view, gen, steps)
+
+    def lookahead_cut(self, view: LayerView, gen: torch.Tensor, steps: int) -> dict[int, Selection]:
+        """Cut the layer by the prompt's scoring rows and `steps` generated (or drafted) rows, whose attention
+        summed over them is `gen` [B, H, T]; generated tokens are kept."""
         prompt = view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
         view.slot_state.pop("lookahead_gen", None)
-        st.done = True
+        lookahead_state(view).done = True
         share = self.lookahead_share
         acc = (1.0 - share) * prompt + share * gen / steps
         plan = self.lookahead_plan(view).to_slots(view, keep_generated=True)
         plan = Plan(plan.forced & view.slot_valid, plan.pools)
         return {view.layer: self.select(view, plan, self.ranked(view, acc))}
+
+    def provisional_keep(self, view: LayerView) -> torch.Tensor:
+        """[B, Hk, T] the slots a lookahead cut would keep by the prompt's scoring rows alone (what `lookahead_draft`
+        drafts over), real ones only."""
+        plan = self.lookahead_plan(view).to_slots(view)
+        plan = Plan(plan.forced & view.slot_valid, plan.pools)
+        sel = self.select(view, plan, self.ranked(view, view.slot_state["lookahead"]))
+        keep = torch.zeros_like(view.slot_valid).scatter_(-1, sel.indices, True)
+        if sel.filler is not None:
+            keep.scatter_(-1, sel.indices, ~sel.filler)
+        return keep & view.slot_valid
 
     # ------------------------------------------------------------------ pieces subclasses override
 
