@@ -69,3 +69,28 @@ def test_a_cascaded_layer_is_cut_when_it_is_seen():
         on_layer=lambda cache, li: sizes.append(cache.slot_valid(cache.layers[li])[:, 0].sum(-1)),
     )
     assert all(bool((s < n).all()) for s in sizes)
+
+
+def test_the_high_water_mark_in_generate(tiny_model):
+    # what the cache held at most during the request (CompressionStats.kv_bytes_peak): the paper's VL-Cache holds
+    # every layer whole until the last one is seen, the cascaded one at most the model's budget plus one whole layer
+    import vlcache
+    from vlcache import testing
+
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, ["ab", testing.IMAGE, "cd", testing.IMAGE, "what is it?"]).inputs
+    peaks = {}
+    for name, policy in (
+        ("full", VLCache(vision_budget=1.0)),
+        ("paper", VLCache(vision_budget=0.1)),
+        ("cascading", VLCache(vision_budget=0.1, cascading=True)),
+    ):
+        with vlcache.compress(model, policy) as session:
+            model.generate(**inputs, do_sample=False, max_new_tokens=2)
+        peaks[name] = session.prefill_stats.kv_bytes_peak
+        kept = session.prefill_stats.kv_bytes
+    layers = model.config.text_config.num_hidden_layers
+    one_layer = peaks["full"] / layers
+    assert peaks["paper"] == peaks["full"]
+    assert peaks["cascading"] <= kept + one_layer
+    assert peaks["cascading"] < 0.8 * peaks["full"]

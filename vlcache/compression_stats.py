@@ -30,6 +30,9 @@ class CompressionStats:
     layers: list[LayerStats] = field(default_factory=list)
     kv_bytes: int = 0  # held now, every layer (sliding-window layers included)
     kv_bytes_full: int = 0  # what an uncompressed cache would hold for the same tokens
+    # the most the cache held at any point of the request so far (during the prefill a layer holds its whole prompt
+    # until it is cut, and VL-Cache without cascading holds every layer whole until the last one): its high-water mark
+    kv_bytes_peak: int = 0
     merged: dict[str, int] = field(default_factory=dict)  # vision tokens temporal merging dropped before the model
     bits: dict[str, int] = field(default_factory=dict)  # KV quantization: bits per modality ({} when not quantized)
     # quantized layers' bytes by kind: "codes" (packed), "scales" (scales, zero points, group indices), "full"

@@ -242,6 +242,7 @@ class CompressedCache(DynamicCache):
         self.bits: dict[str, int] = {}  # bits per modality once quantized (`quantize`), empty while not
         self.draft = None  # lookahead_draft: the drafting in flight (hf/draft.py), None otherwise
         self.drafted: torch.Tensor | None = None  # lookahead_draft: the [B, g] tokens it drafted
+        self.kv_peak = 0  # the most bytes held so far (`note_peak`, during the prefill)
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 
@@ -307,6 +308,11 @@ class CompressedCache(DynamicCache):
         layer = self.layers[layer_idx]
         return layer.physical_length if isinstance(layer, CompressibleLayer) else layer.keys.shape[-2]
 
+    def note_peak(self) -> None:
+        """Remember the bytes held now if they are the most so far (the session calls it in each prefill layer, while
+        that layer holds its whole prompt; afterwards the cache only grows by the generated tokens)."""
+        self.kv_peak = max(self.kv_peak, self.nbytes())
+
     def nbytes(self) -> int:
         """Bytes the cache holds now (keys and values of every layer; scales and group indices of quantized ones)."""
         return sum(_layer_nbytes(layer) for layer in self.layers if getattr(layer, "keys", None) is not None)
@@ -369,6 +375,7 @@ class CompressedCache(DynamicCache):
                     out.kv_bytes_by_kind[kind] = out.kv_bytes_by_kind.get(kind, 0) + b
         out.kv_bytes = self.nbytes()
         out.kv_bytes_full = full
+        out.kv_bytes_peak = max(self.kv_peak, out.kv_bytes)
         out.bits = dict(self.bits)
         return out
 

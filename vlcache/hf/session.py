@@ -316,6 +316,7 @@ class Session:
             mask = layer_mask(cache.slot_valid(layer), q, query.shape[1], query.dtype, eager) if needs else None
         if not cache.prefilled:
             cache.attended.add(li)
+            cache.note_peak()  # this layer holds its whole prompt now, before its cut
         with _decode_backends(query) if cache.prefilled else contextlib.nullcontext():
             out = stock(module, query, key, value, mask, **kwargs)
         self.runner.layer_forward(cache, li, query, kwargs.get("scaling"))

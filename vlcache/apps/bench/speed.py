@@ -11,7 +11,8 @@ every policy, as ratios to the full cache (and end to end to plain Hugging Face)
 The model is a Qwen2-VL built from a config with random weights (speed does not depend on them) and a one-layer
 vision tower; prompts are many images of 256 tokens each plus a question. Peak memory is what the run allocates
 on top of the model: torch.cuda's peak on a GPU; on a CPU, the peak of live tensor storage seen by a dispatch mode
-(buffers internal to fused kernels are not seen). On a GPU, decode also reports the bandwidth it achieves
+(buffers internal to fused kernels are not seen). "KV peak" is the cache's own high-water mark during the request
+(`CompressionStats.kv_bytes_peak`): what a policy controls, apart from the prefill's activations. On a GPU, decode also reports the bandwidth it achieves
 (weights + KV read per token, over the measured copy bandwidth).
 """
 
@@ -117,12 +118,14 @@ def measure(model, inputs, policy, new_tokens: int, device, repeat: int = 1) -> 
     runs += [run() for _ in range(repeat - 1)]
     r = runs[0]
     kv = r.prefill_stats.kv_bytes if r.prefill_stats else None
+    kv_peak = r.prefill_stats.kv_bytes_peak if r.prefill_stats else None
     merged = sum(r.prefill_stats.merged.values()) if r.prefill_stats else 0
     return dict(
         prefill_s=_median([x.prefill_s for x in runs]),
         decode_ms=_median([x.decode_ms_per_token for x in runs]),
         total_s=_median([x.total_s for x in runs]),
         kv_bytes=kv,
+        kv_peak_bytes=kv_peak,
         peak_bytes=peak,
         merged=merged,
         tokens=r.tokens,
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
                     prefill_ratio=m["prefill_s"] / base["prefill_s"],
                     decode_ratio=m["decode_ms"] / base["decode_ms"],
                     kv_ratio=(m["kv_bytes"] / base["kv_bytes"]) if m["kv_bytes"] else None,
+                    kv_peak_ratio=(m["kv_peak_bytes"] / base["kv_peak_bytes"]) if m["kv_peak_bytes"] else None,
                     peak_ratio=m["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None,
                     agreement=sum(a == b for a, b in zip(m["tokens"], base["tokens"])) / len(base["tokens"]),
                 )
@@ -245,7 +249,8 @@ def print_block(rows, n):
     w = max(13, *(len(r["policy"]) for r in rows))
     print(
         f"{'policy':<{w}} {'prefill s':>10} {'x full':>7} {'decode ms/t':>12} {'x full':>7} {'e2e s':>8} {'x plain':>7} "
-        f"{'KV MiB':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'merged':>7} {'agree':>6}"
+        f"{'KV MiB':>8} {'x full':>7} {'KV peak':>8} {'x full':>7} {'peak MiB':>9} {'x full':>7} {'merged':>7} "
+        f"{'agree':>6}"
     )
     for r in rows:
         if r["n"] != n:
@@ -255,11 +260,12 @@ def print_block(rows, n):
             return f"{r[key]:>7.2f}" if r.get(key) is not None else f"{'-':>7}"
 
         kv = f"{r['kv_bytes'] / 2**20:>8.1f}" if r["kv_bytes"] else f"{'-':>8}"
+        kv_peak = f"{r['kv_peak_bytes'] / 2**20:>8.1f}" if r.get("kv_peak_bytes") else f"{'-':>8}"
         agree = f"{r['agreement']:>6.2f}" if "agreement" in r else f"{'-':>6}"
         print(
             f"{r['policy']:<{w}} {r['prefill_s']:>10.3f} {ratio('prefill_ratio')} {r['decode_ms']:>12.2f} {ratio('decode_ratio')} "
             f"{r['total_s']:>8.3f} {ratio('total_vs_plain')} "
-            f"{kv} {ratio('kv_ratio')} {r['peak_bytes'] / 2**20:>9.1f} {ratio('peak_ratio')} {r.get('merged', 0):>7} {agree}"
+            f"{kv} {ratio('kv_ratio')} {kv_peak} {ratio('kv_peak_ratio')} {r['peak_bytes'] / 2**20:>9.1f} {ratio('peak_ratio')} {r.get('merged', 0):>7} {agree}"
         )
 
 
