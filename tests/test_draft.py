@@ -83,3 +83,18 @@ def test_a_model_with_sliding_window_layers_is_refused(tiny_model):
     model = tiny_model("gemma3")
     with pytest.raises(ValueError, match="sliding-window layers"):
         vlcache.attach(model, VLCache(vision_budget=0.1, lookahead=1, lookahead_draft=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_draft_is_lookahead_one(tiny_model, family):
+    # a single draft is the prompt's next token, whose row joins before any layer attends: the cut, and so the
+    # output, of `lookahead=1`, which cuts each layer right before the first step's attention
+    model = tiny_model(family)
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
+    out_wait, wait = _generate(model, inputs, VLCache(vision_budget=0.1, lookahead=1))
+    out_draft, draft = _generate(model, inputs, VLCache(vision_budget=0.1, lookahead=1, lookahead_draft=True))
+    assert torch.equal(out_draft, out_wait)
+    a, b = wait.prefill_positions, draft.prefill_positions
+    n = inputs["input_ids"].shape[1]
+    for li in a:  # (the waiting cut also holds the generated token, at position n)
+        assert torch.equal(a[li].masked_select(a[li] < n), b[li].masked_select(b[li] < n))

@@ -1,11 +1,13 @@
 """Lookahead without waiting (`lookahead_draft`, after Lookahead Q-Cache, arXiv 2505.20334).
 
 Right after the prompt's forward, before `generate` takes its first step: every layer still holds the whole prompt
-(lookahead keeps it) and the prompt's scoring rows' attention. We draft g tokens greedily, each forward attending in
-every layer only over the provisional cut (what the policy keeps by the prompt's rows alone) plus the drafts so
-far, while the drafts' queries are scored against the whole layer. Then the drafts' entries are rolled back, every
-layer is cut by the prompt's rows and the drafts' together, and `generate` goes on from the prompt's logits over
-the final cache: the drafts are pseudo queries, never output.
+(lookahead keeps it) and the prompt's scoring rows' attention. We draft g tokens greedily. In every layer a draft
+row is first scored against the whole layer, then attends only over the cut that the rows so far give (the
+prompt's and the drafts', this one included) plus the drafts: a provisional cut that sharpens with every draft.
+Then the drafts' entries are rolled back, every layer is cut by all the rows, and `generate` goes on from the
+prompt's logits over the final cache: the drafts are pseudo queries, never output. With g = 1 this is exactly
+`lookahead=1` (that cut, before the first step's attention); Lookahead Q-Cache drafts over a fixed SnapKV cut
+instead, which on the embedded models loses the answer's patch before the drafts can look for it.
 
 The draft forwards go through the model's own `prepare_inputs_for_generation` (positions, M-RoPE deltas and masks
 as `generate` would make them), with the cache under the keyword the installed transformers uses.
@@ -31,29 +33,29 @@ def check_draftable(cache: CompressedCache) -> None:
 
 
 class Draft:
-    """The state of one drafting: the provisional cut per layer, the lengths to roll back to, the drafts' rows."""
+    """The state of one drafting: the lengths to roll back to, the drafts' rows, the drafted tokens."""
 
-    def __init__(self, cache: CompressedCache, keep: dict[int, torch.Tensor]):
-        self.keep = keep  # layer -> [B, Hk, T] provisional slots of the prompt
-        self.length = {li: cache.layers[li].physical_length for li in keep}
-        self.seen = {li: cache.layers[li].seen for li in keep}
+    def __init__(self, cache: CompressedCache, layers: list[int]):
+        self.length = {li: cache.layers[li].physical_length for li in layers}
+        self.seen = {li: cache.layers[li].seen for li in layers}
         self.seq_valid = cache.seq_valid
         self.rows: dict[int, torch.Tensor] = {}  # layer -> [B, H, T] the drafts' attention over the prompt, summed
         self.steps = 0
         self.tokens: list[torch.Tensor] = []  # [B, 1] each drafted token (the first is the prompt's own next token)
 
     def attend(self, session, module, query, key, value, stock, eager: bool, **kwargs):
-        """One draft row in one layer: score it against the whole layer, attend over the provisional cut only."""
+        """One draft row in one layer: score it against the whole layer, then attend over the cut that the rows so
+        far (this one included) give, plus the drafts."""
         cache, li = session.cache, module.layer_idx
         layer = cache.layers[li]
         view = session.runner.view(cache, li, query, kwargs.get("scaling"))
-        T0 = self.length[li]
+        T0, T = self.length[li], view.slots
         with torch.no_grad():
             probs = view.probs(slice(None)).sum(2)[..., :T0]  # the prompt slots are what the cut chooses among
-        self.rows[li] = probs if li not in self.rows else self.rows[li] + probs
-        valid = cache.slot_valid(layer)
-        drafted = torch.ones_like(valid[..., T0:])
-        allowed = torch.cat([self.keep[li], drafted], dim=-1) & valid
+            rows = self.rows[li] = probs if li not in self.rows else self.rows[li] + probs
+            gen = torch.nn.functional.pad(rows, (0, T - T0))
+            keep = session.policy.provisional_keep(view, gen, self.steps + 1)
+        allowed = (keep | (view.positions >= T0)) & cache.slot_valid(layer)
         mask = layer_mask(allowed, query.shape[2], query.shape[1], query.dtype, eager)
         return stock(module, query, key, value, mask, **kwargs)
 
@@ -75,9 +77,7 @@ def run_draft(session, cache: CompressedCache, output, kwargs) -> None:
     policy, runner, model = session.policy, session.runner, session.model
     check_draftable(cache)
     layers = cache.compressible()
-    with torch.no_grad():
-        keep = {li: policy.provisional_keep(runner.view(cache, li)) for li in layers}
-    draft = Draft(cache, keep)
+    draft = Draft(cache, layers)
     ids = kwargs["input_ids"]
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else torch.ones_like(ids)

@@ -416,25 +416,33 @@ class Policy:
     def lookahead_cut(self, view: LayerView, gen: torch.Tensor, steps: int) -> dict[int, Selection]:
         """Cut the layer by the prompt's scoring rows and `steps` generated (or drafted) rows, whose attention
         summed over them is `gen` [B, H, T]; generated tokens are kept."""
-        prompt = view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
+        scores = self.lookahead_scores(view, gen, steps)
+        view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
         view.slot_state.pop("lookahead_gen", None)
         lookahead_state(view).done = True
-        share = self.lookahead_share
-        acc = (1.0 - share) * prompt + share * gen / steps
         plan = self.lookahead_plan(view).to_slots(view, keep_generated=True)
         plan = Plan(plan.forced & view.slot_valid, plan.pools)
-        return {view.layer: self.select(view, plan, self.ranked(view, acc))}
+        return {view.layer: self.select(view, plan, scores)}
 
-    def provisional_keep(self, view: LayerView) -> torch.Tensor:
-        """[B, Hk, T] the slots a lookahead cut would keep by the prompt's scoring rows alone (what `lookahead_draft`
-        drafts over), real ones only."""
+    def lookahead_scores(self, view: LayerView, gen: torch.Tensor | None, steps: int) -> torch.Tensor:
+        """[B, Hk, T] what a lookahead cut ranks by: the prompt's scoring rows' mean attention and that of `steps`
+        generated (or drafted) rows, whose sum is `gen` [B, H, T], weighed by `lookahead_share`."""
+        prompt = view.slot_state["lookahead"]
+        if gen is None or steps == 0:
+            return self.ranked(view, prompt)
+        share = self.lookahead_share
+        return self.ranked(view, (1.0 - share) * prompt + share * gen / steps)
+
+    def provisional_keep(self, view: LayerView, gen: torch.Tensor | None = None, steps: int = 0) -> torch.Tensor:
+        """[B, Hk, T] the prompt slots a lookahead cut by the rows so far (`lookahead_scores`) would keep, real ones
+        only: what a draft step attends over (`lookahead_draft`)."""
         plan = self.lookahead_plan(view).to_slots(view)
         plan = Plan(plan.forced & view.slot_valid, plan.pools)
-        sel = self.select(view, plan, self.ranked(view, view.slot_state["lookahead"]))
+        sel = self.select(view, plan, self.lookahead_scores(view, gen, steps))
         keep = torch.zeros_like(view.slot_valid).scatter_(-1, sel.indices, True)
         if sel.filler is not None:
             keep.scatter_(-1, sel.indices, ~sel.filler)
-        return keep & view.slot_valid
+        return keep & view.slot_valid & (view.positions < view.layout.length)
 
     # ------------------------------------------------------------------ pieces subclasses override
 
