@@ -240,6 +240,8 @@ class CompressedCache(DynamicCache):
         # prune_at: the sequence positions kept at the prune layer [B, m'] and which of them are filler (or None)
         self.cut: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.bits: dict[str, int] = {}  # bits per modality once quantized (`quantize`), empty while not
+        self.static = None  # static_cache.Frozen while compiled decode holds the layers frozen
+        self.decode_room: int | None = None  # inside generate: tokens still to come (the frozen layers' room)
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 
@@ -288,6 +290,9 @@ class CompressedCache(DynamicCache):
         """A later forward appends tokens; `valid` [B, q] marks which are real (not padding)."""
         valid = valid.to(self.seq_valid.device).bool()
         self.seq_valid = torch.cat([self.seq_valid, valid], dim=-1)
+        if self.static is not None:  # frozen: the step's token validity goes to the device, padding is read at thaw
+            self.static.step_valid.copy_(valid[:, -1])
+            return
         self.padded = self.padded or not bool(valid.all())
 
     def compressible(self) -> list[int]:

@@ -174,6 +174,20 @@ def init_layer(layer, keys, values) -> None:
     layer.lazy_initialization(keys, values)
 
 
+def sliding_state(layer) -> tuple[int, int] | None:
+    """(window, tokens seen) of a stock sliding-window layer, or None for any other layer."""
+    window = getattr(layer, "sliding_window", None)
+    if not isinstance(window, int) or not hasattr(layer, "cumulative_length"):
+        return None
+    return window, layer.cumulative_length
+
+
+def restore_sliding(layer, keys, values, seen: int) -> None:
+    """Make a stock sliding-window layer hold `keys` / `values` (its last window - 1 tokens) after `seen` tokens."""
+    layer.keys, layer.values = keys.contiguous(), values.contiguous()
+    layer.cumulative_length = seen
+
+
 def replicate_layers_as(cache, layer_class) -> None:
     """Make a config-less cache build its layers from `layer_class` on first update."""
     cache.layer_class_to_replicate = layer_class
