@@ -49,7 +49,8 @@ class CompiledDecode:
         self.mass = bool(getattr(policy, "decode_mass", False)) and runner.appends
         self._eager = None
         self._compiled = None
-        self.steps = 0  # compiled steps run (tests count them)
+        self.capture = True  # False runs the frozen steps uncompiled (tests, debugging: same cache, no compile time)
+        self.steps = 0  # frozen steps run
 
     def attach(self) -> None:
         self._eager = self.decoder.forward
@@ -59,6 +60,8 @@ class CompiledDecode:
         self.decoder.__dict__.pop("forward", None)
 
     def compiled(self, device: torch.device):
+        if not self.capture:
+            return self._eager
         if self._compiled is None:
             self._compiled = torch.compile(self._eager, mode=compile_mode(device), dynamic=False)
         return self._compiled
@@ -83,9 +86,14 @@ class CompiledDecode:
         if self.every:
             cache.static.pending += 1
             if cache.static.pending >= self.every:
-                cache.static.pending = 0
                 self.evict(cache)
         return out
+
+    def flush(self, cache: CompressedCache) -> None:
+        """At the end of generate: the steps since the last eviction go through the policy too (they are not due to
+        evict, but their scores count, as they do decoding uncompiled), so the thawed cache is the eager one."""
+        if cache.static is not None and cache.static.pending:
+            self.evict(cache)
 
     def _steps(self, cache, kwargs) -> bool:
         """Whether this forward is a decode step the compiled forward takes: one new token of a prefilled cache,
@@ -101,8 +109,8 @@ class CompiledDecode:
         return True
 
     def evict(self, cache: CompressedCache) -> None:
-        """The policy's `on_append` of the last `every` steps, eagerly (see the module docstring)."""
-        k = self.every
+        """The policy's `on_append` of the steps since the last call, eagerly (see the module docstring)."""
+        k, cache.static.pending = cache.static.pending, 0
         for li, layer in enumerate(cache.layers):
             if not isinstance(layer, StaticLayer) or not isinstance(layer.inner, CompressibleLayer):
                 continue
@@ -128,7 +136,7 @@ class CompiledDecode:
                 sels = self.policy.on_append(view)
             if sels and r < k - 1:
                 raise RuntimeError(
-                    f"{self.policy.name} evicted {k - 1 - r} steps before its evict_every={k} was due; "
+                    f"{self.policy.name} evicted {k - 1 - r} steps before its evict_every={self.every} was due; "
                     "compiled decode cannot replay that"
                 )
             self.runner.apply(cache, sels)
@@ -138,7 +146,7 @@ class CompiledDecode:
         T = layer.filled
         inner.state["decode_mass"] = layer.mass[..., :T].clone()
         inner.state["decode_mass_last"] = layer.mass_last[..., :T].clone()
-        view = self.runner.view(cache, li, layer.rows, inner.state.get("_scale"))
+        view = self.runner.view(cache, li, layer.rows[:, :, :k], inner.state.get("_scale"))
         try:
             with torch.no_grad():
                 sels = self.policy.on_append(view)

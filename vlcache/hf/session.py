@@ -186,6 +186,8 @@ class Session:
         finally:
             self._request_inputs = {}
             cache.decode_room = None
+            if self.decode is not None:
+                self.decode.flush(cache)
             thaw(cache)  # the dynamic layers back, for stats and a chat's next turn
         if cache.layout is None or not cache.prefilled:
             raise RuntimeError(
