@@ -103,6 +103,7 @@ CACHE_ATTRIBUTES = (
     "DynamicCache().layer_class_to_replicate",  # the class a config-less cache builds its layers from
     "DynamicLayer.keys / .values / .is_initialized",
     "Qwen2VLModel.rope_deltas",  # generate's M-RoPE offset for the tokens after the prompt
+    "DynamicSlidingWindowLayer.sliding_window / .cumulative_length",  # compiled decode freezes and restores it
 )
 
 

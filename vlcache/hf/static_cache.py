@@ -58,6 +58,11 @@ class StaticLayer(DynamicLayer):
         self.row = torch.tensor(0, device=k.device)
         self.mass = self.mass_last = None  # [B, Hk, C] attention mass since the last eviction / of the last step
         self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        # the inner layer lets go of its own tensors (views of the buffers from now on): the cache is held once
+        if isinstance(inner, CompressibleLayer):
+            self.settle()
+        else:
+            inner.keys, inner.values = self.keys[:, :, :0], self.values[:, :, :0]
 
     def buffers(self) -> list[torch.Tensor]:
         out = [self.keys, self.values, self.pos, self.valid, self.slot, self.next_pos, self.row]
