@@ -7,10 +7,13 @@
 #   4. (prefill) end to end at 128K tokens, 100 new tokens, vision budget 10%: prune_at and temporal merging
 #      against plain Hugging Face (issue 18's target: >= 2.5x faster end to end);
 #   5. (quant) KV quantization: its Triton decode-attention tests natively, then its benchmark at 7B dimensions,
-#      32K tokens (quantized rows against the same policy at 16 bits; about 2 minutes).
+#      32K tokens (quantized rows against the same policy at 16 bits; about 2 minutes);
+#   6. (decode) compiled decode: the decode-mass kernel's tests natively, then decode ms/token eager vs compiled
+#      (CUDA graphs) at 7B dimensions, 8K and 128K tokens, against plain Hugging Face and the full cache, with the
+#      bandwidth fraction (issue 19; under 3 minutes).
 # Each step runs under its own time limit and a failure does not stop the next one.
 # Results land in $OUT (or out/gpu when run by hand).
-#   bash scripts/gpu_check.sh [kernel-tests|kernels|speed|prefill|quant|reuse ...]   (default: kernel-tests prefill quant)
+#   bash scripts/gpu_check.sh [kernel-tests|kernels|speed|prefill|quant|reuse|decode ...]   (default: kernel-tests prefill quant)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu}"
@@ -37,6 +40,9 @@ for step in "${steps[@]}"; do
       timeout 150 python3 -m vlcache.apps.bench.quant --parts speed --preset qwen2vl-7b --sizes 32768 \
         --speed-rows "full,full:vision_bits=8;text_bits=8,full:vision_bits=4;text_bits=4,vlcache,vlcache:vision_bits=4;text_bits=8" \
         --out "$OUT" 2>&1 | tee "$OUT/quant_gpu.txt" ;;
+    decode) timeout 30 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -k decode 2>&1 | tail -5 | tee "$OUT/decode_tests.txt"
+      timeout 150 python3 -m vlcache.apps.bench.decode --preset qwen2vl-7b --sizes 8192,131072 \
+        --policies "snapkv,h2o:evict_every=16" --new-tokens 32 --out "$OUT/decode" 2>&1 | tee "$OUT/decode_gpu.txt" ;;
     reuse) timeout 300 python3 -m vlcache.apps.bench.reuse --device cuda --out "$OUT" 2>&1 | tee "$OUT/reuse_gpu.txt" ;;
     *) echo "unknown step $step" ;;
   esac

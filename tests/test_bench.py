@@ -104,3 +104,15 @@ def test_quant_speed_part(tmp_path):
     assert out["full:vision_bits=4;text_bits=4"]["kv_ratio"] < 0.25  # 4-bit codes + fp16 scales against fp32
     assert out["full:vision_bits=4;text_bits=4"]["decode_vs_16bit"] > 0 and out["full"]["kv_ratio"] == 1.0
     assert (tmp_path / "quant.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # two compiled graphs (about 15 s); the full suite runs it
+def test_decode_quick(tmp_path):
+    assert main(["bench", "decode", "--quick", "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert {(r["policy"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("full", "snapkv", "h2o") for m in ("eager", "compiled")
+    }
+    assert all(r["same_tokens"] for r in rows)  # compiled decoding gives the eager tokens
+    assert all(r["vs_full"] == 1.0 for r in rows if r["policy"] == "full")
+    assert (tmp_path / "decode.png").exists()

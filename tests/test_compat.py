@@ -43,6 +43,20 @@ def test_the_cache_layer_internals_vlcache_relies_on():
     assert layer.keys.shape == (1, 1, 3, 8) and layer.values.shape == (1, 1, 3, 8)
 
 
+def test_the_sliding_window_layer_internals_compiled_decode_relies_on():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    layer = DynamicSlidingWindowLayer(sliding_window=4)
+    k = torch.randn(1, 1, 6, 8)
+    layer.update(k, k)
+    assert compat.sliding_state(layer) == (4, 6), "sliding_window / cumulative_length moved: update compat.py"
+    compat.restore_sliding(layer, k[:, :, -3:], k[:, :, -3:], 7)
+    assert layer.get_seq_length() == 7 and torch.equal(layer.keys, k[:, :, -3:])
+    out, _ = layer.update(k[:, :, :1], k[:, :, :1])
+    assert out.shape[2] == 4  # the restored window plus the new token, as the stock layer attends
+    assert compat.sliding_state(compat.require("DynamicLayer")()) is None
+
+
 def test_qwen_keeps_rope_deltas_on_its_inner_model(tiny_model):
     model = tiny_model("qwen2_vl")
     assert hasattr(model.model, "rope_deltas"), "generate's M-RoPE offset moved: update compat.set_rope_deltas"

@@ -8,6 +8,7 @@ triton = pytest.importorskip("triton")
 
 from vlcache import kernels  # noqa: E402
 from vlcache.kernels import reference as ref  # noqa: E402
+from vlcache.kernels.triton_decode_mass import decode_attention  # noqa: E402
 from vlcache.kernels.triton_gather import gather_kv  # noqa: E402
 from vlcache.kernels.triton_merge import merge_kv  # noqa: E402
 from vlcache.kernels.triton_similarity import similarity_assign  # noqa: E402
@@ -138,3 +139,49 @@ def test_dispatcher_uses_the_reference_off_cuda(monkeypatch):
     assert kernels.backend("cpu") == "reference"
     monkeypatch.setenv("VLCACHE_KERNELS", "reference")
     assert kernels.backend("cuda") == "reference"
+
+
+# (slots T, head dim d, GQA group g, query rows R): one slot, a block and one over (65), no power of two anywhere
+DECODE_SHAPES = [(1, 64, 1, 1), (65, 60, 4, 1), (130, 80, 7, 3), (200, 128, 2, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "T{}-d{}-g{}-R{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["rows-see-all", "causal-rows"])
+def test_decode_attention_and_its_mass_match_the_reference(shape, dtype, causal):
+    T, d, g, R = shape
+    B, HK = 2, 2
+    gen = torch.Generator().manual_seed(T + d + g + R)
+    q = _randn(B, HK * g, R, d, dtype=dtype, gen=gen)
+    k = _randn(B, HK, T, d, dtype=dtype, gen=gen)
+    v = _randn(B, HK, T, d // 2 + 3, dtype=dtype, gen=gen)  # values of another width
+    valid = (torch.rand(B, HK, T, generator=gen) > 0.3).to(DEVICE)
+    valid[..., -1] = True
+    valid[1, 1] = False  # a KV head that sees nothing: zeros, not NaN
+    q_pos = torch.randint(0, T, (B, R), generator=gen).to(DEVICE) if causal else None
+    out, mass = decode_attention(q, k, v, valid, d**-0.5, q_pos)
+    want_out, want_mass = ref.decode_attention(q, k, v, valid, d**-0.5, q_pos)
+    assert out.dtype == dtype and out.shape == want_out.shape and mass.shape == (B, HK, T)
+    assert not torch.isnan(out).any() and not torch.isnan(mass).any()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the output is rounded to bf16 once
+    torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(mass, want_mass, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(out[1, g : 2 * g], torch.zeros_like(out[1, g : 2 * g])) and not mass[1, 1].any()
+
+
+def test_decode_mass_is_h2os_score_of_the_rows():
+    """The reference's mass is group_reduce(colsum, Hk, "mean") of attention_stats over the same rows, and its output
+    is softmax attention (the two passes it replaces)."""
+    gen = torch.Generator().manual_seed(0)
+    B, HK, g, R, T, d = 2, 2, 3, 2, 40, 16
+    q, k = torch.randn(B, HK * g, R, d, generator=gen), torch.randn(B, HK, T, d, generator=gen)
+    v = torch.randn(B, HK, T, d, generator=gen)
+    valid = torch.rand(B, HK, T, generator=gen) > 0.2
+    q_pos = torch.tensor([[30, 39], [20, 39]])
+    out, mass = ref.decode_attention(q, k, v, valid, 0.25, q_pos)
+    stats = ref.attention_stats(q, k, 0.25, q_pos, valid)
+    torch.testing.assert_close(mass, ref.group_reduce(stats.colsum, HK, "mean"), atol=1e-6, rtol=1e-6)
+    probs = ref.attention_probs(q, k, 0.25, q_pos, valid)
+    want = torch.matmul(probs, v.repeat_interleave(g, dim=1))
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    assert kernels.decode_attention(q, k, v, valid, 0.25, q_pos)[1].equal(mass)  # the dispatcher, off CUDA

@@ -10,26 +10,27 @@ from .policies import Policy, make_policy
 from .reuse import ImageKVStore
 
 
-def attach(model, policy: Policy | str = "snapkv", *, processor=None, **settings) -> Session:
+def attach(model, policy: Policy | str = "snapkv", *, processor=None, compile: bool = False, **settings) -> Session:
     """Attach a policy to a Hugging Face model until `session.detach()`. `policy` is a Policy or a name with its
     settings as keywords (`attach(model, "snapkv", budget=0.1)`). `processor` (optional) lets vlcache find marker
-    tokens the config does not name (Idefics3's <global-img>, InternVL's <img>)."""
+    tokens the config does not name (Idefics3's <global-img>, InternVL's <img>). `compile=True` runs the decode steps
+    as one torch.compile'd forward over a static-capacity cache (CUDA graphs on CUDA): see hf/compiled_decode.py."""
     if isinstance(policy, str):
         policy = make_policy(policy, **settings)
     elif settings:
         raise ValueError(f"settings {sorted(settings)} go into the policy object, not next to it")
-    return Session(model, policy, processor).attach()
+    return Session(model, policy, processor, compile=compile).attach()
 
 
 @contextmanager
-def compress(model, policy: Policy | str = "snapkv", *, processor=None, **settings):
+def compress(model, policy: Policy | str = "snapkv", *, processor=None, compile: bool = False, **settings):
     """Compress the KV cache of every `model.generate(...)` (or forward given a session cache) inside the block.
 
     with vlcache.compress(model, SnapKV(budget=0.1)) as session:
         out = model.generate(**inputs, max_new_tokens=64)
     print(session.stats.summary())
     """
-    session = attach(model, policy, processor=processor, **settings)
+    session = attach(model, policy, processor=processor, compile=compile, **settings)
     try:
         yield session
     finally:

@@ -52,8 +52,9 @@ def caption_batch(model, processor, items, policy, args, compare: bool, config: 
         processor, [fr for _, fr in items], args.question, device=next(model.parameters()).device
     )
     max_new = max_new_tokens(model, args)
-    run = timed_run.run(model, processor, inputs, policy, max_new)
-    full = timed_run.run(model, processor, inputs, Full(), max_new) if compare else None
+    compiled = getattr(args, "compile", False)
+    run = timed_run.run(model, processor, inputs, policy, max_new, compile=compiled)
+    full = timed_run.run(model, processor, inputs, Full(), max_new, compile=compiled) if compare else None
     records = []
     for b, (path, frames) in enumerate(items):
         st = run.row_stats[b]
@@ -81,7 +82,7 @@ def caption_batch(model, processor, items, policy, args, compare: bool, config: 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .command_line import add_budget_args
+    from .command_line import add_budget_args, add_compile_arg
 
     p = argparse.ArgumentParser(prog="vlcache caption", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -95,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--policy", default="vlcache")
     add_budget_args(p, default="--vision-budget 0.25")
+    add_compile_arg(p)
     p.add_argument("--frames", type=int, default=8, help="frames spread uniformly over each video")
     p.add_argument("--fps", type=float, default=None, help="sample at this rate instead of --frames")
     p.add_argument("--max-frames", type=int, default=64, help="cap on frames per video")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..policies import POLICIES
-from .command_line import add_budget_args, policy_from_args, run_main
+from .command_line import add_budget_args, add_compile_arg, policy_from_args, run_main
 
 
 def first_sentence(doc: str) -> str:
@@ -100,7 +100,7 @@ def cmd_compare(args) -> int:
     print(header)
     print("-" * len(header))
     for policy in policies:
-        r = run(model, processor, inputs, policy, max_new)
+        r = run(model, processor, inputs, policy, max_new, compile=args.compile)
         s = r.prefill_stats
         vision = s.kept("image") + s.kept("video")
         print(
@@ -110,7 +110,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-BENCHES = ("quality", "speed", "kernels", "peer", "reuse", "quant")
+BENCHES = ("quality", "speed", "decode", "kernels", "peer", "reuse", "quant")
 
 
 def run_bench(argv: list[str]) -> int:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 9 for the embedded model "
                    "(its longest answer), else 32")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="of the synthetic video")
+    add_compile_arg(p)
     p.set_defaults(func=cmd_compare)
 
     sub.add_parser("caption", help="caption videos into JSONL with a compressed cache (vlcache caption --help)")
@@ -171,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="list the policies with their settings")
     p.set_defaults(func=cmd_policies)
 
-    sub.add_parser("bench", help="benchmarks: quality, speed, kernels, peer, reuse, quant (vlcache bench NAME --help)")
+    sub.add_parser(
+        "bench", help="benchmarks: quality, speed, decode, kernels, peer, reuse, quant (vlcache bench NAME --help)"
+    )
     sub.add_parser("demo", help="the Gradio demo: compare answers with and without compression (vlcache demo --help)")
     return parser
 

@@ -80,6 +80,14 @@ def add_budget_args(p: argparse.ArgumentParser, default: str = "--budget 0.1") -
     p.epilog = ((p.epilog or "") + f" Without a budget flag: {default}.").strip()
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode steps over a static-capacity cache (torch.compile; CUDA graphs on a GPU)",
+    )
+
+
 def run_main(fn, *args) -> int:
     """Run a command; user mistakes end in one line on stderr and exit status 2, not a traceback."""
     try:

@@ -51,9 +51,17 @@ class RunResult:
         return 1000 * float(np.median(self.step_s)) if self.step_s else float("nan")
 
 
-def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: int = 32, **generate_kw) -> RunResult:
+def run(
+    model,
+    processor,
+    inputs: dict,
+    policy: Policy | None,
+    max_new_tokens: int = 32,
+    compile: bool = False,
+    **generate_kw,
+) -> RunResult:
     """One greedy generation, compressed by `policy` (None: plain Hugging Face), with prefill and decode times
-    taken around the model's forwards."""
+    taken around the model's forwards; `compile`: the decode steps compiled (`vlcache.compress(..., compile=True)`)."""
     times: list[float] = []
     marks: list[float] = []
 
@@ -65,7 +73,7 @@ def run(model, processor, inputs: dict, policy: Policy | None, max_new_tokens: i
         _sync(model)
         times.append(time.perf_counter() - marks[-1])
 
-    with vlcache.compress(model, policy) if policy is not None else nullcontext() as session:
+    with vlcache.compress(model, policy, compile=compile) if policy is not None else nullcontext() as session:
         # registered inside the session, so that the times enclose its hooks too (the whole-model step after the
         # prompt, VL-Cache's global selection, is part of the prefill)
         handles = [model.register_forward_pre_hook(pre, prepend=True), model.register_forward_hook(post)]

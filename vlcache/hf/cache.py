@@ -243,6 +243,8 @@ class CompressedCache(DynamicCache):
         self.draft = None  # lookahead_draft: the drafting in flight (hf/draft.py), None otherwise
         self.drafted: torch.Tensor | None = None  # lookahead_draft: the [B, g] tokens it drafted
         self.kv_peak = 0  # the most bytes held so far (`note_peak`, during the prefill)
+        self.static = None  # static_cache.Frozen while compiled decode holds the layers frozen
+        self.decode_room: int | None = None  # inside generate: tokens still to come (the frozen layers' room)
 
     # ---------------------------------------------------------------- bookkeeping driven by the forward hooks
 
@@ -291,6 +293,9 @@ class CompressedCache(DynamicCache):
         """A later forward appends tokens; `valid` [B, q] marks which are real (not padding)."""
         valid = valid.to(self.seq_valid.device).bool()
         self.seq_valid = torch.cat([self.seq_valid, valid], dim=-1)
+        if self.static is not None:  # frozen: the step's token validity goes to the device, padding is read at thaw
+            self.static.step_valid.copy_(valid[:, -1])
+            return
         self.padded = self.padded or not bool(valid.all())
 
     def compressible(self) -> list[int]:

@@ -103,6 +103,7 @@ CACHE_ATTRIBUTES = (
     "DynamicCache().layer_class_to_replicate",  # the class a config-less cache builds its layers from
     "DynamicLayer.keys / .values / .is_initialized",
     "Qwen2VLModel.rope_deltas",  # generate's M-RoPE offset for the tokens after the prompt
+    "DynamicSlidingWindowLayer.sliding_window / .cumulative_length",  # compiled decode freezes and restores it
 )
 
 
@@ -172,6 +173,20 @@ def output_cache(output):
 def init_layer(layer, keys, values) -> None:
     """Give an empty `DynamicLayer` its device (and, before 5.24, dtype) from the first tensors it will hold."""
     layer.lazy_initialization(keys, values)
+
+
+def sliding_state(layer) -> tuple[int, int] | None:
+    """(window, tokens seen) of a stock sliding-window layer, or None for any other layer."""
+    window = getattr(layer, "sliding_window", None)
+    if not isinstance(window, int) or not hasattr(layer, "cumulative_length"):
+        return None
+    return window, layer.cumulative_length
+
+
+def restore_sliding(layer, keys, values, seen: int) -> None:
+    """Make a stock sliding-window layer hold `keys` / `values` (its last window - 1 tokens) after `seen` tokens."""
+    layer.keys, layer.values = keys.contiguous(), values.contiguous()
+    layer.cumulative_length = seen
 
 
 def replicate_layers_as(cache, layer_class) -> None:

@@ -24,6 +24,7 @@ from ..quant.config import QuantConfig
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
 from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_untested
+from .compiled_decode import CompiledDecode
 from .draft import check_draftable, run_draft
 from .merge import merge_inputs
 from .model_parts import (
@@ -39,6 +40,8 @@ from .model_parts import (
 from .policy_runner import PolicyRunner
 from .prune import cut_layer_inputs
 from .quantized import QuantizedLayer
+from .static_cache import StaticLayer, thaw
+from .static_cache import attend as attend_static
 
 
 def _decode_backends(query: torch.Tensor):
@@ -55,10 +58,18 @@ def _decode_backends(query: torch.Tensor):
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def _room(kwargs: dict, gc, ids) -> int:
+    """Tokens this generate may still append (what a frozen layer leaves room for)."""
+    new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
+    if new is None:
+        new = kwargs.get("max_length", getattr(gc, "max_length", None) or 20) - (0 if ids is None else ids.shape[-1])
+    return max(1, int(new))
+
+
 class Session:
     """One policy attached to one model. Use through `vlcache.compress(...)` or `vlcache.attach(...)`."""
 
-    def __init__(self, model, policy: Policy, processor=None):
+    def __init__(self, model, policy: Policy, processor=None, compile: bool = False):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a vlcache Policy, got {type(policy).__name__}")
         self.model = model
@@ -85,6 +96,7 @@ class Session:
         self._original_impl = None
         self._attached = False
         self.runner = PolicyRunner(policy, text_config(model).num_attention_heads)
+        self.decode = CompiledDecode(model, policy, self.runner) if compile else None  # compiled decode steps
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,6 +123,8 @@ class Session:
                 if i > self.policy.prune_at:
                     hook = partial(self._cut, i)
                     self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.decode is not None:
+            self.decode.attach()
         self._generate, self._previous = wrap_generate(self.model, self.generate)  # image reuse may wrap too
         self.model._vlcache_session = self
         self._attached = True
@@ -124,6 +138,8 @@ class Session:
         for m in self._modules:
             m.__dict__.pop("_vlcache_session", None)
         set_text_implementation(self.model, self._original_impl)
+        if self.decode is not None:
+            self.decode.detach()
         unwrap_generate(self.model, self._previous)
         self.model.__dict__.pop("_vlcache_session", None)
         self.model._vlcache_stats = self.stats or self.prefill_stats
@@ -167,10 +183,15 @@ class Session:
         # what the caller gave generate, for the prompt's layout: from transformers 5.24 on, generate encodes the
         # images itself and hands the forward only their features, without the sizes that tell frames apart
         self._request_inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        cache.decode_room = _room(kwargs, gc, ids)
         try:
             out = self._generate(*args, **kwargs)
         finally:
             self._request_inputs = {}
+            cache.decode_room = None
+            if self.decode is not None:
+                self.decode.flush(cache)
+            thaw(cache)  # the dynamic layers back, for stats and a chat's next turn
         if cache.layout is None or not cache.prefilled:
             raise RuntimeError(
                 "vlcache never saw this generate's prompt forward, so nothing was compressed: "
@@ -292,6 +313,8 @@ class Session:
         cache = self.cache
         li = module.layer_idx
         layer = cache.layers[li]
+        if isinstance(layer, StaticLayer):  # a compiled decode step: no policy work, no host sync
+            return attend_static(layer, module, query, stock, eager, **kwargs)
         if not isinstance(layer, CompressibleLayer):
             return stock(module, query, key, value, mask, **kwargs)
         if cache.draft is not None:

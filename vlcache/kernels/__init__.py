@@ -8,6 +8,7 @@
 | merge_kv | triton_merge.py (fp32 atomics, one pass) | reference.merge_kv (scatter_add) |
 | gather_kv | triton_gather.py (one launch for keys and values) | reference.gather_kv (torch.gather) |
 | quantized_attention | triton_quant.py (codes dequantized in registers, parts combined by log-sum-exp) | reference.quantized_attention (dequantize, one softmax) |
+| decode_attention | triton_decode_mass.py (split over keys; output and per-slot attention mass) | reference.decode_attention (one softmax) |
 
 `attention_probs` (a handful of rows x all keys), `pool1d`, `group_reduce` and `position_assign` are small or
 memory-light and stay in PyTorch.
@@ -81,11 +82,18 @@ def quantized_attention(query, parts, scale):
     return impl(query, parts, scale)
 
 
+def decode_attention(query, keys, values, k_valid, scale, q_pos=None):
+    mod = _triton_module("triton_decode_mass") if _use_triton(query) else None
+    impl = mod.decode_attention if mod is not None else reference.decode_attention
+    return impl(query, keys, values, k_valid, scale, q_pos)
+
+
 __all__ = [
     "AttentionStats",
     "attention_probs",
     "attention_stats",
     "backend",
+    "decode_attention",
     "gather_kv",
     "group_reduce",
     "merge_kv",

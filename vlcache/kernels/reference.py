@@ -270,3 +270,34 @@ def quantized_attention(query: torch.Tensor, parts: list, scale: float) -> torch
     if mask is not None:  # a row that sees nothing: sdpa gives NaN
         out = out.nan_to_num(0.0)
     return out.view(B, H, R, d).to(query.dtype)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    k_valid: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of a few query rows per head over a per-KV-head cache, and each slot's attention mass.
+
+    query [B, H, R, d]; keys [B, Hk, T, d]; values [B, Hk, T, dv]; k_valid [B, Hk, T], False at slots no row sees
+    (padding, filler, unused room); q_pos [B, R] (optional) the slot of each row, which then sees slots <= it only.
+    Returns out [B, H, R, dv] (query dtype) and mass [B, Hk, T] fp32: softmax(q k^T * scale) summed over the rows and
+    averaged over each KV head's g query heads, i.e. `group_reduce(colsum, Hk, "mean")` of H2O's scores. A row that
+    sees no slot gives zeros (no NaN).
+    """
+    B, H, R, _ = query.shape
+    hk, T = keys.shape[1], keys.shape[2]
+    g = H // hk
+    s = _logits(query, keys, scale).view(B, hk, g, R, T)
+    vis = k_valid.view(B, hk, 1, 1, T)
+    if q_pos is not None:
+        vis = vis & (torch.arange(T, device=keys.device).view(1, 1, 1, 1, T) <= q_pos.view(B, 1, 1, R, 1))
+    s = s.masked_fill(~vis, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    out = torch.matmul(p.view(B, hk, g * R, T), values.float()).view(B, H, R, values.shape[-1])
+    return out.to(query.dtype), p.sum(3).mean(2)

@@ -115,6 +115,12 @@ class CAKE(DecodeEvicting):
     def score(self, view: LayerView) -> torch.Tensor:
         return self.layer_statistics(view)[1]
 
+    @property
+    def decode_mass(self) -> bool:
+        """Compiled decode may hand over the latest row's attention mass (the GQA group's mean: `agg="mean"` only)
+        instead of `on_append` computing it again (hf/compiled_decode.py)."""
+        return self.agg == "mean"
+
     def fits(self, layout, total: torch.Tensor) -> bool:
         """Whether every prompt fits the budget `total` [B] plus the window: CAKE then leaves it whole."""
         return bool((layout.valid.sum(-1) <= total + self.window).all())
@@ -193,10 +199,15 @@ class CAKE(DecodeEvicting):
             return None
         T = view.slots
         w = min(self.layer_state(view).window, T)
-        row = view.probs(slice(None)).mean(2)  # the new rows' attention, [B, H, T]
+        last = view.state.get("decode_mass_last")  # compiled decode: the latest row's mass, per KV head
+        if last is None:
+            row = view.probs(slice(None)).mean(2)  # the new rows' attention, [B, H, T]
+        else:
+            row = last  # the group's mean already, and pooling commutes with it
         scores = kernels.pool1d(row[..., : T - w], self.kernel, "avg")
         scores = torch.cat([scores, torch.full_like(row[..., T - w :], float("inf"))], dim=-1)
-        scores = kernels.group_reduce(scores, view.kv_heads, self.agg)
+        if last is None:
+            scores = kernels.group_reduce(scores, view.kv_heads, self.agg)
         recent = view.positions >= view.positions.amax(-1, keepdim=True) + 1 - w
         forced = recent | view.prompt_mask(self.protected(view.layout))
         return self.keep_at_budget(view, hold, scores, forced)

@@ -81,6 +81,10 @@ class Composed(Policy):
     def decodes(self) -> bool:
         return self._schedule.evicts
 
+    @property
+    def decode_mass(self) -> bool:  # the schedule's method reads the mass compiled decode hands over (H2O, CAKE)
+        return bool(getattr(self._schedule.method, "decode_mass", False))
+
     def __post_init__(self):
         super().__post_init__()
         for kind, value, known in (

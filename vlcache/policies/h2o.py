@@ -63,8 +63,17 @@ class H2O(DecodeEvicting):
     def always_keep(self, view: LayerView, total: torch.Tensor) -> torch.Tensor:
         return last_real(view.layout.valid, self._recent(total))
 
+    @property
+    def decode_mass(self) -> bool:
+        """Compiled decode may hand over each slot's attention mass from its own decode attention (the GQA group's
+        mean: `agg="mean"` only), sparing `_sums` a second attention pass (hf/compiled_decode.py)."""
+        return self.agg == "mean"
+
     def _sums(self, view: LayerView) -> torch.Tensor:
         """[B, Hk, T] attention each slot received from this forward's query rows, summed over them."""
+        mass = view.state.get("decode_mass")  # set only for the call compiled decode makes
+        if mass is not None:
+            return mass
         return kernels.group_reduce(view.stats(chunk=self.chunk).colsum, view.kv_heads, self.agg)
 
     def _ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,238 @@
+"""Compiled decode (`compile=True`): the frozen static-capacity cache, token identity with eager decoding, no host
+synchronisation inside a step. torch.compile on CPU takes seconds per graph: the compiled tests share shapes (one
+budget, one number of new tokens) so that dynamo reuses its graphs across policies; the cache tests run the frozen
+steps uncompiled (`session.decode.capture = False`), which is the same cache without the compile time."""
+
+import contextlib
+from dataclasses import dataclass
+from unittest import mock
+
+import pytest
+import torch
+from util import prompt_for
+
+import vlcache
+from vlcache import testing
+from vlcache.hf import CompressibleLayer
+from vlcache.hf import session as session_module
+from vlcache.hf.static_cache import StaticLayer
+from vlcache.policies import H2O, make_policy
+
+GREEDY = dict(do_sample=False)
+NEW = 12
+POLICIES = ["full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "vlcache", "lookm", "elastic", "cake"]
+
+
+def _policy(name: str, **kw):
+    return make_policy(name, **({} if name == "full" else {"budget": 0.5}), **kw)
+
+
+def _run(model, inputs, policy, compile_, new=NEW, capture=True):
+    with vlcache.compress(model, policy, compile=compile_) as s:
+        if compile_:
+            s.decode.capture = capture
+        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **GREEDY)
+    return out, s
+
+
+@pytest.mark.parametrize("name", POLICIES + ["compose", "h2o-every-3", "cake-every-3", "streamingllm-every-5"])
+def test_compiled_decode_is_token_identical_to_eager(tiny_model, name):
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    base, _, every = name.partition("-every-")
+    kw = {"evict_every": int(every)} if every else {}
+    eager, es = _run(model, inputs, _policy(base, **kw), False)
+    compiled, cs = _run(model, inputs, _policy(base, **kw), True)
+    assert cs.decode.steps == NEW - 1  # every step after the prompt went through the frozen cache
+    assert torch.equal(compiled, eager)
+    assert cs.stats.summary() == es.stats.summary()  # the same entries kept, per modality, at the end
+    if base == "full":  # keep-all compiled is plain uncompressed generate
+        assert torch.equal(compiled, model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("name", ["full", "snapkv", "h2o"])
+def test_compiled_decode_on_mrope_and_sliding_window_models(tiny_model, family, name):
+    """Qwen2-VL (M-RoPE positions) and Gemma 3 (sliding-window layers, frozen and masked by position: 63 prompt
+    tokens and 12 new ones run past its window of 64)."""
+    model = tiny_model(family)
+    inputs = testing.make_inputs(model, prompt_for(family)).inputs
+    eager, _ = _run(model, inputs, _policy(name), False)
+    compiled, s = _run(model, inputs, _policy(name), True)
+    assert s.decode.steps == NEW - 1
+    assert torch.equal(compiled, eager)
+    if name == "full":
+        assert torch.equal(compiled, model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY))
+
+
+def _padded(model):
+    return testing.make_inputs(model, [prompt_for("llava"), ["x", testing.IMAGE, "what?"]]).inputs
+
+
+def _snapshot(cache):
+    """Per compressible layer: (keys, values, positions, visible) as the layer holds them, frozen or not."""
+    out = {}
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, StaticLayer) and isinstance(layer.inner, CompressibleLayer):
+            T = layer.filled
+            out[i] = (layer.keys[:, :, :T], layer.values[:, :, :T], layer.pos[..., :T], layer.visible()[..., :T])
+        elif isinstance(layer, CompressibleLayer):
+            out[i] = (layer.keys, layer.values, layer.slot_positions(), cache.slot_valid(layer))
+    return {i: tuple(t.clone() for t in ts) for i, ts in out.items()}
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o-every-4", "elastic"])
+def test_static_cache_holds_what_the_dynamic_one_holds_after_40_steps(tiny_model, monkeypatch, name):
+    """A left-padded batch of two, 40 decode steps: the frozen layers' entries, slot positions and masks equal
+    the dynamic cache's, and the cache thawed at the end is the dynamic one."""
+    model = tiny_model("llava")
+    inputs = _padded(model)
+    assert not bool(inputs["attention_mask"].all())
+    base, _, every = name.partition("-every-")
+    kw = {"evict_every": int(every)} if every else {}
+    eager, es = _run(model, inputs, _policy(base, **kw), False, new=40)
+    frozen = {}
+    real_thaw = session_module.thaw
+    monkeypatch.setattr(session_module, "thaw", lambda cache: (frozen.update(_snapshot(cache)), real_thaw(cache)))
+    static, ss = _run(model, inputs, _policy(base, **kw), True, new=40, capture=False)
+    assert ss.decode.steps == 39 and frozen
+    assert torch.equal(static, eager)
+    dynamic = _snapshot(es.last_cache)
+    assert frozen.keys() == dynamic.keys()
+    for i in dynamic:
+        (k, v, pos, mask), (dk, dv, dpos, dmask) = frozen[i], dynamic[i]
+        assert torch.equal(pos, dpos), f"layer {i}: slot positions differ"
+        assert torch.equal(mask, dmask.expand_as(mask)), f"layer {i}: masks differ"
+        # the new entries come from the same math over differently masked tensors: equal up to float rounding
+        torch.testing.assert_close(k, dk, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, dv, atol=1e-5, rtol=1e-5)
+    thawed = _snapshot(ss.last_cache)
+    for i in dynamic:
+        assert torch.equal(thawed[i][2], dynamic[i][2]) and torch.equal(thawed[i][3], dynamic[i][3])
+        assert torch.equal(thawed[i][0], frozen[i][0])  # thawing moves nothing
+    assert ss.stats.summary() == es.stats.summary()
+    for i in dynamic:  # what a policy accumulates per slot (H2O's scores) too, the last steps' included
+        for key, t in es.last_cache.layers[i].slot_state.items():
+            torch.testing.assert_close(ss.last_cache.layers[i].slot_state[key], t, atol=1e-5, rtol=1e-5)
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    def sync(*args, **kwargs):
+        raise HostSync("a host synchronisation inside a decode step")
+
+    with contextlib.ExitStack() as stack:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            stack.enter_context(mock.patch.object(torch.Tensor, name, sync))
+        yield
+
+
+def _guard_steps(model, session, skip_evictions=True):
+    """Raise on any host sync inside the model forward of every step that starts on a frozen cache (the first
+    decode step freezes it, eagerly); evictions between steps are left out when asked."""
+    stack = contextlib.ExitStack()
+
+    def before(module, args, kwargs):
+        cache = session.cache
+        if cache is not None and cache.static is not None:
+            stack.enter_context(_no_host_sync())
+
+    def after(module, args, kwargs, output):
+        stack.close()
+
+    if skip_evictions and session.decode is not None:
+        evict = session.decode.evict
+
+        def unguarded(cache):
+            stack.pop_all().close()  # the policy's eviction between steps is eager and may synchronise
+            try:
+                evict(cache)
+            finally:
+                stack.enter_context(_no_host_sync())
+
+        session.decode.evict = unguarded
+    # registered after the session's own hooks: the guard starts after its pre-hook saw the step
+    return [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o"])
+def test_a_frozen_decode_step_never_synchronises_with_the_host(tiny_model, name):
+    model = tiny_model("llava")
+    inputs = _padded(model)
+    with vlcache.compress(model, _policy(name), compile=True) as s:
+        s.decode.capture = False  # uncompiled, so every Python-level sync would run (and raise)
+        handles = _guard_steps(model, s)
+        try:
+            model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, **GREEDY)
+        finally:
+            for h in handles:
+                h.remove()
+    assert s.decode.steps == 5
+
+
+def test_the_guard_catches_the_dynamic_caches_host_syncs(tiny_model):
+    """The same guard on the dynamic cache's decode steps raises (H2O evicts inside the step there, reading
+    counts back to the host): it does see a sync where there is one."""
+    model = tiny_model("llava")
+    inputs = _padded(model)
+    with vlcache.compress(model, _policy("h2o")) as s:
+        stack = contextlib.ExitStack()
+
+        def before(module, args, kwargs):
+            if s.cache is not None and s.cache.prefilled:
+                stack.enter_context(_no_host_sync())
+
+        handles = [
+            model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(lambda *a, **k: stack.close(), with_kwargs=True),
+        ]
+        try:
+            with pytest.raises(HostSync):
+                model.generate(**inputs, max_new_tokens=3, **GREEDY)
+        finally:
+            stack.close()
+            for h in handles:
+                h.remove()
+
+
+@dataclass(kw_only=True)
+class MassH2O(H2O):
+    """H2O reading the attention mass the compiled step summed (`decode_mass`) instead of its own second pass:
+    the policy-side change compiled decode is ready for."""
+
+    decode_mass = True
+
+    def _sums(self, view):
+        mass = view.state.get("decode_mass")
+        return super()._sums(view) if mass is None else mass
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("make", [MassH2O, H2O], ids=["protocol", "h2o"])
+def test_a_policy_reading_the_decode_mass_keeps_what_its_second_pass_keeps(tiny_model, every, make):
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    eager, es = _run(model, inputs, H2O(budget=0.5, evict_every=every), False)
+    compiled, cs = _run(model, inputs, make(budget=0.5, evict_every=every), True)
+    assert cs.decode.mass
+    assert torch.equal(compiled, eager)
+    for i in cs.last_cache.compressible():
+        assert torch.equal(cs.last_cache.layers[i].slot_positions(), es.last_cache.layers[i].slot_positions())
+        a, b = cs.last_cache.layers[i].slot_state["h2o"], es.last_cache.layers[i].slot_state["h2o"]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_refuses_what_it_cannot_freeze(tiny_model):
+    model = tiny_model("llava")
+    with pytest.raises(ValueError, match="quantized"):
+        vlcache.attach(model, "snapkv", budget=0.5, vision_bits=4, compile=True)
+    with pytest.raises(ValueError, match="lookahead"):
+        vlcache.attach(model, "h2o", budget=0.5, lookahead=2, compile=True)
