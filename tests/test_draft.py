@@ -98,3 +98,16 @@ def test_one_draft_is_lookahead_one(tiny_model, family):
     n = inputs["input_ids"].shape[1]
     for li in a:  # (the waiting cut also holds the generated token, at position n)
         assert torch.equal(a[li].masked_select(a[li] < n), b[li].masked_select(b[li] < n))
+
+
+def test_drafting_then_the_frozen_decode_of_compile(tiny_model):
+    # the drafts run eagerly before generate's first step; the steps after go through the frozen static cache
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    policy = VLCache(vision_budget=0.2, lookahead=2, lookahead_draft=True)
+    eager, _ = _generate(model, inputs, policy)
+    with vlcache.compress(model, policy, compile=True) as session:
+        session.decode.capture = False  # the frozen steps uncompiled: the same cache path, no compile time
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=6)
+    assert session.decode.steps > 0
+    assert torch.equal(out, eager)
