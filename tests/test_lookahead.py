@@ -9,10 +9,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
 from record_policies import IDS, MASK  # noqa: E402
-from util import layout_from_ids, real_positions, run_policy  # noqa: E402
+from util import layout_from_ids, real_positions, run_policy, view_for  # noqa: E402
 
 from vlcache import kernels  # noqa: E402
-from vlcache.policies import H2O, PyramidKV, SnapKV, VLCache  # noqa: E402
+from vlcache.policies import H2O, Plan, PyramidKV, SnapKV, VLCache  # noqa: E402
 
 
 def real_counts(cache, li):
@@ -101,3 +101,60 @@ def test_bad_lookahead_settings_are_refused(settings, match):
 def test_a_policy_that_cannot_look_ahead_says_so():
     with pytest.raises(ValueError, match="snapkv, pyramidkv and vlcache"):
         H2O(budget=0.1, lookahead=1)
+
+
+def _union_view(prompt_mean, gen_mean):
+    """A one-row view of T plain slots (no markers, no question) holding the prompt rows' mean attention."""
+    B, H, T = prompt_mean.shape
+    layout = layout_from_ids(torch.full((B, T), 7))
+    view = view_for(layout, heads=H, kv_heads=2)
+    view.slot_state["lookahead"] = prompt_mean
+    return view, gen_mean
+
+
+def _kept(policy, view, gen, k):
+    plan = Plan(torch.zeros_like(view.layout.valid), [(view.layout.valid, torch.tensor([k]))])
+    sel = policy.lookahead_select(view, plan, gen, 1)
+    real = torch.ones_like(sel.indices, dtype=torch.bool) if sel.filler is None else ~sel.filler
+    return [sorted(sel.indices[0, h][real[0, h]].tolist()) for h in range(sel.indices.shape[1])]
+
+
+def test_the_union_rule_keeps_each_sides_own_top_picks():
+    # the prompt rows spread a large mass over slots 0-5, the generated row puts a small one on slots 10-12: the
+    # mix ranks the prompt's slots first and keeps none of the generated row's; the union takes turns
+    T = 16
+    prompt = torch.zeros(1, 4, T)
+    prompt[..., :6] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    gen = torch.zeros(1, 4, T)
+    gen[..., 10:13] = torch.tensor([0.3, 0.2, 0.1])
+    view, gen = _union_view(prompt, gen)
+    union = VLCache(budget=4, protect=(), recent=0.0, lookahead=1)
+    mix = VLCache(budget=4, protect=(), recent=0.0, lookahead=1, lookahead_rule="mix")
+    assert _kept(union, view, gen, 4) == [[0, 1, 10, 11]] * 2  # best of each side, in turn
+    assert _kept(mix, view, gen, 4) == [[0, 1, 2, 3]] * 2
+    share = VLCache(budget=4, protect=(), recent=0.0, lookahead=1, lookahead_share=0.75)
+    assert _kept(share, view, gen, 4) == [[0, 10, 11, 12]] * 2  # three turns of the generated row to one
+
+
+def test_the_union_rules_head_budgets_follow_the_strongest_query_head():
+    # KV head 0's group: one query head sharp on slots 3 and 4, the other flat; KV head 1's: both peaked on 5-7.
+    # The group mean halves the sharp head, so Ada-KV gives KV head 1 three of the layer's four slots and KV head 0
+    # loses slot 4; the group max leaves KV head 0 both
+    T = 12
+    flat = torch.full((T,), 1.0 / T)
+    sharp = torch.zeros(T)
+    sharp[3:5] = 0.5
+    peaked = torch.full((T,), 0.001)
+    peaked[5:8] = 0.33
+    prompt = torch.stack([sharp, flat, peaked, peaked])[None]
+    view, gen = _union_view(prompt, prompt.clone())
+    kw = dict(budget=2, protect=(), recent=0.0, lookahead=1, head_budgets="adaptive", head_floor=0.0)
+    union = _kept(VLCache(**kw), view, gen, 2)
+    mixed = _kept(VLCache(lookahead_rule="mix", **kw), view, gen, 2)
+    assert union[0] == [3, 4] and len(union[1]) == 2
+    assert mixed == [[3], [5, 6, 7]]
+
+
+def test_a_bad_lookahead_rule_is_refused():
+    with pytest.raises(ValueError, match="lookahead_rule"):
+        VLCache(budget=0.1, lookahead=1, lookahead_rule="max")

@@ -30,6 +30,7 @@ from .heads import HEAD_BUDGETS, adaptive_head_budgets
 PROTECTABLE = ("markers", "question")
 BUDGET_FIELDS = ("budget", "vision_budget", "text_budget")  # the amounts every policy takes (labels list them first)
 TEMPORAL_MODES = ("drop", "mean")
+LOOKAHEAD_RULES = ("union", "mix")
 IN_PLACE_MAX = 64  # decode-time evictions above this many slots per head compact instead (a chat's next turn, say)
 
 
@@ -246,9 +247,14 @@ class Policy:
       the policy's scoring rows, and each layer is cut right before its attention in the g-th decode step, so
       only g - 1 tokens are computed over the whole cache (the first one comes from the prompt's forward in any
       case). Policies that score by attention from a set of rows take it: SnapKV, PyramidKV, VL-Cache.
-    - lookahead_share (0.5): the scores are (1 - share) x the prompt rows' mean attention + share x the
-      generated rows' mean attention, whatever the number of rows on either side; 1.0 scores by the generated
-      rows alone (as Lookahead Q-Cache scores by its pseudo queries alone).
+    - lookahead_rule ("union"): how the two sides choose. "union": each KV head takes the best slots of the
+      generated rows' ranking and of the prompt rows' ranking in turn (in proportion share : 1 - share; a slot
+      both want counts once, ties go to the mix below), so each side keeps its own top picks whatever the size
+      of its attention values; with head_budgets="adaptive" a KV head's budget follows its strongest query head
+      (the group's max of the mix), not the group's mean, which halves the one head that finds the answer. "mix":
+      one ranking by (1 - share) x the prompt rows' mean attention + share x the generated rows' mean attention.
+    - lookahead_share (0.5): the generated rows' share (of the union's turns, or of the mix); 1.0 scores by the
+      generated rows alone (as Lookahead Q-Cache scores by its pseudo queries alone).
     - lookahead_draft (False): no waiting (Lookahead Q-Cache, Wang et al., EMNLP 2025, arXiv 2505.20334): right
       after the prompt, g tokens are drafted greedily with every layer attending only over what the policy keeps
       from the prompt's rows alone (a cheap, provisional cut); the drafts' queries join the scoring rows, every
@@ -276,6 +282,7 @@ class Policy:
     head_floor: float = 0.2
     lookahead: int = 0
     lookahead_share: float = 0.5
+    lookahead_rule: str = "union"
     lookahead_draft: bool = False
     prune_at: int | None = None
     temporal_merge: float | None = None
@@ -329,6 +336,8 @@ class Policy:
                 f"{type(self).__name__} does not score by attention from a set of rows that generated tokens could "
                 "join: lookahead works with snapkv, pyramidkv and vlcache"
             )
+        if self.lookahead_rule not in LOOKAHEAD_RULES:
+            raise ValueError(f"lookahead_rule must be one of {LOOKAHEAD_RULES}, got {self.lookahead_rule!r}")
         if not isinstance(self.lookahead_draft, bool):
             raise ValueError(f"lookahead_draft must be True or False, got {self.lookahead_draft!r}")
         if self.lookahead_draft and not self.lookahead:
@@ -416,29 +425,49 @@ class Policy:
     def lookahead_cut(self, view: LayerView, gen: torch.Tensor, steps: int) -> dict[int, Selection]:
         """Cut the layer by the prompt's scoring rows and `steps` generated (or drafted) rows, whose attention
         summed over them is `gen` [B, H, T]; generated tokens are kept."""
-        scores = self.lookahead_scores(view, gen, steps)
+        plan = self.lookahead_plan(view).to_slots(view, keep_generated=True)
+        sel = self.lookahead_select(view, Plan(plan.forced & view.slot_valid, plan.pools), gen, steps)
         view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
         view.slot_state.pop("lookahead_gen", None)
         lookahead_state(view).done = True
-        plan = self.lookahead_plan(view).to_slots(view, keep_generated=True)
-        plan = Plan(plan.forced & view.slot_valid, plan.pools)
-        return {view.layer: self.select(view, plan, scores)}
+        return {view.layer: sel}
 
-    def lookahead_scores(self, view: LayerView, gen: torch.Tensor | None, steps: int) -> torch.Tensor:
-        """[B, Hk, T] what a lookahead cut ranks by: the prompt's scoring rows' mean attention and that of `steps`
-        generated (or drafted) rows, whose sum is `gen` [B, H, T], weighed by `lookahead_share`."""
+    def lookahead_select(self, view: LayerView, plan: Plan, gen: torch.Tensor | None, steps: int) -> Selection:
+        """What a lookahead cut keeps within `plan` (slot space): by the prompt's scoring rows' mean attention
+        (`view.slot_state["lookahead"]`, [B, H, T]) and that of `steps` generated rows summed in `gen`, combined by
+        `lookahead_rule`; by the prompt's rows alone without generated ones."""
         prompt = view.slot_state["lookahead"]
         if gen is None or steps == 0:
-            return self.ranked(view, prompt)
-        share = self.lookahead_share
-        return self.ranked(view, (1.0 - share) * prompt + share * gen / steps)
+            return self.select(view, plan, self.ranked(view, prompt))
+        s, gen = self.lookahead_share, gen / steps
+        mix = (1.0 - s) * prompt + s * gen
+        lin = self.ranked(view, mix)
+        if self.lookahead_rule == "mix" or s in (0.0, 1.0):
+            return self.select(view, plan, lin)
+        if self.frame_min > 0:  # each frame's minimum by the mix, then the union for the rest
+            plan = self._with_frame_minimum(view, plan, lin)
+        Hk, T = view.kv_heads, view.slots
+        forced = per_head(plan.forced, Hk) & view.slot_valid
+        by_prompt, by_gen = self.ranked(view, prompt), self.ranked(view, gen)
+        strongest = kernels.group_reduce(mix, Hk, "max")  # what Ada-KV's per-head split follows
+        key = torch.full(lin.shape, float("inf"), dtype=torch.float64, device=lin.device)
+        pools = []
+        for mask, k in plan.pools:
+            pool = per_head(mask, Hk) & view.slot_valid & ~forced
+            rp, rg, rl = (_pool_rank(x, pool) for x in (by_prompt, by_gen, lin))
+            turn = torch.minimum(rg / s, rp / (1.0 - s))  # the turn at which either side would take the slot
+            key = torch.where(pool, turn * (T + 1) + rl, key)  # float64: exact for any cache a GPU holds
+            if self.head_budgets == "adaptive" and Hk > 1:
+                k = adaptive_head_budgets(strongest, pool, k, self.head_floor)
+            pools.append((pool, k))
+        scores = -rank_desc(-key).float()  # ranks (< 2^24) are exact in float32, which select_indices ranks in
+        return Selection(*select_indices(scores, forced, pools, view.slot_valid, with_filler=True))
 
     def provisional_keep(self, view: LayerView, gen: torch.Tensor | None = None, steps: int = 0) -> torch.Tensor:
-        """[B, Hk, T] the prompt slots a lookahead cut by the rows so far (`lookahead_scores`) would keep, real ones
-        only: what a draft step attends over (`lookahead_draft`)."""
+        """[B, Hk, T] the prompt slots a lookahead cut by the rows so far would keep, real ones only: what a draft
+        step attends over (`lookahead_draft`)."""
         plan = self.lookahead_plan(view).to_slots(view)
-        plan = Plan(plan.forced & view.slot_valid, plan.pools)
-        sel = self.select(view, plan, self.lookahead_scores(view, gen, steps))
+        sel = self.lookahead_select(view, Plan(plan.forced & view.slot_valid, plan.pools), gen, steps)
         keep = torch.zeros_like(view.slot_valid).scatter_(-1, sel.indices, True)
         if sel.filler is not None:
             keep.scatter_(-1, sel.indices, ~sel.filler)
@@ -670,6 +699,12 @@ def lookahead_state(view: LayerView) -> LookaheadState:
     if state is None:
         state = view.state["lookahead"] = LookaheadState()
     return state
+
+
+def _pool_rank(scores: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """[B, Hk, T] float64 rank of each slot among `pool`'s by `scores` (0 = best; NaN last); meaningless outside."""
+    s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~pool, float("-inf"))
+    return rank_desc(s).double()
 
 
 def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
