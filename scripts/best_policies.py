@@ -75,7 +75,9 @@ def main(argv=None) -> int:
                 if t in table and p in table[t] and b in budgets
             )
             where = (
-                f"{worst[0]:+.2f} below at {worst[1]} {100 * worst[2]:g}%" if worst and worst[0] > 0 else "never below"
+                f"{100 * worst[0]:.1f} points below at {worst[1]} {100 * worst[2]:g}%"
+                if worst and worst[0] > 0
+                else "never below"
             )
             print(f"{names.get(p, p)}: {where}; 1%/3% targets {'met' if met else 'missed'}")
     return 0
