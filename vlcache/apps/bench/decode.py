@@ -9,7 +9,8 @@ the full cache of the same mode, measured in the same run.
 
 The model and prompts are the speed benchmark's (a Qwen2-VL from a config, random weights; many 256-token images).
 Times are medians over the decode steps, after a warm-up run of the same shape (compilation is one-time and left
-out). On a GPU each row also gives the fraction of the bandwidth bound it reaches: (weight bytes + kept KV bytes) /
+out). The peer row is plain Hugging Face with its own static cache (`cache_implementation="static"`), which
+transformers compiles by itself on CUDA (CUDA graphs) and leaves eager on a CPU. On a GPU each row also gives the fraction of the bandwidth bound it reaches: (weight bytes + kept KV bytes) /
 measured copy bandwidth / step time.
 """
 
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
         }
         real_n = inputs["input_ids"].shape[1]
         plain = timed(inputs, None, False).decode_ms_median
+        peer = hf_static(model, inputs, args.new_tokens)
         full = {}
         for name in names:
             eager = timed(inputs, make(name), False)
@@ -100,7 +102,9 @@ def main(argv=None) -> int:
                 ms = r.decode_ms_median
                 full.setdefault(mode, ms)  # "full" is first
                 row = dict(n=real_n, batch=args.batch, policy=name, mode=mode, decode_ms=ms)
-                row.update(vs_plain=ms / plain, vs_full=ms / full[mode], plain_ms=plain)
+                row.update(vs_plain=ms / plain, vs_full=ms / full[mode], plain_ms=plain, hf_static_ms=peer)
+                if peer:
+                    row["vs_hf_static"] = ms / peer
                 row["kv_bytes"] = r.prefill_stats.kv_bytes if r.prefill_stats else None
                 row["same_tokens"] = r.tokens == eager.tokens
                 if mode == "compiled":
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
                 if bandwidth and row["kv_bytes"]:
                     row["bandwidth_fraction"] = (weight_bytes + row["kv_bytes"]) / (ms / 1000) / bandwidth
                 rows.append(row)
-        print_block(rows, real_n, plain)
+        print_block(rows, real_n, plain, peer)
         out.mkdir(parents=True, exist_ok=True)  # after every size: a run stopped at its time limit keeps its rows
         setup = dict(device=where, preset=args.preset, parameters=params, budget=args.budget, batch=args.batch,
                      new_tokens=args.new_tokens)  # fmt: skip
@@ -118,8 +122,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_block(rows, n, plain):
-    print(f"\nprompt {n} tokens; plain Hugging Face {plain:.2f} ms/token")
+def hf_static(model, inputs, new_tokens: int) -> float | None:
+    """Plain Hugging Face's decode ms/token with its own static cache (compiled by transformers on CUDA), or None
+    where this model and transformers cannot run it (said in one line)."""
+    kw = dict(min_new_tokens=new_tokens, cache_implementation="static")
+    try:
+        timed_run.run(model, None, inputs, None, new_tokens, **kw)  # warm-up (and its compile)
+        return timed_run.run(model, None, inputs, None, new_tokens, **kw).decode_ms_median
+    except Exception as e:  # a peer row that cannot run must not cost the benchmark's own rows
+        print(f"plain Hugging Face with its static cache could not run here: {type(e).__name__}: {e}")
+        return None
+
+
+def print_block(rows, n, plain, peer=None):
+    with_peer = (
+        f"; with its static cache{' (compiled)' if torch.cuda.is_available() else ''} {peer:.2f}" if peer else ""
+    )
+    print(f"\nprompt {n} tokens; plain Hugging Face {plain:.2f} ms/token{with_peer}")
     w = max(13, *(len(r["policy"]) for r in rows))
     print(
         f"{'policy':<{w}} {'eager ms/t':>11} {'x plain':>8} {'x full':>7} {'compiled':>9} {'x plain':>8} "
