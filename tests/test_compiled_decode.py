@@ -4,7 +4,6 @@ budget, one number of new tokens) so that dynamo reuses its graphs across polici
 steps uncompiled (`session.decode.capture = False`), which is the same cache without the compile time."""
 
 import contextlib
-from dataclasses import dataclass
 from unittest import mock
 
 import pytest
@@ -16,7 +15,7 @@ from vlcache import testing
 from vlcache.hf import CompressibleLayer
 from vlcache.hf import session as session_module
 from vlcache.hf.static_cache import StaticLayer
-from vlcache.policies import H2O, make_policy
+from vlcache.policies import H2O, make_policy, preset
 
 GREEDY = dict(do_sample=False)
 NEW = 12
@@ -203,26 +202,14 @@ def test_the_guard_catches_the_dynamic_caches_host_syncs(tiny_model):
                 h.remove()
 
 
-@dataclass(kw_only=True)
-class MassH2O(H2O):
-    """H2O reading the attention mass the compiled step summed (`decode_mass`) instead of its own second pass:
-    the policy-side change compiled decode is ready for."""
-
-    decode_mass = True
-
-    def _sums(self, view):
-        mass = view.state.get("decode_mass")
-        return super()._sums(view) if mass is None else mass
-
-
 @pytest.mark.parametrize("every", [1, 3])
-@pytest.mark.parametrize("make", [MassH2O, H2O], ids=["protocol", "h2o"])
+@pytest.mark.parametrize("make", [H2O, lambda **kw: preset("h2o", **kw)], ids=["h2o", "preset"])
 def test_a_policy_reading_the_decode_mass_keeps_what_its_second_pass_keeps(tiny_model, every, make):
     model = tiny_model("llava")
     inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     eager, es = _run(model, inputs, H2O(budget=0.5, evict_every=every), False)
     compiled, cs = _run(model, inputs, make(budget=0.5, evict_every=every), True)
-    assert cs.decode.mass
+    assert cs.decode.mass and cs.decode.every == every  # a preset's schedule gives both, as the class does
     assert torch.equal(compiled, eager)
     for i in cs.last_cache.compressible():
         assert torch.equal(cs.last_cache.layers[i].slot_positions(), es.last_cache.layers[i].slot_positions())

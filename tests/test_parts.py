@@ -136,9 +136,13 @@ def test_a_decode_schedule_under_another_methods_scores_holds_the_prefill_size(s
 
     policy = Composed(budget=0.3, protect=(), scorer="vlcache", allocator="preference", schedule=schedule)
     cache = run_policy(policy, layout, layers=LAYERS, decode=6, on_prefill=after_prefill)
+    newest = layout.length + 5  # the sixth generated token: every schedule keeps the newest entries
     for li in range(LAYERS):
         assert _held(cache, li).tolist() == sizes[li]
         kept[li] = real_positions(cache, li)
+        assert all(newest in head for row in kept[li] for head in row)
+        if schedule == "streamingllm":  # and what it drops is the oldest non-sink entries: the first prompt tokens
+            assert all(min(p for p in head if p >= 4) > 4 for row in kept[li] for head in row)
     # the prefill is the composition's own (the schedule changes only what happens while decoding)
     prefill = {}
     run_policy(
@@ -204,3 +208,20 @@ def test_a_decode_schedule_in_generate(tiny_model, family):
     after_prefill = [s.total for s in session.prefill_stats.layers]
     at_end = [s.total for s in session.stats.layers]
     assert at_end == after_prefill  # held at the prefill's size through six generated tokens
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"lookahead": 1}, {"lookahead": 2, "lookahead_draft": True}, {"schedule": "h2o"}, {"schedule": "cake"}],
+    ids=str,
+)
+def test_a_prompt_the_preference_allocator_leaves_whole(tiny_model, settings):
+    # CAKE's rule leaves a prompt that fits its budget plus its window whole: lookahead then has nothing to wait
+    # for and a decode schedule nothing to hold, and generate is plain generate
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    plain = model.generate(**inputs, do_sample=False, max_new_tokens=6)
+    policy = Composed(vision_budget=1.0, scorer="vlcache", allocator="preference", **settings)
+    with vlcache.compress(model, policy):
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=6)
+    assert torch.equal(out, plain)

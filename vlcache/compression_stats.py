@@ -30,8 +30,9 @@ class CompressionStats:
     layers: list[LayerStats] = field(default_factory=list)
     kv_bytes: int = 0  # held now, every layer (sliding-window layers included)
     kv_bytes_full: int = 0  # what an uncompressed cache would hold for the same tokens
-    # the most the cache held at any point of the request so far (during the prefill a layer holds its whole prompt
-    # until it is cut, and VL-Cache without cascading holds every layer whole until the last one): its high-water mark
+    # the cache's high-water mark: the most it held during a prompt's forward (each layer holds its whole prompt until
+    # it is cut; VL-Cache without cascading holds every layer whole until the last one) or now, whichever is more.
+    # Sampled in each prefill layer only (not during lookahead's waiting steps or a chat's later turns)
     kv_bytes_peak: int = 0
     merged: dict[str, int] = field(default_factory=dict)  # vision tokens temporal merging dropped before the model
     bits: dict[str, int] = field(default_factory=dict)  # KV quantization: bits per modality ({} when not quantized)
@@ -93,6 +94,7 @@ class CompressionStats:
             "kept_by_modality": {m: round(self.kept(m), 2) for m in MODALITIES},
             "kv_bytes": self.kv_bytes,
             "kv_bytes_full": self.kv_bytes_full,
+            "kv_bytes_peak": self.kv_bytes_peak,
             "kv_bytes_saved": self.kv_bytes_saved,
             "merged": dict(self.merged),
             "bits": dict(self.bits),

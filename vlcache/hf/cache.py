@@ -406,6 +406,7 @@ class CompressedCache(DynamicCache):
             out.layers.append(LayerStats(s.layer, s.seen, s.slots, kept, s.nbytes // share))
         out.kv_bytes = total.kv_bytes // share
         out.kv_bytes_full = total.kv_bytes_full // share
+        out.kv_bytes_peak = total.kv_bytes_peak // share
         out.kv_bytes_by_kind = {kind: b // share for kind, b in total.kv_bytes_by_kind.items()}
         return out
 

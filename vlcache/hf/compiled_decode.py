@@ -71,6 +71,7 @@ class CompiledDecode:
         if args or not self._steps(cache, kwargs):
             return self._eager(*args, **kwargs)
         if cache.static is not None and full(cache):  # generate went on past the room it asked for: grow
+            self.flush(cache)  # the steps since the last eviction go through the policy before the rebuild
             thaw(cache)
         if cache.static is None:
             freeze(cache, cache.decode_room, self.heads, self.every, self.mass)

@@ -48,6 +48,9 @@ class Draft:
         far (this one included) give, plus the drafts."""
         cache, li = session.cache, module.layer_idx
         layer = cache.layers[li]
+        if not session.runner.looking(cache, li):  # left whole by its policy (the prompt fits): nothing to score
+            mask = layer_mask(cache.slot_valid(layer), query.shape[2], query.shape[1], query.dtype, eager)
+            return stock(module, query, key, value, mask, **kwargs)
         view = session.runner.view(cache, li, query, kwargs.get("scaling"))
         T0, T = self.length[li], view.slots
         with torch.no_grad():
@@ -105,6 +108,8 @@ def run_draft(session, cache: CompressedCache, output, kwargs) -> None:
         draft.roll_back(cache)
     with torch.no_grad():
         for li in layers:
+            if li not in draft.rows:  # a layer its policy left whole
+                continue
             view = runner.view(cache, li)
             runner.apply(cache, policy.lookahead_cut(view, draft.rows[li], draft.steps))
     cache.drafted = torch.cat(draft.tokens, dim=-1)  # [B, g], for inspection: pseudo tokens, never output

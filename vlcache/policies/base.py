@@ -456,7 +456,10 @@ class Policy:
             pool = per_head(mask, Hk) & view.slot_valid & ~forced
             rp, rg, rl = (_pool_rank(x, pool) for x in (by_prompt, by_gen, lin))
             turn = torch.minimum(rg / s, rp / (1.0 - s))  # the turn at which either side would take the slot
-            key = torch.where(pool, turn * (T + 1) + rl, key)  # float64: exact for any cache a GPU holds
+            # turns as dense ranks (distinct turns differ by >= 1, whatever the share), then the mix's rank breaks
+            # ties: one float64 key, exact for any cache a GPU holds
+            turn = torch.unique(turn, return_inverse=True)[1].double()
+            key = torch.where(pool, turn * (T + 1) + rl, key)
             if self.head_budgets == "adaptive" and Hk > 1:
                 k = adaptive_head_budgets(strongest, pool, k, self.head_floor)
             pools.append((pool, k))

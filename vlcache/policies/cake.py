@@ -51,6 +51,17 @@ def cake_shares(plan: Plan, prefs: list[list[float]], layers: int) -> list[list[
     ]
 
 
+def cake_plan(plan: Plan, shares: list[list[list[int]]], i: int) -> Plan:
+    """The prompt-space plan of the i-th layer seen: `plan`'s forced tokens, each pool's k its share."""
+    return Plan(
+        plan.forced,
+        [
+            (mask, torch.tensor([row[i] for row in share], device=mask.device))
+            for (mask, _), share in zip(plan.pools, shares)
+        ],
+    )
+
+
 @dataclass
 class CakeLayer(EvictionState):
     """A CAKE layer while decoding: held at `hold` [B] real tokens, the newest `window` always kept."""
@@ -183,8 +194,7 @@ class CAKE(DecodeEvicting):
         out = {}
         for i, layer in enumerate(layers):
             view = request.view(layer)
-            mine = Plan(plan.forced, [(mask, torch.tensor([row[i] for row in share], device=mask.device))
-                                      for (mask, _), share in zip(plan.pools, shares)])  # fmt: skip
+            mine = cake_plan(plan, shares, i)
             self.start_decoding(view, mine)
             slots = mine.to_slots(view)
             if bool((view.slot_valid[:, 0].sum(-1) > self.layer_state(view).hold).any()):

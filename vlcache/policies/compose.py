@@ -82,6 +82,10 @@ class Composed(Policy):
         return self._schedule.evicts
 
     @property
+    def evict_every(self) -> int:  # the schedule's, for compiled decode's batching of evictions
+        return getattr(self._schedule.method, "evict_every", 1)
+
+    @property
     def decode_mass(self) -> bool:  # the schedule's method reads the mass compiled decode hands over (H2O, CAKE)
         return bool(getattr(self._schedule.method, "decode_mass", False))
 
@@ -175,6 +179,8 @@ class Composed(Policy):
         request = self.request_state(view.shared)
         if request.whole or self._allocator.leaves_whole(self, view):
             request.whole = True
+            if self.lookahead:  # nothing waits for generated rows: the layer is left as it is
+                lookahead_state(view).done = True
             return None
         first, statistic = self._prefill_passes(view, observe=bool(self.lookahead))
         if statistic is not None:

@@ -112,11 +112,13 @@ class H2O(DecodeEvicting):
         return self._ranked(view, view.slot_state["h2o"])  # on_prefill's accumulated attention of this layer
 
     def on_append(self, view: LayerView):
+        if self.layer_state(view).budget is None:  # the prompt was left whole (a composition's allocator)
+            return None
         acc = view.slot_state["h2o"] + self._sums(view)
         view.slot_state["h2o"] = acc
         if self.normalize:
             view.slot_state["h2o_rows"] = view.slot_state["h2o_rows"] + rows_seeing(view)
-        if not self.eviction_due(view) or self.layer_state(view).budget is None:  # (None: the prompt left whole)
+        if not self.eviction_due(view):
             return None
         # recent = the newest `recent` real tokens of each row, by position
         end = view.positions.amax(-1, keepdim=True) + 1  # [B, Hk, 1]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ... import kernels
 from ..base import LayerStatistics, LayerView, Plan, Policy, Request
-from ..cake import CAKE, cake_shares
+from ..cake import CAKE, cake_plan, cake_shares
 from ..pyramidkv import PyramidKV, pyramid_plan
 from ..vl_cache import VLCache
 from . import register_allocator
@@ -60,16 +58,7 @@ class Preference(Allocator):
         layers = request.layers[:seen]
         base = policy.plan(request.view(request.layers[0]))
         shares = cake_shares(base, stats.rows(layers), len(request.layers))
-        return {
-            layer: Plan(
-                base.forced,
-                [
-                    (mask, torch.tensor([row[i] for row in share], device=mask.device))
-                    for (mask, _), share in zip(base.pools, shares)
-                ],
-            )
-            for i, layer in enumerate(layers)
-        }
+        return {layer: cake_plan(base, shares, i) for i, layer in enumerate(layers)}
 
     def leaves_whole(self, policy: Policy, view: LayerView) -> bool:
         return self.method.fits(view.layout, policy.total_budget(view.layout))
