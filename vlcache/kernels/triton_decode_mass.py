@@ -44,7 +44,8 @@ def _partial_kernel(
     k = tl.load(
         K + b * skb + h * skh + t[:, None] * skt + d[None, :] * skd, mask=t_ok[:, None] & (d[None, :] < D), other=0.0
     ).to(tl.float32)
-    s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_R, BLOCK_T]
+    # ieee: fp32 dots would otherwise run in TF32 on Ampere and later (10 mantissa bits), off from the reference
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_R, BLOCK_T]
     vis = tl.load(VALID + pid_bh * T + t, mask=t_ok, other=0) != 0
     see = row_ok[:, None] & vis[None, :]
     if HAS_QPOS:
@@ -64,7 +65,7 @@ def _partial_kernel(
         mask=t_ok[:, None] & (dv[None, :] < DV),
         other=0.0,
     ).to(tl.float32)
-    acc = tl.dot(p, v)  # [BLOCK_R, BLOCK_DV]
+    acc = tl.dot(p, v, input_precision="ieee")  # [BLOCK_R, BLOCK_DV]
     tl.store(PACC + part[:, None] * BLOCK_DV + dv[None, :], acc)
 
 
