@@ -204,11 +204,12 @@ class Plan:
     def to_slots(self, view: LayerView, keep_generated: bool = False) -> Plan:
         """This prompt-space plan mapped onto the current slots of `view`'s layer ([B, Hk, T] masks): what a
         policy needs to select again in a layer that was already compacted. Slots of generated tokens are in no
-        pool; with `keep_generated` they are forced (a cut after some decode steps keeps what was generated)."""
+        pool; with `keep_generated` they are forced (a cut after some decode steps keeps what was generated).
+        Only real slots are forced: padding and filler never are."""
         forced = view.prompt_mask(self.forced)
         if keep_generated:
             forced = forced | (view.positions >= view.layout.length)
-        return Plan(forced, [(view.prompt_mask(m), k) for m, k in self.pools])
+        return Plan(forced & view.slot_valid, [(view.prompt_mask(m), k) for m, k in self.pools])
 
 
 @dataclass(kw_only=True)
@@ -255,11 +256,11 @@ class Policy:
       one ranking by (1 - share) x the prompt rows' mean attention + share x the generated rows' mean attention.
     - lookahead_share (0.5): the generated rows' share (of the union's turns, or of the mix); 1.0 scores by the
       generated rows alone (as Lookahead Q-Cache scores by its pseudo queries alone).
-    - lookahead_draft (False): no waiting (Lookahead Q-Cache, Wang et al., EMNLP 2025, arXiv 2505.20334): right
-      after the prompt, g tokens are drafted greedily with every layer attending only over what the policy keeps
-      from the prompt's rows alone (a cheap, provisional cut); the drafts' queries join the scoring rows, every
-      layer is cut, and the drafts are dropped, so generation starts over the final cache and no step attends over
-      the whole one. Costs g draft forwards over the provisional cache.
+    - lookahead_draft (False): no waiting (after Lookahead Q-Cache, Wang et al., EMNLP 2025, arXiv 2505.20334):
+      right after the prompt, g tokens are drafted greedily, each draft row attending in every layer only over the
+      cut that the rows so far give (a provisional cut; one draft is exactly lookahead=1); the drafts' queries join
+      the scoring rows, every layer is cut, and the drafts are dropped, so generation starts over the final cache
+      and no step attends over the whole one. Costs g draft forwards over provisional cuts.
 
     KV quantization of what is kept (KIVI / VidKV style, after selection and merging, right after the prefill):
 
@@ -425,8 +426,7 @@ class Policy:
     def lookahead_cut(self, view: LayerView, gen: torch.Tensor, steps: int) -> dict[int, Selection]:
         """Cut the layer by the prompt's scoring rows and `steps` generated (or drafted) rows, whose attention
         summed over them is `gen` [B, H, T]; generated tokens are kept."""
-        plan = self.lookahead_plan(view).to_slots(view, keep_generated=True)
-        sel = self.lookahead_select(view, Plan(plan.forced & view.slot_valid, plan.pools), gen, steps)
+        sel = self.lookahead_select(view, self.lookahead_plan(view).to_slots(view, keep_generated=True), gen, steps)
         view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
         view.slot_state.pop("lookahead_gen", None)
         lookahead_state(view).done = True
@@ -469,11 +469,9 @@ class Policy:
     def provisional_keep(self, view: LayerView, gen: torch.Tensor | None = None, steps: int = 0) -> torch.Tensor:
         """[B, Hk, T] the prompt slots a lookahead cut by the rows so far would keep, real ones only: what a draft
         step attends over (`lookahead_draft`)."""
-        plan = self.lookahead_plan(view).to_slots(view)
-        sel = self.lookahead_select(view, Plan(plan.forced & view.slot_valid, plan.pools), gen, steps)
-        keep = torch.zeros_like(view.slot_valid).scatter_(-1, sel.indices, True)
-        if sel.filler is not None:
-            keep.scatter_(-1, sel.indices, ~sel.filler)
+        sel = self.lookahead_select(view, self.lookahead_plan(view).to_slots(view), gen, steps)
+        kept = True if sel.filler is None else ~sel.filler
+        keep = torch.zeros_like(view.slot_valid).scatter_(-1, sel.indices, kept)
         return keep & view.slot_valid & (view.positions < view.layout.length)
 
     # ------------------------------------------------------------------ pieces subclasses override
@@ -691,8 +689,7 @@ def cut_to_plans(request: Request, plans: dict[int, Plan], seen: int, cut) -> di
         view = request.view(layer)
         if seen < len(request.layers) and bool((view.slot_valid[:, 0].sum(-1) <= plan.kept()).all()):
             continue
-        slots = plan.to_slots(view)  # the layer may hold fewer slots than the prompt after an earlier cut
-        out[layer] = cut(view, Plan(slots.forced & view.slot_valid, slots.pools))
+        out[layer] = cut(view, plan.to_slots(view))  # the layer may hold fewer slots than the prompt by now
     return out
 
 

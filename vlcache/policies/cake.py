@@ -196,11 +196,8 @@ class CAKE(DecodeEvicting):
             view = request.view(layer)
             mine = cake_plan(plan, shares, i)
             self.start_decoding(view, mine)
-            slots = mine.to_slots(view)
             if bool((view.slot_valid[:, 0].sum(-1) > self.layer_state(view).hold).any()):
-                out[layer] = self.select(
-                    view, Plan(slots.forced & view.slot_valid, slots.pools), view.slot_state["cake"]
-                )
+                out[layer] = self.select(view, mine.to_slots(view), view.slot_state["cake"])
         return out
 
     def on_append(self, view: LayerView):
