@@ -20,12 +20,12 @@ import torch
 from .attention import layer_mask
 from .cache import CompressedCache, CompressibleLayer
 from .compat import CACHE_KWARG
-from .quantized import QuantizedLayer
 
 
 def check_draftable(cache: CompressedCache) -> None:
-    """Drafting rolls its entries back, which only vlcache's own layers can do."""
-    if any(not isinstance(layer, CompressibleLayer) or isinstance(layer, QuantizedLayer) for layer in cache.layers):
+    """Drafting rolls its entries back, which only vlcache's own layers can do (checked when a session attaches;
+    quantized layers, the other kind, are refused with the policy's settings)."""
+    if any(not isinstance(layer, CompressibleLayer) for layer in cache.layers):
         raise ValueError(
             "lookahead_draft needs every decoder layer to be a full-attention layer vlcache manages (this model has "
             "sliding-window layers, e.g. Gemma 3): use lookahead without lookahead_draft"
@@ -78,7 +78,6 @@ class Draft:
 def run_draft(session, cache: CompressedCache, output, kwargs) -> None:
     """Draft `policy.lookahead` tokens after the prompt's forward, then cut every layer (see the module's doc)."""
     policy, runner, model = session.policy, session.runner, session.model
-    check_draftable(cache)
     layers = cache.compressible()
     draft = Draft(cache, layers)
     ids = kwargs["input_ids"]
