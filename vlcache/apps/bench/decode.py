@@ -27,7 +27,7 @@ from ...policies import POLICIES, make_policy, parse_settings
 from .. import timed_run
 from . import first_paragraph
 from .figure import figure_row, series_style
-from .speed import PRESETS, build_model, prompt
+from .speed import PRESETS, build_model, machine, prompt
 
 SIZES = {"cpu": "1024", "quick": "300", "qwen2vl-7b": "8192,32768,131072"}
 
@@ -62,17 +62,8 @@ def main(argv=None) -> int:
     model = build_model(preset, max(sizes))
     params = sum(q.numel() for q in model.parameters())
     weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-    bandwidth = None
-    if device == "cuda":
-        from .kernels import copy_bandwidth
-
-        bandwidth = copy_bandwidth("cuda")
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"{where}; model: Qwen2-VL text {preset['num_hidden_layers']}x{preset['hidden_size']} "
-        f"({params / 1e6:.1f}M parameters, {preset['dtype']}); budget {args.budget}; batch {args.batch}; "
-        f"{args.new_tokens} new tokens"
-    )
+    where, model_words, bandwidth = machine(device, preset, params)
+    print(f"{where}; model: {model_words}; budget {args.budget}; batch {args.batch}; {args.new_tokens} new tokens")
     names = ["full"] + [x for x in args.policies.split(",") if x and x != "full"]
 
     def make(name):

@@ -42,6 +42,22 @@ PRESETS = {
 GRID = 32  # patches per image side: 32 * 32 / 4 = 256 tokens per image
 
 
+def machine(device: str, preset: dict, params: int) -> tuple[str, str, float | None]:
+    """(the device, in words; the model, in words; the measured copy bandwidth in bytes/s on CUDA, else None): the
+    head of this benchmark's runs and of the decode one's."""
+    bandwidth = None
+    if device == "cuda":
+        from .kernels import copy_bandwidth
+
+        bandwidth = copy_bandwidth("cuda")
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    model = (
+        f"Qwen2-VL text {preset['num_hidden_layers']}x{preset['hidden_size']} "
+        f"({params / 1e6:.1f}M parameters, {preset['dtype']})"
+    )
+    return where, model, bandwidth
+
+
 def build_model(preset: dict, max_tokens: int):
     dims = {
         k: preset[k]
@@ -176,16 +192,8 @@ def main(argv=None) -> int:
     names = ["plain", "full"] + [x for x in args.policies.split(",") if x and x != "full"]
     amount = {"vision_budget": args.vision_budget} if args.vision_budget is not None else {"budget": args.budget}
     amount_label = ", ".join(f"{k} {v}" for k, v in amount.items())
-    bandwidth = None
-    if device == "cuda":
-        from .kernels import copy_bandwidth
-
-        bandwidth = copy_bandwidth("cuda")
-    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"{where}; model: Qwen2-VL text {preset['num_hidden_layers']}x{preset['hidden_size']} ({params / 1e6:.1f}M parameters, {preset['dtype']}); "
-        f"{amount_label}; {args.new_tokens} new tokens; {args.scene} frames"
-    )
+    where, model_words, bandwidth = machine(device, preset, params)
+    print(f"{where}; model: {model_words}; {amount_label}; {args.new_tokens} new tokens; {args.scene} frames")
     rows = []
 
     def make(name):
