@@ -22,6 +22,14 @@ NEW = 12
 POLICIES = ["full", "random", "streamingllm", "h2o", "snapkv", "pyramidkv", "vlcache", "lookm", "elastic", "cake"]
 
 
+@pytest.fixture(autouse=True)
+def _no_silent_eager_fallback():
+    """Past its recompile limit dynamo runs a function eagerly without a word, and token identity would still hold:
+    here it raises instead, so a compiled test really ran compiled."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
 def _policy(name: str, **kw):
     return make_policy(name, **({} if name == "full" else {"budget": 0.5}), **kw)
 
@@ -215,6 +223,31 @@ def test_a_policy_reading_the_decode_mass_keeps_what_its_second_pass_keeps(tiny_
         assert torch.equal(cs.last_cache.layers[i].slot_positions(), es.last_cache.layers[i].slot_positions())
         a, b = cs.last_cache.layers[i].slot_state["h2o"], es.last_cache.layers[i].slot_state["h2o"]
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_one_compiled_step_serves_every_prompt_length(tiny_model, monkeypatch):
+    """Capacities follow the prompt; they are dynamic dims, so prompts of other lengths and budgets reuse the
+    graph: no compile after the first, and the tokens stay the eager ones."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llava")
+    capacities, graphs = [], []
+    real_thaw = session_module.thaw
+
+    def thaw(cache):
+        if cache.static is not None:
+            capacities.append(cache.layers[0].capacity)
+        real_thaw(cache)
+
+    monkeypatch.setattr(session_module, "thaw", thaw)
+    for words, budget in (("", 0.5), (" x" * 60, 0.5), (" x" * 60, 0.9)):
+        inputs = testing.make_inputs(model, prompt_for("llava", "what is it?" + words)).inputs
+        eager, _ = _run(model, inputs, make_policy("snapkv", budget=budget), False)
+        compiled, s = _run(model, inputs, make_policy("snapkv", budget=budget), True)
+        assert s.decode.steps == NEW - 1 and torch.equal(compiled, eager)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert len(set(capacities)) == 3, f"the prompts should need three capacities, got {capacities}"
+    assert graphs[1] == graphs[0] and graphs[2] == graphs[0], f"recompiled for a new capacity: {graphs}"
 
 
 def test_compile_refuses_what_it_cannot_freeze(tiny_model):

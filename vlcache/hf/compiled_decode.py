@@ -26,6 +26,10 @@ from .model_parts import decoder, text_config
 from .static_cache import StaticLayer, freeze, full, thaw
 
 OLDEST = "5.17.0"  # compiled decode is tested from here on (the oldest release vlcache supports)
+# dynamo compiles at most `recompile_limit` (8) variants of one code object and then runs it eagerly, silently; every
+# model's forward goes through the same transformers decorator, so models, policies with and without decode mass,
+# and sliding-window layers all count against one limit: raised (never lowered) once compiled decode is used
+RECOMPILE_LIMIT = 64
 
 
 def compile_mode(device: torch.device) -> str | None:
@@ -63,7 +67,11 @@ class CompiledDecode:
         if not self.capture:
             return self._eager
         if self._compiled is None:
-            self._compiled = torch.compile(self._eager, mode=compile_mode(device), dynamic=False)
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            # dynamic=None: the buffers' capacity dims are marked dynamic at freeze (static_cache.freeze); the rest
+            # stays static until it changes
+            self._compiled = torch.compile(self._eager, mode=compile_mode(device))
         return self._compiled
 
     def forward(self, *args, **kwargs):

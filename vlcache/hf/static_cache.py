@@ -6,7 +6,8 @@ values [B, Hk, C, d] of fixed capacity C (the kept count plus the tokens still t
 position and validity [B, Hk, C] (DEAD and False past the filled part), and the next slot and the next position as
 0-dim device tensors. A step writes in place at that slot and masks by validity, so neither a shape nor a host value
 changes between steps, and nothing is read back to the host: the host's own counts (`filled`, `seen`) move by one
-per step, in step with the device's, without looking.
+per step, in step with the device's, without looking. The capacity is a dynamic dim of the compiled step, so one
+compile serves every prompt length and budget (CUDA graphs are still recorded per capacity: rounded, few).
 
 The layer it froze (`inner`) stays inside: `settle` points it at the buffers (views, no copy), so a policy's eager
 eviction between steps and the stats at the end see an ordinary `CompressibleLayer`; `refreeze` takes back what an
@@ -67,6 +68,11 @@ class StaticLayer(DynamicLayer):
     def buffers(self) -> list[torch.Tensor]:
         out = [self.keys, self.values, self.pos, self.valid, self.slot, self.next_pos, self.row]
         return out + [t for t in (self.rows, self.mass, self.mass_last) if t is not None]
+
+    def sized(self) -> list[torch.Tensor]:
+        """The buffers whose dim 2 is the capacity (or, for the kept query rows, the steps between evictions)."""
+        out = [t for t in (self.keys, self.values, self.pos, self.valid, self.mass, self.mass_last) if t is not None]
+        return out + ([self.rows] if self.rows is not None and self.rows.shape[2] > 1 else [])
 
     # ---------------------------------------------------------------- inside the step (no host sync, fixed shapes)
 
@@ -194,8 +200,12 @@ def freeze(cache: CompressedCache, room: int, heads: int, rows: int = 0, mass: b
                 static.mass_last = torch.zeros(B, Hk, C, device=first.device)
         cache.layers[i] = static
     cache.static = Frozen(step_valid, torch.ones(B, 1, 1, 1, dtype=torch.bool, device=first.device))
-    if first.is_cuda:  # CUDA graphs replay fixed addresses: the buffers must never move
-        for layer in cache.layers:
+    for layer in cache.layers:
+        for t in layer.sized():
+            # capacities follow the prompt: one graph for every length (a CUDA graph is still recorded per shape,
+            # which is cheap), not one compile per length, which costs seconds and soon hits dynamo's limit
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        if first.is_cuda:  # CUDA graphs replay fixed addresses: the buffers must never move
             for t in layer.buffers():
                 torch._dynamo.mark_static_address(t)
 
