@@ -108,11 +108,27 @@ def test_quant_speed_part(tmp_path):
 
 @pytest.mark.slow  # two compiled graphs (about 15 s); the full suite runs it
 def test_decode_quick(tmp_path):
-    assert main(["bench", "decode", "--quick", "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+    """Two sizes, eager rows at the first only (the GPU script's shape at 128K: compiled rows alone)."""
+    argv = ["bench", "decode", "--quick", "--new-tokens", "3", "--sizes", "300,600", "--eager-sizes", "300"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert {(r["policy"], r["mode"]) for r in rows} == {
+    first, second = sorted({r["n"] for r in rows})
+    assert {(r["policy"], r["mode"]) for r in rows if r["n"] == first} == {
         (p, m) for p in ("full", "snapkv", "h2o") for m in ("eager", "compiled")
     }
-    assert all(r["same_tokens"] for r in rows)  # compiled decoding gives the eager tokens
+    assert {(r["policy"], r["mode"]) for r in rows if r["n"] == second} == {
+        (p, "compiled") for p in ("full", "snapkv", "h2o")
+    }
+    assert all(r["same_tokens"] for r in rows if r["n"] == first)  # compiled decoding gives the eager tokens
+    assert all(r["same_tokens"] is None and r["speedup"] is None for r in rows if r["n"] == second)
     assert all(r["vs_full"] == 1.0 for r in rows if r["policy"] == "full")
     assert (tmp_path / "decode.png").exists()
+
+
+def test_decode_refuses_sizes_it_does_not_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--quick", "--sizes", "300", "--eager-sizes", "400"])
+    assert "--eager-sizes and --peer-sizes must be among --sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--quick", "--sizes", "3x0"])
+    assert "--sizes takes comma-separated token counts" in capsys.readouterr().err

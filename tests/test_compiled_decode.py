@@ -256,3 +256,45 @@ def test_compile_refuses_what_it_cannot_freeze(tiny_model):
         vlcache.attach(model, "snapkv", budget=0.5, vision_bits=4, compile=True)
     with pytest.raises(ValueError, match="lookahead"):
         vlcache.attach(model, "h2o", budget=0.5, lookahead=2, compile=True)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (scripts/gpu_check.sh runs it)")
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["snapkv", "h2o"])
+def test_replayed_cuda_graph_steps_never_synchronise(name):
+    """On a GPU: past the first steps (dynamo's compile, CUDA graph warm-up and recording), every compiled step
+    replays with `torch.cuda.set_sync_debug_mode("error")` on, which raises at any synchronising call; CUDA graphs
+    were not skipped (inductor counts each skip), and the tokens are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    model = testing.build("llava").to("cuda")
+    model.set_attn_implementation("sdpa")
+    inputs = {k: v.to("cuda") for k, v in _padded(model).items()}
+    eager, _ = _run(model, inputs, _policy(name), False, new=16)
+    skips = counters["inductor"]["cudagraph_skips"]
+    guarded = []
+    with vlcache.compress(model, _policy(name), compile=True) as s:
+        compiled_for = s.decode.compiled
+
+        def compiled(device):
+            step = compiled_for(device)
+
+            def run(**kwargs):
+                if s.decode.steps < 3:
+                    return step(**kwargs)
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    return step(**kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                    guarded.append(s.decode.steps)
+
+            return run
+
+        s.decode.compiled = compiled
+        out = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, **GREEDY)
+    assert len(guarded) == 12  # steps 4..15 replayed under the guard
+    assert counters["inductor"]["cudagraph_skips"] == skips, "CUDA graphs were skipped (TORCH_LOGS=perf_hints says why)"
+    assert torch.equal(out, eager)

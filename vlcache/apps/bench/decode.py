@@ -8,10 +8,13 @@ the full cache of the same mode, measured in the same run.
     vlcache bench decode --sizes 32768 --batch 4 --policies snapkv,h2o:evict_every=16
 
 The model and prompts are the speed benchmark's (a Qwen2-VL from a config, random weights; many 256-token images).
-Times are medians over the decode steps, after a warm-up run of the same shape (compilation is one-time and left
-out). The peer row is plain Hugging Face with its own static cache (`cache_implementation="static"`), which
-transformers compiles by itself on CUDA (CUDA graphs) and leaves eager on a CPU. On a GPU each row also gives the fraction of the bandwidth bound it reaches: (weight bytes + kept KV bytes) /
-measured copy bandwidth / step time.
+A row's ms/token is its mean decode step after the first three (`steady_ms`; with the default 36 new tokens, 32
+steps: an eviction every 16 or 32 steps is counted as often as it happens). Each row has an untimed warm-up run at the
+first size it runs (`--warmup`): one compile serves every length. The peer row is plain Hugging Face with its own
+static cache (`cache_implementation="static"`), which transformers compiles by itself on CUDA (CUDA graphs) and leaves
+eager on a CPU. On a GPU each row also gives the bandwidth bound, (weight bytes + kept KV bytes) / measured copy
+bandwidth, the fraction of it the step reaches, the peak memory allocated, and whether CUDA graphs ran (inductor
+skipped none).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from ...policies import POLICIES, make_policy, parse_settings
 from .. import timed_run
@@ -30,6 +34,7 @@ from .figure import figure_row, series_style
 from .speed import PRESETS, build_model, machine, prompt
 
 SIZES = {"cpu": "1024", "quick": "300", "qwen2vl-7b": "8192,32768,131072"}
+SKIP = 3  # decode steps before the steady state (see steady_ms)
 
 
 def main(argv=None) -> int:
@@ -43,7 +48,24 @@ def main(argv=None) -> int:
         help='comma-separated, settings after a colon: "h2o,h2o:evict_every=16" (default: every policy)',
     )
     p.add_argument("--budget", type=float, default=0.1, help="keep this share of the prompt in every layer")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=36, help="generated per run (default 36: 32 steady steps)")
+    p.add_argument(
+        "--eager-sizes",
+        default=None,
+        help='the sizes that also get eager rows (default: every size; "none": none); compiled rows run at every size',
+    )
+    p.add_argument(
+        "--peer-sizes",
+        default=None,
+        help='the sizes that get the plain Hugging Face static-cache row (default: every size; "none": none)',
+    )
+    p.add_argument(
+        "--warmup",
+        choices=["first", "every", "none"],
+        default="first",
+        help="an untimed run before each row: at the first size a row runs (default; one compile serves every "
+        "length), at every size, or never (the steady steps leave the compile and CUDA graph recording out anyway)",
+    )
     p.add_argument("--quick", action="store_true", help="the 'quick' preset and two policies unless given (CI)")
     p.add_argument("--out", default="out/decode")
     args = p.parse_args(argv)
@@ -57,7 +79,13 @@ def main(argv=None) -> int:
     device = preset["device"]
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"preset {args.preset} needs a GPU")
-    sizes = [int(x) for x in (args.sizes or SIZES[args.preset]).split(",")]
+    sizes = _sizes(p, "--sizes", args.sizes or SIZES[args.preset])
+    eager_sizes, peer_sizes = (
+        set(sizes) if text is None else set() if text == "none" else set(_sizes(p, flag, text))
+        for flag, text in (("--eager-sizes", args.eager_sizes), ("--peer-sizes", args.peer_sizes))
+    )
+    if not eager_sizes <= set(sizes) or not peer_sizes <= set(sizes):
+        p.error("--eager-sizes and --peer-sizes must be among --sizes")
     torch.manual_seed(0)
     model = build_model(preset, max(sizes))
     params = sum(q.numel() for q in model.parameters())
@@ -71,55 +99,104 @@ def main(argv=None) -> int:
         settings = parse_settings([x for x in extra.split(";") if x])
         return make_policy(base, **settings) if base == "full" else make_policy(base, budget=args.budget, **settings)
 
-    def timed(inputs, policy, compiled):
-        kw = dict(min_new_tokens=args.new_tokens, compile=compiled)
-        timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)  # warm-up (and compile) at this shape
-        return timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)
+    warmed = set()
+
+    def timed(inputs, name, compiled, **kw):
+        kw.update(min_new_tokens=args.new_tokens, compile=compiled)
+        policy = make(name) if name is not None else None
+        key = (name, compiled, tuple(kw.items()))
+        if args.warmup == "every" or (args.warmup == "first" and key not in warmed):
+            timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)  # warm-up (and compile)
+            policy = make(name) if name is not None else None
+        warmed.add(key)
+        skips = counters["inductor"]["cudagraph_skips"]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        r = timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)
+        r.peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        r.graph_skips = counters["inductor"]["cudagraph_skips"] - skips
+        return r
 
     rows = []
     out = Path(args.out)
+    setup = dict(device=where, preset=args.preset, parameters=params, weight_bytes=weight_bytes,
+                 copy_bandwidth=bandwidth, budget=args.budget, batch=args.batch, new_tokens=args.new_tokens,
+                 steady_after=SKIP)  # fmt: skip
+
+    def save():  # after every row: a run stopped at its time limit keeps what it measured
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+
     for n in sizes:
         one = prompt(model, n, device)
         inputs = {
             k: torch.cat([v] * args.batch) if k != "image_grid_thw" else v.repeat(args.batch, 1) for k, v in one.items()
         }
         real_n = inputs["input_ids"].shape[1]
-        plain = timed(inputs, None, False).decode_ms_median
-        peer = hf_static(model, inputs, args.new_tokens)
+        if any(r["n"] == real_n for r in rows):  # prompts come in whole images: two sizes can give one prompt
+            print(f"\n{n} tokens: the same {real_n}-token prompt as a size before it, not run again")
+            continue
+        plain = steady_ms(timed(inputs, None, False))
         full = {}
         for name in names:
-            eager = timed(inputs, make(name), False)
-            for mode, r in (("eager", eager), ("compiled", timed(inputs, make(name), True))):
-                ms = r.decode_ms_median
+            eager = timed(inputs, name, False) if n in eager_sizes else None
+            for mode, r in (("eager", eager), ("compiled", timed(inputs, name, True))):
+                if r is None:
+                    continue
+                ms = steady_ms(r)
                 full.setdefault(mode, ms)  # "full" is first
                 row = dict(n=real_n, batch=args.batch, policy=name, mode=mode, decode_ms=ms)
-                row.update(vs_plain=ms / plain, vs_full=ms / full[mode], plain_ms=plain, hf_static_ms=peer)
-                if peer:
-                    row["vs_hf_static"] = ms / peer
-                row["kv_bytes"] = r.prefill_stats.kv_bytes if r.prefill_stats else None
-                row["same_tokens"] = r.tokens == eager.tokens
+                row.update(decode_ms_median=r.decode_ms_median, vs_plain=ms / plain, vs_full=ms / full[mode])
+                row.update(plain_ms=plain, kv_bytes=r.prefill_stats.kv_bytes if r.prefill_stats else None)
+                row["same_tokens"] = r.tokens == eager.tokens if eager is not None else None
                 if mode == "compiled":
-                    row["speedup"] = eager.decode_ms_median / ms
+                    row["speedup"] = steady_ms(eager) / ms if eager is not None else None
+                    if device == "cuda":
+                        row["cuda_graphs"] = r.graph_skips == 0  # inductor skipped none (TORCH_LOGS=perf_hints: why)
+                if r.peak_bytes is not None:
+                    row["peak_bytes"] = r.peak_bytes
                 if bandwidth and row["kv_bytes"]:
-                    row["bandwidth_fraction"] = (weight_bytes + row["kv_bytes"]) / (ms / 1000) / bandwidth
+                    row["bound_ms"] = (weight_bytes + row["kv_bytes"]) / bandwidth * 1000
+                    row["bandwidth_fraction"] = row["bound_ms"] / ms
                 rows.append(row)
+                save()
+        # the peer last: where its own compile runs past a time limit, the rows above are already kept
+        peer = hf_static(timed, inputs) if n in peer_sizes else None
+        for row in rows:
+            if row["n"] == real_n:
+                row["hf_static_ms"] = peer
+                if peer:
+                    row["vs_hf_static"] = row["decode_ms"] / peer
+        save()
         print_block(rows, real_n, plain, peer)
-        out.mkdir(parents=True, exist_ok=True)  # after every size: a run stopped at its time limit keeps its rows
-        setup = dict(device=where, preset=args.preset, parameters=params, budget=args.budget, batch=args.batch,
-                     new_tokens=args.new_tokens)  # fmt: skip
-        (out / "decode.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
         plot(rows, out / "decode.png", where)
     print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
     return 0
 
 
-def hf_static(model, inputs, new_tokens: int) -> float | None:
+def _sizes(p, flag: str, text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag} takes comma-separated token counts, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        p.error(f"{flag} takes positive token counts, got {text!r}")
+    return sizes
+
+
+def steady_ms(r) -> float:
+    """A run's decode ms/token: the mean step after the first SKIP (a compile, a CUDA graph's warm-up and recording
+    fall in those when a row runs without a warm-up). The mean, not the median: an eviction every k steps is a slow
+    step the median would leave out; over a multiple of k steps the mean counts it once per k."""
+    steps = r.step_s[SKIP:] or r.step_s
+    return 1000 * sum(steps) / len(steps)
+
+
+def hf_static(timed, inputs) -> float | None:
     """Plain Hugging Face's decode ms/token with its own static cache (compiled by transformers on CUDA), or None
     where this model and transformers cannot run it (said in one line)."""
-    kw = dict(min_new_tokens=new_tokens, cache_implementation="static")
     try:
-        timed_run.run(model, None, inputs, None, new_tokens, **kw)  # warm-up (and its compile)
-        return timed_run.run(model, None, inputs, None, new_tokens, **kw).decode_ms_median
+        return steady_ms(timed(inputs, None, False, cache_implementation="static"))
     except Exception as e:  # a peer row that cannot run must not cost the benchmark's own rows
         print(f"plain Hugging Face with its static cache could not run here: {type(e).__name__}: {e}")
         return None
@@ -130,20 +207,28 @@ def print_block(rows, n, plain, peer=None):
         f"; with its static cache{' (compiled)' if torch.cuda.is_available() else ''} {peer:.2f}" if peer else ""
     )
     print(f"\nprompt {n} tokens; plain Hugging Face {plain:.2f} ms/token{with_peer}")
-    w = max(13, *(len(r["policy"]) for r in rows))
+    here = [r for r in rows if r["n"] == n]
+    w = max(13, *(len(r["policy"]) for r in here))
     print(
         f"{'policy':<{w}} {'eager ms/t':>11} {'x plain':>8} {'x full':>7} {'compiled':>9} {'x plain':>8} "
-        f"{'x full':>7} {'speedup':>8} {'same':>5} {'bw frac':>8}"
+        f"{'x full':>7} {'speedup':>8} {'same':>5} {'bound ms':>9} {'bw frac':>8} {'peak GiB':>9} {'graphs':>7}"
     )
-    for name in dict.fromkeys(r["policy"] for r in rows if r["n"] == n):
-        e, c = (
-            next(r for r in rows if r["n"] == n and r["policy"] == name and r["mode"] == m)
-            for m in ("eager", "compiled")
-        )
-        bw = f"{c['bandwidth_fraction']:>8.2f}" if "bandwidth_fraction" in c else f"{'-':>8}"
+
+    def cell(r, key, width, fmt):
+        value = r.get(key) if r else None
+        return f"{value:>{width}{fmt}}" if value is not None else f"{'-':>{width}}"
+
+    for name in dict.fromkeys(r["policy"] for r in here):
+        e = next((r for r in here if r["policy"] == name and r["mode"] == "eager"), None)
+        c = next(r for r in here if r["policy"] == name and r["mode"] == "compiled")
+        same = "-" if c["same_tokens"] is None else str(c["same_tokens"])[0]
+        speedup = f"{c['speedup']:>7.2f}x" if c.get("speedup") else f"{'-':>8}"
+        peak = f"{c['peak_bytes'] / 2**30:>9.1f}" if c.get("peak_bytes") else f"{'-':>9}"
+        graphs = f"{str(c['cuda_graphs'])[0]:>7}" if "cuda_graphs" in c else f"{'-':>7}"
         print(
-            f"{name:<{w}} {e['decode_ms']:>11.2f} {e['vs_plain']:>8.2f} {e['vs_full']:>7.2f} {c['decode_ms']:>9.2f} "
-            f"{c['vs_plain']:>8.2f} {c['vs_full']:>7.2f} {c['speedup']:>7.2f}x {str(c['same_tokens'])[0]:>5} {bw}"
+            f"{name:<{w}} {cell(e, 'decode_ms', 11, '.2f')} {cell(e, 'vs_plain', 8, '.2f')} {cell(e, 'vs_full', 7, '.2f')} "
+            f"{c['decode_ms']:>9.2f} {c['vs_plain']:>8.2f} {c['vs_full']:>7.2f} {speedup} {same:>5} "
+            f"{cell(c, 'bound_ms', 9, '.2f')} {cell(c, 'bandwidth_fraction', 8, '.2f')} {peak} {graphs}"
         )
 
 
@@ -156,6 +241,9 @@ def plot(rows, path, title):
             for ax, mode in zip(axes, ("eager", "compiled")):
                 pts = [r for r in rows if r["policy"] == name and r["mode"] == mode]
                 ax.plot([r["n"] for r in pts], [r["decode_ms"] for r in pts], label=name, **style)
+                bound = [r for r in pts if "bound_ms" in r]
+                if mode == "compiled" and bound:  # on a GPU: the bandwidth bound beside the step, dotted
+                    ax.plot([r["n"] for r in bound], [r["bound_ms"] for r in bound], ":", color=style.get("color"))
         for ax, mode in zip(axes, ("eager", "compiled")):
             ax.set_xscale("log", base=2) if len(sizes) > 1 else None
             ax.set_xlabel("prompt tokens")
