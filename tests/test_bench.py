@@ -4,6 +4,7 @@ benchmark runs, not to tests)."""
 import json
 
 import pytest
+import torch
 
 from vlcache.apps.cli import main
 
@@ -123,6 +124,37 @@ def test_decode_quick(tmp_path):
     assert all(r["same_tokens"] is None and r["speedup"] is None for r in rows if r["n"] == second)
     assert all(r["vs_full"] == 1.0 for r in rows if r["policy"] == "full")
     assert (tmp_path / "decode.png").exists()
+
+
+@pytest.mark.slow  # compiles the quick model's step (about 10 s)
+def test_decode_keeps_going_past_a_row_that_fails(tmp_path, monkeypatch):
+    """A row that fails while running (out of memory, a compile error) is kept as its one-line error and the rows
+    after it still run; a bad policy is refused before anything runs."""
+    from vlcache.apps import timed_run
+
+    real = timed_run.run
+
+    def run(model, processor, inputs, policy, *args, compile=False, **kw):
+        if compile and policy is not None and policy.name == "snapkv":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(model, processor, inputs, policy, *args, compile=compile, **kw)
+
+    monkeypatch.setattr(timed_run, "run", run)
+    argv = ["bench", "decode", "--quick", "--new-tokens", "5", "--policies", "snapkv,h2o", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    failed = [r for r in rows if "error" in r]
+    assert [(r["policy"], r["mode"]) for r in failed] == [("snapkv", "compiled")]
+    assert failed[0]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert {(r["policy"], r["mode"]) for r in rows if "error" not in r} == {
+        ("full", "eager"),
+        ("full", "compiled"),
+        ("snapkv", "eager"),
+        ("h2o", "eager"),
+        ("h2o", "compiled"),
+    }
+    with pytest.raises(SystemExit):
+        main(["bench", "decode", "--quick", "--policies", "snapkv:no_such_setting=1"])
 
 
 def test_decode_refuses_sizes_it_does_not_run(capsys):

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import reference
+from . import compiled_ops, reference
 from .reference import AttentionStats, group_reduce, pool1d, position_assign
 
 _TRITON: dict = {}
@@ -83,9 +83,9 @@ def quantized_attention(query, parts, scale):
 
 
 def decode_attention(query, keys, values, k_valid, scale, q_pos=None):
-    mod = _triton_module("triton_decode_mass") if _use_triton(query) else None
-    impl = mod.decode_attention if mod is not None else reference.decode_attention
-    return impl(query, keys, values, k_valid, scale, q_pos)
+    if torch.compiler.is_compiling():  # one opaque custom op inside a compiled step (compiled_ops.py says why)
+        return torch.ops.vlcache.decode_attention(query, keys, values, k_valid, float(scale), q_pos)
+    return compiled_ops._impl(query, keys, values, k_valid, scale, q_pos)
 
 
 __all__ = [

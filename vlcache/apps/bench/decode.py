@@ -99,6 +99,11 @@ def main(argv=None) -> int:
         settings = parse_settings([x for x in extra.split(";") if x])
         return make_policy(base, **settings) if base == "full" else make_policy(base, budget=args.budget, **settings)
 
+    for name in names:  # a bad name or setting is the user's error, said before anything runs
+        try:
+            make(name)
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--policies {name!r}: {e}")
     warmed = set()
 
     def timed(inputs, name, compiled, **kw):
@@ -116,6 +121,17 @@ def main(argv=None) -> int:
         r.peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
         r.graph_skips = counters["inductor"]["cudagraph_skips"] - skips
         return r
+
+    def attempt(inputs, name, compiled):
+        """The run, or why it failed in one line (out of memory is a result here: the batch that does not fit)."""
+        try:
+            return timed(inputs, name, compiled)
+        except Exception as e:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"{name} ({'compiled' if compiled else 'eager'}) failed: {why}")
+            return why
 
     rows = []
     out = Path(args.out)
@@ -139,14 +155,21 @@ def main(argv=None) -> int:
         plain = steady_ms(timed(inputs, None, False))
         full = {}
         for name in names:
-            eager = timed(inputs, name, False) if n in eager_sizes else None
-            for mode, r in (("eager", eager), ("compiled", timed(inputs, name, True))):
+            eager = attempt(inputs, name, False) if n in eager_sizes else None
+            for mode, r in (("eager", eager), ("compiled", attempt(inputs, name, True))):
                 if r is None:
                     continue
-                ms = steady_ms(r)
-                full.setdefault(mode, ms)  # "full" is first
-                row = dict(n=real_n, batch=args.batch, policy=name, mode=mode, decode_ms=ms)
-                row.update(decode_ms_median=r.decode_ms_median, vs_plain=ms / plain, vs_full=ms / full[mode])
+                row = dict(n=real_n, batch=args.batch, policy=name, mode=mode)
+                if isinstance(r, str):  # it failed (said in one line): the other rows still run
+                    rows.append(dict(row, error=r))
+                    save()
+                    continue
+                eager = eager if isinstance(eager, timed_run.RunResult) else None
+                ms = row["decode_ms"] = steady_ms(r)
+                if name == "full":  # the first row
+                    full[mode] = ms
+                vs_full = ms / full[mode] if mode in full else None
+                row.update(decode_ms_median=r.decode_ms_median, vs_plain=ms / plain, vs_full=vs_full)
                 row.update(plain_ms=plain, kv_bytes=r.prefill_stats.kv_bytes if r.prefill_stats else None)
                 row["same_tokens"] = r.tokens == eager.tokens if eager is not None else None
                 if mode == "compiled":
@@ -163,7 +186,7 @@ def main(argv=None) -> int:
         # the peer last: where its own compile runs past a time limit, the rows above are already kept
         peer = hf_static(timed, inputs) if n in peer_sizes else None
         for row in rows:
-            if row["n"] == real_n:
+            if row["n"] == real_n and "error" not in row:
                 row["hf_static_ms"] = peer
                 if peer:
                     row["vs_hf_static"] = row["decode_ms"] / peer
@@ -207,7 +230,8 @@ def print_block(rows, n, plain, peer=None):
         f"; with its static cache{' (compiled)' if torch.cuda.is_available() else ''} {peer:.2f}" if peer else ""
     )
     print(f"\nprompt {n} tokens; plain Hugging Face {plain:.2f} ms/token{with_peer}")
-    here = [r for r in rows if r["n"] == n]
+    failed = [r for r in rows if r["n"] == n and "error" in r]
+    here = [r for r in rows if r["n"] == n and "error" not in r]
     w = max(13, *(len(r["policy"]) for r in here))
     print(
         f"{'policy':<{w}} {'eager ms/t':>11} {'x plain':>8} {'x full':>7} {'compiled':>9} {'x plain':>8} "
@@ -220,19 +244,25 @@ def print_block(rows, n, plain, peer=None):
 
     for name in dict.fromkeys(r["policy"] for r in here):
         e = next((r for r in here if r["policy"] == name and r["mode"] == "eager"), None)
-        c = next(r for r in here if r["policy"] == name and r["mode"] == "compiled")
+        c = next((r for r in here if r["policy"] == name and r["mode"] == "compiled"), None)
+        if c is None:
+            print(f"{name:<{w}} {cell(e, 'decode_ms', 11, '.2f')}   (compiled: failed)")
+            continue
         same = "-" if c["same_tokens"] is None else str(c["same_tokens"])[0]
         speedup = f"{c['speedup']:>7.2f}x" if c.get("speedup") else f"{'-':>8}"
         peak = f"{c['peak_bytes'] / 2**30:>9.1f}" if c.get("peak_bytes") else f"{'-':>9}"
         graphs = f"{str(c['cuda_graphs'])[0]:>7}" if "cuda_graphs" in c else f"{'-':>7}"
         print(
             f"{name:<{w}} {cell(e, 'decode_ms', 11, '.2f')} {cell(e, 'vs_plain', 8, '.2f')} {cell(e, 'vs_full', 7, '.2f')} "
-            f"{c['decode_ms']:>9.2f} {c['vs_plain']:>8.2f} {c['vs_full']:>7.2f} {speedup} {same:>5} "
+            f"{c['decode_ms']:>9.2f} {c['vs_plain']:>8.2f} {cell(c, 'vs_full', 7, '.2f')} {speedup} {same:>5} "
             f"{cell(c, 'bound_ms', 9, '.2f')} {cell(c, 'bandwidth_fraction', 8, '.2f')} {peak} {graphs}"
         )
+    for r in failed:
+        print(f"{r['policy']:<{w}} {r['mode']} failed: {r['error']}")
 
 
 def plot(rows, path, title):
+    rows = [r for r in rows if "error" not in r]
     sizes = sorted({r["n"] for r in rows})
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     with figure_row(path, 2, (11, 3.6), title) as axes:
