@@ -8,7 +8,6 @@ captures the launches inside it, and the CPU tests take the same path through th
 No `from __future__ import annotations` here: torch infers each op's schema from real annotations.
 """
 
-
 import torch
 
 from . import reference
