@@ -250,6 +250,25 @@ def test_one_compiled_step_serves_every_prompt_length(tiny_model, monkeypatch):
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0], f"recompiled for a new capacity: {graphs}"
 
 
+@pytest.mark.parametrize("name", ["full", "snapkv", "h2o"])
+def test_the_cuda_attention_path_on_cpu(tiny_model, monkeypatch, name):
+    """On CUDA every frozen layer attends through the decode kernel (the stock SDPA path would leave a long cache
+    to a few SMs); here the same path runs on the CPU through the kernel's reference, compiled: the custom op
+    with and without the mass, its fake shapes under dynamic capacities, the output's layout. Tokens as eager."""
+    from vlcache.hf import static_cache
+
+    monkeypatch.setattr(static_cache.kernels, "backend", lambda device: "triton")
+    calls = []
+    real = static_cache.kernels.decode_attention
+    monkeypatch.setattr(static_cache.kernels, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    eager, _ = _run(model, inputs, _policy(name), False)
+    compiled, s = _run(model, inputs, _policy(name), True)
+    assert calls and s.decode.steps == NEW - 1
+    assert torch.equal(compiled, eager)
+
+
 def test_compile_refuses_what_it_cannot_freeze(tiny_model):
     model = tiny_model("llava")
     with pytest.raises(ValueError, match="quantized"):

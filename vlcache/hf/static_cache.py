@@ -59,6 +59,7 @@ class StaticLayer(DynamicLayer):
         self.row = torch.tensor(0, device=k.device)
         self.mass = self.mass_last = None  # [B, Hk, C] attention mass since the last eviction / of the last step
         self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        self.fused = kernels.backend(k.device) == "triton"  # attention by the decode kernel (see `attend`)
         # the inner layer lets go of its own tensors (views of the buffers from now on): the cache is held once
         if isinstance(inner, CompressibleLayer):
             self.settle()
@@ -225,16 +226,24 @@ def full(cache: CompressedCache) -> bool:
 
 
 def attend(layer: StaticLayer, module, query, stock, eager: bool, **kwargs):
-    """A decode step's attention over a frozen layer: the stock function under the layer's own mask, or, when the
-    policy reads the attention mass, the mass kernel (output and mass in one pass)."""
+    """A decode step's attention over a frozen layer: the decode kernel (split over the keys; with the attention
+    mass when the policy reads it) on CUDA, and wherever the mass is read; elsewhere the stock function under the
+    layer's own mask. On CUDA the stock path would leave SDPA one program per head, or per query head with the
+    keys repeated g times (what transformers does under a compiler when a mask is given): a long cache streamed by
+    a few SMs."""
     layer.keep_query(query)
     visible = layer.visible()
-    if layer.mass is not None:
+    plain = kwargs.get("softcap") is None and kwargs.get("s_aux") is None  # what the kernel computes: softmax(qk)v
+    if layer.mass is not None or (layer.fused and plain):
+        if not plain:
+            raise ValueError("the decode-mass kernel has no logit softcap or attention sinks: compile=False here")
         scaling = kwargs.get("scaling")
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out, mass = kernels.decode_attention(query, layer.keys, layer.values, visible, scaling)
-        layer.mass.add_(mass)
-        layer.mass_last.copy_(mass)
+        want = layer.mass is not None
+        out, mass = kernels.decode_attention(query, layer.keys, layer.values, visible, scaling, mass=want)
+        if want:
+            layer.mass.add_(mass)
+            layer.mass_last.copy_(mass)
         return out.transpose(1, 2).contiguous(), None
     mask = visible.repeat_interleave(query.shape[1] // visible.shape[1], dim=1)[:, :, None, :]
     if eager:

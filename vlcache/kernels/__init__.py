@@ -82,10 +82,11 @@ def quantized_attention(query, parts, scale):
     return impl(query, parts, scale)
 
 
-def decode_attention(query, keys, values, k_valid, scale, q_pos=None):
+def decode_attention(query, keys, values, k_valid, scale, q_pos=None, mass=True):
     if torch.compiler.is_compiling():  # one opaque custom op inside a compiled step (compiled_ops.py says why)
-        return torch.ops.vlcache.decode_attention(query, keys, values, k_valid, float(scale), q_pos)
-    return compiled_ops._impl(query, keys, values, k_valid, scale, q_pos)
+        out, weights = torch.ops.vlcache.decode_attention(query, keys, values, k_valid, float(scale), q_pos, mass)
+        return out, weights if mass else None
+    return compiled_ops._impl(query, keys, values, k_valid, scale, q_pos, mass)
 
 
 __all__ = [

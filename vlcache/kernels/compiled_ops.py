@@ -13,12 +13,12 @@ import torch
 from . import reference
 
 
-def _impl(query, keys, values, k_valid, scale, q_pos):
+def _impl(query, keys, values, k_valid, scale, q_pos, mass):
     from . import _triton_module, _use_triton  # the package imports this module
 
     mod = _triton_module("triton_decode_mass") if _use_triton(query) else None
     return (mod.decode_attention if mod is not None else reference.decode_attention)(
-        query, keys, values, k_valid, scale, q_pos
+        query, keys, values, k_valid, scale, q_pos, mass
     )
 
 
@@ -30,12 +30,16 @@ def decode_attention(
     k_valid: torch.Tensor,
     scale: float,
     q_pos: torch.Tensor | None = None,
+    mass: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(query, keys, values, k_valid, scale, q_pos)
+    """`kernels.decode_attention` as one op; without `mass` its second output is empty (an op returns tensors)."""
+    out, weights = _impl(query, keys, values, k_valid, scale, q_pos, mass)
+    return out, weights if weights is not None else query.new_empty(0, dtype=torch.float32)
 
 
 @decode_attention.register_fake
-def _(query, keys, values, k_valid, scale, q_pos=None):
+def _(query, keys, values, k_valid, scale, q_pos=None, mass=True):
     B, H, R, _ = query.shape
     out = query.new_empty(B, H, R, values.shape[-1])
-    return out, query.new_empty(B, keys.shape[1], keys.shape[2], dtype=torch.float32)
+    shape = (B, keys.shape[1], keys.shape[2]) if mass else (0,)
+    return out, query.new_empty(shape, dtype=torch.float32)

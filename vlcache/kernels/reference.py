@@ -279,14 +279,15 @@ def decode_attention(
     k_valid: torch.Tensor,
     scale: float,
     q_pos: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    mass: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention of a few query rows per head over a per-KV-head cache, and each slot's attention mass.
 
     query [B, H, R, d]; keys [B, Hk, T, d]; values [B, Hk, T, dv]; k_valid [B, Hk, T], False at slots no row sees
     (padding, filler, unused room); q_pos [B, R] (optional) the slot of each row, which then sees slots <= it only.
     Returns out [B, H, R, dv] (query dtype) and mass [B, Hk, T] fp32: softmax(q k^T * scale) summed over the rows and
     averaged over each KV head's g query heads, i.e. `group_reduce(colsum, Hk, "mean")` of H2O's scores. A row that
-    sees no slot gives zeros (no NaN).
+    sees no slot gives zeros (no NaN). `mass=False`: the output alone (mass None).
     """
     B, H, R, _ = query.shape
     hk, T = keys.shape[1], keys.shape[2]
@@ -300,4 +301,4 @@ def decode_attention(
     p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
     p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     out = torch.matmul(p.view(B, hk, g * R, T), values.float()).view(B, H, R, values.shape[-1])
-    return out.to(query.dtype), p.sum(3).mean(2)
+    return out.to(query.dtype), p.sum(3).mean(2) if mass else None
