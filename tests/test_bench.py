@@ -2,6 +2,7 @@
 benchmark runs, not to tests)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,32 @@ def test_decode_refuses_sizes_it_does_not_run(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "decode", "--quick", "--sizes", "3x0"])
     assert "--sizes takes comma-separated token counts" in capsys.readouterr().err
+
+
+def test_decode_targets_reads_the_gpu_runs(tmp_path):
+    """scripts/decode_targets.py (the GPU script's last step): each of issue 19's targets met or missed from the
+    rows, an out-of-memory full cache at batch 8 counted as the batch that does not fit, and nothing claimed for
+    what was not measured."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_targets", Path(__file__).parents[1] / "scripts" / "decode_targets.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert all(line.startswith("not measured") for line in mod.targets(tmp_path))
+    (tmp_path / "decode").mkdir()
+    (tmp_path / "decode_batch8").mkdir()
+    row = dict(n=131072, mode="compiled", bound_ms=5.5, cuda_graphs=True)
+    rows = [dict(row, policy=p, decode_ms=ms, bandwidth_fraction=5.5 / ms) for p, ms in
+            (("full", 10.0), ("snapkv", 7.0), ("h2o:evict_every=16", 8.0), ("cake:evict_every=16", 9.0))]  # fmt: skip
+    (tmp_path / "decode" / "decode.json").write_text(json.dumps({"rows": rows}))
+    eight = [dict(n=32768, policy="full", mode="compiled", error="OutOfMemoryError: CUDA out of memory"),
+             dict(n=32768, policy="snapkv", mode="compiled", decode_ms=9.0, peak_bytes=2**35)]  # fmt: skip
+    (tmp_path / "decode_batch8" / "decode.json").write_text(json.dumps({"rows": eight}))
+    lines = mod.targets(tmp_path)
+    assert lines[0].startswith("met: SnapKV compiled at 131072 tokens reaches 0.79 of the bound")
+    assert lines[1].startswith("met: SnapKV's compiled step 0.70x")
+    assert lines[2].startswith("met: h2o:evict_every=16 compiled 1.14x") and lines[3].startswith("MISSED: cake")
+    assert "CUDA graphs: every compiled row" in lines
+    assert lines[-1].startswith("met: batch 8: the full cache failed (OutOfMemoryError")

@@ -1,0 +1,93 @@
+"""Issue 19's GPU targets against what `scripts/gpu_check.sh` measured: one line per target, met or missed, with the
+numbers behind it.
+
+    python scripts/decode_targets.py OUT      # OUT/decode/decode.json (batch 1) and OUT/decode_batch8/decode.json
+
+Targets (Qwen2-VL-7B text dimensions, bf16, the largest prompt measured, 10% kept): compiled compressed decode at
+>= 70% of the bandwidth bound at batch 1; its step <= 0.75x the compiled full cache's; H2O's and CAKE's <= 1.2x
+SnapKV's; batch 8 at 32K fits in a memory where the full cache's batch 8 does not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows_of(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def pick(rows, policy, mode="compiled", n=None):
+    for r in rows:
+        if r["policy"] == policy and r["mode"] == mode and (n is None or r["n"] == n) and "error" not in r:
+            return r
+    return None
+
+
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "met" if ok else "MISSED"
+
+
+def targets(out: Path) -> list[str]:
+    lines = []
+    one = rows_of(out / "decode" / "decode.json")
+    n = max((r["n"] for r in one), default=None)
+    full, snap = pick(one, "full", n=n), pick(one, "snapkv", n=n)
+    frac = snap.get("bandwidth_fraction") if snap else None
+    lines.append(f"{verdict(None if frac is None else frac >= 0.70)}: SnapKV compiled at {n} tokens reaches "
+                 f"{_f(frac)} of the bound ({_f(snap and snap.get('bound_ms'))} ms bound, "
+                 f"{_f(snap and snap['decode_ms'])} ms/token; target >= 0.70)")  # fmt: skip
+    ratio = snap["decode_ms"] / full["decode_ms"] if snap and full else None
+    lines.append(f"{verdict(None if ratio is None else ratio <= 0.75)}: SnapKV's compiled step {_f(ratio)}x the full "
+                 f"cache's ({_f(full and full['decode_ms'])} ms; target <= 0.75x)")  # fmt: skip
+    for name in ("h2o", "cake"):
+        row = next((r for r in one if r["n"] == n and r["mode"] == "compiled" and r["policy"].split(":")[0] == name
+                    and "error" not in r), None)  # fmt: skip
+        ratio = row["decode_ms"] / snap["decode_ms"] if row and snap else None
+        label = row["policy"] if row else name
+        lines.append(f"{verdict(None if ratio is None else ratio <= 1.2)}: {label} compiled {_f(ratio)}x SnapKV's step "
+                     f"({_f(row and row['decode_ms'])} ms; target <= 1.2x)")  # fmt: skip
+    peer = snap.get("hf_static_ms") if snap else None
+    if peer:
+        lines.append(f"peer: plain Hugging Face, static cache, compiled: {peer:.2f} ms/token; SnapKV compiled "
+                     f"{snap['decode_ms'] / peer:.2f}x of it")  # fmt: skip
+    graphs = [r for r in one if r["mode"] == "compiled" and "cuda_graphs" in r]
+    if graphs:
+        skipped = [f"{r['policy']}@{r['n']}" for r in graphs if not r["cuda_graphs"]]
+        lines.append(f"CUDA graphs: {'every compiled row' if not skipped else 'skipped in ' + ', '.join(skipped)}")
+    same = [r for r in one if r["mode"] == "compiled" and r.get("same_tokens") is not None]
+    if same:
+        lines.append(f"compiled tokens equal to eager: {sum(r['same_tokens'] for r in same)} of {len(same)} rows "
+                     "(random weights: a different attention kernel may flip a near tie)")  # fmt: skip
+    eight = rows_of(out / "decode_batch8" / "decode.json")
+    bfull, bsnap = pick(eight, "full"), pick(eight, "snapkv")
+    failed = [r for r in eight if "error" in r]
+    if bfull and bsnap and bfull.get("peak_bytes") and bsnap.get("peak_bytes"):
+        a, b = bsnap["peak_bytes"] / 2**30, bfull["peak_bytes"] / 2**30
+        lines.append(f"{verdict(a < b)}: batch 8 at {bsnap['n']} tokens: SnapKV peaks at {a:.1f} GiB, the full cache at "
+                     f"{b:.1f} GiB: a memory between the two holds SnapKV's batch and not the full cache's")  # fmt: skip
+    elif bsnap and any(r["policy"] == "full" for r in failed):
+        lines.append(f"met: batch 8: the full cache failed ({failed[0]['error']}), SnapKV ran")
+    else:
+        lines.append("not measured: batch 8 at 32K (decode_batch8/decode.json has no full and SnapKV pair)")
+    return lines
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__.splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    for line in targets(Path(argv[0])):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
