@@ -8,7 +8,7 @@
 | merge_kv | triton_merge.py (fp32 atomics, one pass) | reference.merge_kv (scatter_add) |
 | gather_kv | triton_gather.py (one launch for keys and values) | reference.gather_kv (torch.gather) |
 | quantized_attention | triton_quant.py (codes dequantized in registers, parts combined by log-sum-exp) | reference.quantized_attention (dequantize, one softmax) |
-| decode_attention | triton_decode_mass.py (split over keys; output and per-slot attention mass) | reference.decode_attention (one softmax) |
+| decode_attention | triton_decode_mass.py (flash-decoding: keys split over programs, a combine launch; the per-slot attention mass when asked) | reference.decode_attention (one softmax) |
 
 `attention_probs` (a handful of rows x all keys), `pool1d`, `group_reduce` and `position_assign` are small or
 memory-light and stay in PyTorch.

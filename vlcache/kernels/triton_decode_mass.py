@@ -27,7 +27,9 @@ from .triton_stats import INTERPRET
 BLOCK_T = 64  # keys per tile
 
 
-@triton.jit
+# sizes that change with the cache are not specialised on (Triton compiles a variant for 1 and for multiples of 16):
+# a new capacity must not compile a new kernel, least of all while a CUDA graph is being recorded
+@triton.jit(do_not_specialize=["T", "SPLITS", "PER_SPLIT"])
 def _split_kernel(
     Q, K, V, VALID, QPOS, LOGITS, PM, PL, PACC,
     sqb, sqh, sqr, sqd,
@@ -104,31 +106,33 @@ def _split_kernel(
     tl.store(PACC + part[:, None] * BLOCK_DV + dv[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _combine_kernel(
     PM, PL, PACC, OUT, M, INV_L,
     sob, soh, sor, sod,
     HK, R, GR, DV, SPLITS,
-    MASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     b = pid_bh // HK
     h = pid_bh % HK
     rows = tl.arange(0, BLOCK_R)
-    sp = tl.arange(0, BLOCK_S)
-    at = (pid_bh * SPLITS + sp[:, None]) * BLOCK_R + rows[None, :]  # [BLOCK_S, BLOCK_R]
-    pm = tl.load(PM + at, mask=sp[:, None] < SPLITS, other=float("-inf"))
-    pl = tl.load(PL + at, mask=sp[:, None] < SPLITS, other=0.0)
-    m = tl.max(pm, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # a row that sees no slot: l = 0 below, output zeros
-    denom = tl.sum(tl.exp(pm - m[None, :]) * pl, axis=0)
-    inv_l = tl.where(denom > 0, 1.0 / tl.maximum(denom, 1e-30), 0.0)
     dv = tl.arange(0, BLOCK_DV)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-    for i in range(0, SPLITS):
+    for i in range(0, SPLITS):  # the splits' partial softmaxes, combined as they come (log-sum-exp)
         part = (pid_bh * SPLITS + i) * BLOCK_R + rows
-        w = tl.exp(tl.load(PM + part) - m)
-        acc += w[:, None] * tl.load(PACC + part[:, None] * BLOCK_DV + dv[None, :])
+        pm = tl.load(PM + part)
+        m_new = tl.maximum(m, pm)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: every term is 0
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(pm - m_safe)
+        total = total * alpha + w * tl.load(PL + part)
+        acc = acc * alpha[:, None] + w[:, None] * tl.load(PACC + part[:, None] * BLOCK_DV + dv[None, :])
+        m = m_new
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row that sees no slot: total 0, output zeros
+    inv_l = tl.where(total > 0, 1.0 / tl.maximum(total, 1e-30), 0.0)  # total >= 1 wherever a row sees a slot
     qh = h * (GR // R) + rows // R
     qr = rows % R
     tl.store(
@@ -141,7 +145,7 @@ def _combine_kernel(
         tl.store(INV_L + pid_bh * BLOCK_R + rows, inv_l)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _mass_kernel(
     LOGITS, M, L, MASS, GR, T, inv_g,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -211,7 +215,7 @@ def decode_attention(query, keys, values, k_valid, scale, q_pos=None, mass=True)
     inv_l = torch.empty_like(m)
     _combine_kernel[(B * HK,)](
         pm, pl, pacc, out, m, inv_l, *out.stride(), HK, R, GR, DV, n,
-        MASS=mass, BLOCK_R=BLOCK_R, BLOCK_S=max(16, triton.next_power_of_2(n)), BLOCK_DV=BLOCK_DV,
+        MASS=mass, BLOCK_R=BLOCK_R, BLOCK_DV=BLOCK_DV,
     )  # fmt: skip
     if not mass:
         return out, None
