@@ -4,6 +4,7 @@
 # The default (issue 19, compiled decode; its time limits add up to 8 minutes, about 6 expected):
 #   cuda-tests    the decode kernel against its reference natively (16-bit dots, several splits), and compiled decode
 #                 on CUDA: replayed CUDA-graph steps under torch.cuda.set_sync_debug_mode("error"), none skipped;
+#                 then the kernel alone against SDPA at 13K and 128K slots (bandwidth fraction);
 #   decode        Qwen2-VL-7B text dimensions, bf16, batch 1: eager and compiled at 8K, compiled at 128K, full /
 #                 SnapKV / H2O / CAKE (both evicting every 16 steps), plain Hugging Face and, at 128K, its own
 #                 compiled static cache; bound and bandwidth fraction per row;
@@ -46,10 +47,13 @@ for step in "${steps[@]}"; do
       timeout 90 python3 -m vlcache.apps.bench.quant --parts speed --preset qwen2vl-7b --sizes 32768 \
         --speed-rows "full,full:vision_bits=8;text_bits=8,full:vision_bits=4;text_bits=4,vlcache,vlcache:vision_bits=4;text_bits=8" \
         --out "$OUT" 2>&1 | tee "$OUT/quant_gpu.txt" ;;
-    cuda-tests) timeout 100 python3 -m pytest tests/test_kernels.py tests/test_compiled_decode.py -q -p no:cacheprovider \
-        -k "decode_attention or replayed_cuda" 2>&1 | tail -15 | tee "$OUT/cuda_tests.txt" ;;
+    cuda-tests) timeout 90 python3 -m pytest tests/test_kernels.py tests/test_compiled_decode.py -q -p no:cacheprovider \
+        -k "decode_attention or replayed_cuda" 2>&1 | tail -15 | tee "$OUT/cuda_tests.txt"
+      # the decode kernel alone against SDPA (as transformers calls it for a masked step) at 13K and 128K slots
+      timeout 30 python3 -m vlcache.apps.bench.kernels --ops decode,decode-mass --sizes 13107,131072 \
+        --out "$OUT/kernels_decode" 2>&1 | tee "$OUT/kernels_decode.txt" ;;
     # TORCH_LOGS=perf_hints: inductor says why, where it skips CUDA graphs (the rows' "graphs" column says whether)
-    decode) TORCH_LOGS=perf_hints timeout 270 python3 -m vlcache.apps.bench.decode --preset qwen2vl-7b \
+    decode) TORCH_LOGS=perf_hints timeout 250 python3 -m vlcache.apps.bench.decode --preset qwen2vl-7b \
         --sizes 8192,131072 --eager-sizes 8192 --peer-sizes 131072 --warmup none \
         --policies "snapkv,h2o:evict_every=16,cake:evict_every=16" --out "$OUT/decode" 2>&1 | tee "$OUT/decode_gpu.txt" ;;
     decode-batch) TORCH_LOGS=perf_hints timeout 110 python3 -m vlcache.apps.bench.decode --preset qwen2vl-7b \

@@ -78,8 +78,21 @@ def test_kernels_on_cpu(tmp_path):
     ]
     assert main(args) == 0
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    assert {r["op"] for r in rows} == {"stats-window", "stats-all", "assign", "merge", "gather"}
-    assert all(r["impl"] == "reference" for r in rows)  # Triton needs a GPU
+    assert {r["op"] for r in rows} == {
+        "stats-window",
+        "stats-all",
+        "assign",
+        "merge",
+        "gather",
+        "decode",
+        "decode-mass",
+    }
+    assert {r["impl"] for r in rows if r["op"] != "decode"} == {"reference"}  # Triton needs a GPU
+    assert {r["impl"] for r in rows if r["op"] == "decode"} == {"reference", "sdpa", "sdpa-repeat"}  # SDPA: decode only
+    assert main(args[:-2] + ["--ops", "decode", "--out", str(tmp_path)]) == 0
+    assert {r["op"] for r in json.loads((tmp_path / "kernels.json").read_text())["rows"]} == {"decode"}
+    with pytest.raises(SystemExit):
+        main(args + ["--ops", "decoder"])
 
 
 @pytest.mark.slow
@@ -194,3 +207,23 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
     assert lines[2].startswith("met: h2o:evict_every=16 compiled 1.14x") and lines[3].startswith("MISSED: cake")
     assert "CUDA graphs: every compiled row" in lines
     assert lines[-1].startswith("met: batch 8: the full cache failed (OutOfMemoryError")
+
+
+def test_the_kernel_benchmarks_sdpa_rows_compute_decode_attention():
+    """The SDPA comparators of `bench kernels` (transformers' two ways of a masked decode step) give the reference's
+    output: the rows time the same attention."""
+    from vlcache.apps.bench.kernels import Sdpa, SdpaRepeat
+    from vlcache.kernels import reference as ref
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 6, 1, 16, generator=gen),
+        torch.randn(2, 2, 50, 16, generator=gen),
+        torch.randn(2, 2, 50, 8, generator=gen),
+    )
+    valid = torch.rand(2, 2, 50, generator=gen) > 0.3
+    want, _ = ref.decode_attention(q, k, v, valid, 0.25)
+    for impl in (Sdpa, SdpaRepeat):
+        torch.testing.assert_close(
+            impl.decode_attention(q, k, v, valid, 0.25, None, False)[0], want, atol=1e-5, rtol=1e-5
+        )

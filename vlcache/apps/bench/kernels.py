@@ -8,7 +8,11 @@ Ops (the shapes of a Qwen2-VL-7B layer):
 - stats-all: column sums over every prompt row (H2O, LOOK-M, Elastic): compute-bound, 2 H d n^2 FLOPs (causal);
 - assign: each of n keys to its most similar of n/10 kept keys (LOOK-M);
 - merge: 90% of the entries folded into the kept 10% (pivot merge);
-- gather: compaction to 10% of the entries (keys and values of every head).
+- gather: compaction to 10% of the entries (keys and values of every head);
+- decode, decode-mass: one decode step's attention over n slots (compiled decode's kernel, flash-decoding), with and
+  without each slot's attention mass; beside them SDPA as transformers calls it for a step with a mask: the query
+  heads packed onto their KV head (`sdpa`, eager) or the keys repeated per query head (`sdpa-repeat`, what it does
+  under a compiler). Memory-bound: reads K and V once.
 
 Bandwidth is the fewest bytes the op must move (each input read once, each output written once) over the median
 time, and its fraction of the device's measured copy bandwidth (read + write of a large device-to-device copy).
@@ -107,6 +111,16 @@ def cases(n: int, H: int, HK: int, d: int, dtype, device):
         2 * HK * n * d * el + 2 * HK * kept_n * d * el + HK * n * 9,
         0,
     )
+    qd = torch.randn(1, H, 1, d, generator=g).to(dtype).to(device)
+    valid = torch.ones(1, HK, n, dtype=torch.bool, device=device)
+    valid[..., ::7] = False  # some slots masked, as a compressed cache's room and padding are
+    kv_bytes = 2 * HK * n * d * el + 2 * H * d * el
+    out["decode"] = (lambda impl: impl.decode_attention(qd, k, v, valid, d**-0.5, None, False), kv_bytes, 4 * H * n * d)
+    out["decode-mass"] = (
+        lambda impl: impl.decode_attention(qd, k, v, valid, d**-0.5, None, True),
+        kv_bytes + HK * n * 4,
+        4 * H * n * d,
+    )
     if n <= 32768:  # every row: quadratic, the largest sizes take the reference minutes
         q = torch.randn(1, H, n, d, generator=g).to(dtype).to(device)
         pos = torch.arange(n, device=device)[None]
@@ -118,6 +132,34 @@ def cases(n: int, H: int, HK: int, d: int, dtype, device):
     return out
 
 
+class Sdpa:
+    """A decode step's attention as transformers runs it with a mask: query heads packed onto their KV head (eager)."""
+
+    @staticmethod
+    def decode_attention(q, k, v, valid, scale, q_pos, mass):
+        if mass:
+            raise NotImplementedError
+        B, H, _, d = q.shape
+        packed = q.view(B, k.shape[1], H // k.shape[1], d)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            packed, k, v, attn_mask=valid[:, :, None, :], scale=scale
+        )
+        return out.view(B, H, 1, -1), None
+
+
+class SdpaRepeat:
+    """The same with the keys and values repeated per query head (what transformers does under a compiler)."""
+
+    @staticmethod
+    def decode_attention(q, k, v, valid, scale, q_pos, mass):
+        if mass:
+            raise NotImplementedError
+        g = q.shape[1] // k.shape[1]
+        mask = valid.repeat_interleave(g, dim=1)[:, :, None, :]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vlcache bench kernels", description=first_paragraph(__doc__))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -127,36 +169,47 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--ops", default=None, help="comma-separated ops to run (default: all; see the list above)")
     p.add_argument("--out", default="out/kernels")
     args = p.parse_args(argv)
     device = args.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     default = "4096,8192,16384,32768,65536,131072" if device == "cuda" else "512,1024,2048,4096"
     sizes = [int(x) for x in (args.sizes or default).split(",")]
+    known = ["stats-window", "stats-all", "assign", "merge", "gather", "decode", "decode-mass"]
+    ops = set(args.ops.split(",")) if args.ops else None
+    if ops is not None and not ops <= set(known):
+        p.error(f"--ops: unknown {sorted(ops - set(known))}; known: {', '.join(known)}")
     impls = {"reference": ref}
     if device == "cuda":
-        from ...kernels import triton_gather, triton_merge, triton_similarity, triton_stats
+        from ...kernels import triton_decode_mass, triton_gather, triton_merge, triton_similarity, triton_stats
 
         class Triton:
             attention_stats = staticmethod(triton_stats.attention_stats)
             similarity_assign = staticmethod(triton_similarity.similarity_assign)
             merge_kv = staticmethod(triton_merge.merge_kv)
             gather_kv = staticmethod(triton_gather.gather_kv)
+            decode_attention = staticmethod(triton_decode_mass.decode_attention)
 
         impls["triton"] = Triton
+    impls.update(sdpa=Sdpa, **{"sdpa-repeat": SdpaRepeat})  # decode only
     peak_bw = copy_bandwidth(device)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"device: {name}; measured copy bandwidth {peak_bw / 1e9:.0f} GB/s; H={args.heads} Hk={args.kv_heads} d={args.dim} {args.dtype}"
     )
     rows = []
-    header = f"{'op':<13} {'n':>7} {'impl':<9} {'ms':>9} {'GB/s':>8} {'of peak':>8} {'TFLOP/s':>8} {'peak MiB':>9} {'speedup':>8}"
+    header = f"{'op':<13} {'n':>7} {'impl':<11} {'ms':>9} {'GB/s':>8} {'of peak':>8} {'TFLOP/s':>8} {'peak MiB':>9} {'speedup':>8}"
     print(header)
     print("-" * len(header))
     for n in sizes:
         for op, (fn, nbytes, flops) in cases(n, args.heads, args.kv_heads, args.dim, dtype, device).items():
+            if ops is not None and op not in ops:
+                continue
             base = None
             for impl_name, impl in impls.items():
+                if impl_name.startswith("sdpa") and op != "decode":
+                    continue
                 if op == "stats-all" and impl_name == "reference" and n > 16384 and device == "cuda":
                     continue
                 reps = args.reps if n <= 16384 or op != "stats-all" else 3
@@ -167,7 +220,7 @@ def main(argv=None) -> int:
                            tflops=flops / t / 1e12 if flops else 0.0, peak_mib=mem / 2**20 if mem >= 0 else None, speedup=base / t)  # fmt: skip
                 rows.append(row)
                 print(
-                    f"{op:<13} {n:>7} {impl_name:<9} {row['ms']:>9.3f} {row['gbps']:>8.1f} {100 * row['frac']:>7.1f}% "
+                    f"{op:<13} {n:>7} {impl_name:<11} {row['ms']:>9.3f} {row['gbps']:>8.1f} {100 * row['frac']:>7.1f}% "
                     f"{row['tflops']:>8.2f} {row['peak_mib'] if row['peak_mib'] is not None else float('nan'):>9.1f} {row['speedup']:>7.2f}x"
                 )
     out = Path(args.out)
@@ -190,7 +243,7 @@ def plot(rows, path, title):
     ops = sorted({r["op"] for r in rows})
     with figure_row(path, len(ops), (4 * len(ops), 3.4), title) as axes:
         for ax, op in zip(axes, ops):
-            for impl, style in (("reference", "o--"), ("triton", "s-")):
+            for impl, style in (("reference", "o--"), ("triton", "s-"), ("sdpa", "^:"), ("sdpa-repeat", "v:")):
                 pts = [(r["n"], r["ms"]) for r in rows if r["op"] == op and r["impl"] == impl]
                 if pts:
                     ax.plot(*zip(*pts), style, label=impl)
