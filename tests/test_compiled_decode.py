@@ -250,7 +250,9 @@ def test_one_compiled_step_serves_every_prompt_length(tiny_model, monkeypatch):
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0], f"recompiled for a new capacity: {graphs}"
 
 
-@pytest.mark.parametrize("name", ["full", "snapkv", "h2o"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("full", marks=pytest.mark.slow), "snapkv", pytest.param("h2o", marks=pytest.mark.slow)]
+)
 def test_the_cuda_attention_path_on_cpu(tiny_model, monkeypatch, name):
     """On CUDA every frozen layer attends through the decode kernel (the stock SDPA path would leave a long cache
     to a few SMs); here the same path runs on the CPU through the kernel's reference, compiled: the custom op
