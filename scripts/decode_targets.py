@@ -1,7 +1,7 @@
 """Issue 19's GPU targets against what `scripts/gpu_check.sh` measured: one line per target, met or missed, with the
 numbers behind it.
 
-    python scripts/decode_targets.py OUT      # OUT/decode/decode.json (batch 1) and OUT/decode_batch8/decode.json
+    python scripts/decode_targets.py OUT [OUT2 ...]   # OUT*/decode, decode_batch8, decode_8k: decode.json each
 
 Targets (Qwen2-VL-7B text dimensions, bf16, the largest prompt measured, 10% kept): compiled compressed decode at
 >= 70% of the bandwidth bound at batch 1; its step <= 0.75x the compiled full cache's; H2O's and CAKE's <= 1.2x
@@ -15,8 +15,14 @@ import sys
 from pathlib import Path
 
 
-def rows_of(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["rows"] if path.exists() else []
+def rows_of(outs: list[Path], run: str) -> list[dict]:
+    """The rows of `run` (a folder name) from the first of `outs` that has it (the GPU script's calls each
+    return their own folder)."""
+    for out in outs:
+        path = out / run / "decode.json"
+        if path.exists():
+            return json.loads(path.read_text())["rows"]
+    return []
 
 
 def pick(rows, policy, mode="compiled", n=None):
@@ -30,9 +36,10 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else "met" if ok else "MISSED"
 
 
-def targets(out: Path) -> list[str]:
+def targets(outs: list[Path] | Path) -> list[str]:
+    outs = [outs] if isinstance(outs, Path) else outs
     lines = []
-    one = rows_of(out / "decode" / "decode.json")
+    one = rows_of(outs, "decode")
     n = max((r["n"] for r in one), default=None)
     full, snap = pick(one, "full", n=n), pick(one, "snapkv", n=n)
     frac = snap.get("bandwidth_fraction") if snap else None
@@ -49,19 +56,25 @@ def targets(out: Path) -> list[str]:
         label = row["policy"] if row else name
         lines.append(f"{verdict(None if ratio is None else ratio <= 1.2)}: {label} compiled {_f(ratio)}x SnapKV's step "
                      f"({_f(row and row['decode_ms'])} ms; target <= 1.2x)")  # fmt: skip
-    peer = snap.get("hf_static_ms") if snap else None
+    small = rows_of(outs, "decode_8k")
+    every = one + small
+    ksnap = pick(small, "snapkv")
+    peer = ksnap.get("hf_static_ms") if ksnap else None
     if peer:
-        lines.append(f"peer: plain Hugging Face, static cache, compiled: {peer:.2f} ms/token; SnapKV compiled "
-                     f"{snap['decode_ms'] / peer:.2f}x of it")  # fmt: skip
-    graphs = [r for r in one if r["mode"] == "compiled" and "cuda_graphs" in r]
+        lines.append(f"peer at {ksnap['n']} tokens: plain Hugging Face, static cache, compiled: {peer:.2f} ms/token; "
+                     f"SnapKV compiled {ksnap['decode_ms'] / peer:.2f}x of it")  # fmt: skip
+    faster = [f"{r['policy']} {r['speedup']:.2f}x" for r in small if r["mode"] == "compiled" and r.get("speedup")]
+    if faster:
+        lines.append(f"compiled against eager at {small[0]['n']} tokens: " + ", ".join(faster))
+    graphs = [r for r in every if r["mode"] == "compiled" and "cuda_graphs" in r]
     if graphs:
         skipped = [f"{r['policy']}@{r['n']}" for r in graphs if not r["cuda_graphs"]]
         lines.append(f"CUDA graphs: {'every compiled row' if not skipped else 'skipped in ' + ', '.join(skipped)}")
-    same = [r for r in one if r["mode"] == "compiled" and r.get("same_tokens") is not None]
+    same = [r for r in every if r["mode"] == "compiled" and r.get("same_tokens") is not None]
     if same:
         lines.append(f"compiled tokens equal to eager: {sum(r['same_tokens'] for r in same)} of {len(same)} rows "
                      "(random weights: a different attention kernel may flip a near tie)")  # fmt: skip
-    eight = rows_of(out / "decode_batch8" / "decode.json")
+    eight = rows_of(outs, "decode_batch8")
     bfull, bsnap = pick(eight, "full"), pick(eight, "snapkv")
     failed = [r for r in eight if "error" in r]
     if bfull and bsnap and bfull.get("peak_bytes") and bsnap.get("peak_bytes"):
@@ -81,10 +94,10 @@ def _f(x) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__.splitlines()[2].strip(), file=sys.stderr)
+    if not argv:
+        print(__doc__.splitlines()[3].strip(), file=sys.stderr)
         return 2
-    for line in targets(Path(argv[0])):
+    for line in targets([Path(a) for a in argv]):
         print(line)
     return 0
 

@@ -201,7 +201,18 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
     eight = [dict(n=32768, policy="full", mode="compiled", error="OutOfMemoryError: CUDA out of memory"),
              dict(n=32768, policy="snapkv", mode="compiled", decode_ms=9.0, peak_bytes=2**35)]  # fmt: skip
     (tmp_path / "decode_batch8" / "decode.json").write_text(json.dumps({"rows": eight}))
-    lines = mod.targets(tmp_path)
+    second = tmp_path / "second_call"  # the GPU script's second call returns its own folder
+    (second / "decode_8k").mkdir(parents=True)
+    small = [
+        dict(n=8192, mode="compiled", policy="snapkv", decode_ms=3.0, hf_static_ms=6.0, speedup=2.5, same_tokens=True)
+    ]
+    (second / "decode_8k" / "decode.json").write_text(json.dumps({"rows": small}))
+    lines = mod.targets([tmp_path, second])
+    assert (
+        "peer at 8192 tokens: plain Hugging Face, static cache, compiled: 6.00 ms/token; SnapKV compiled 0.50x of it"
+        in lines
+    )
+    assert "compiled against eager at 8192 tokens: snapkv 2.50x" in lines
     assert lines[0].startswith("met: SnapKV compiled at 131072 tokens reaches 0.79 of the bound")
     assert lines[1].startswith("met: SnapKV's compiled step 0.70x")
     assert lines[2].startswith("met: h2o:evict_every=16 compiled 1.14x") and lines[3].startswith("MISSED: cake")

@@ -30,6 +30,9 @@ OLDEST = "5.17.0"  # compiled decode is tested from here on (the oldest release 
 # model's forward goes through the same transformers decorator, so models, policies with and without decode mass,
 # and sliding-window layers all count against one limit: raised (never lowered) once compiled decode is used
 RECOMPILE_LIMIT = 64
+# each generate freezes into new buffers, so CUDA graph trees record again at new static addresses; before torch 2.12
+# those re-recordings count against a limit (128) past which CUDA graphs are skipped: a captioner's 129th video
+RERECORD_LIMIT = 1 << 20
 
 
 def compile_mode(device: torch.device) -> str | None:
@@ -69,6 +72,10 @@ class CompiledDecode:
         if self._compiled is None:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            triton_config = torch._inductor.config.triton
+            triton_config.cudagraph_unexpected_rerecord_limit = max(
+                triton_config.cudagraph_unexpected_rerecord_limit, RERECORD_LIMIT
+            )
             # dynamic=None: the buffers' capacity dims are marked dynamic at freeze (static_cache.freeze); the rest
             # stays static until it changes
             self._compiled = torch.compile(self._eager, mode=compile_mode(device))

@@ -41,8 +41,8 @@ def _split_kernel(
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // HK
-    h = pid_bh % HK
+    b = (pid_bh // HK).to(tl.int64)  # int64 offsets: B * Hk * C * d passes 2**31 at batch 32 and 128K slots
+    h = (pid_bh % HK).to(tl.int64)
     rows = tl.arange(0, BLOCK_R)  # row i of the group: query head h * g + i // R, query row i % R
     row_ok = rows < GR
     qh = h * (GR // R) + rows // R
