@@ -36,8 +36,7 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else "met" if ok else "MISSED"
 
 
-def targets(outs: list[Path] | Path) -> list[str]:
-    outs = [outs] if isinstance(outs, Path) else outs
+def targets(outs: list[Path]) -> list[str]:
     lines = []
     one = rows_of(outs, "decode")
     n = max((r["n"] for r in one), default=None)

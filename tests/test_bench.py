@@ -191,7 +191,7 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert all(line.startswith("not measured") for line in mod.targets(tmp_path))
+    assert all(line.startswith("not measured") for line in mod.targets([tmp_path]))
     (tmp_path / "decode").mkdir()
     (tmp_path / "decode_batch8").mkdir()
     row = dict(n=131072, mode="compiled", bound_ms=5.5, cuda_graphs=True)
