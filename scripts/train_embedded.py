@@ -58,7 +58,7 @@ from vlcache.apps.evaluation.embedded_model import (  # noqa: E402
 from vlcache.apps.evaluation.quality import accuracy  # noqa: E402
 from vlcache.apps.evaluation.tasks import TASKS  # noqa: E402
 from vlcache.apps.evaluation.tensor_tasks import color_indices, draw_batch, processor, qwen_patches  # noqa: E402
-from vlcache.hf.compat import attn_implementation  # noqa: E402
+from vlcache.hf.compat import attn_implementation, from_pretrained  # noqa: E402
 
 # task sampling weights
 WEIGHTS = {"needle": 1, "where": 1, "lookup": 3, "count": 2, "describe": 2}
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     g = torch.Generator(device).manual_seed(args.seed)
     model = BUILDERS[args.family](args.seed, args.layers, args.hidden, args.heads, args.kv_heads)
     if args.init:
-        model = type(model).from_pretrained(args.init)
+        model = from_pretrained(type(model), args.init)
     model.to(device).train()
     started = time.time()  # the distillation counts in the run's wall time
     distill = None

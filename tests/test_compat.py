@@ -217,3 +217,26 @@ def test_the_layout_inside_generate_is_the_layout_of_the_inputs(tiny_model, fami
     with vlcache.compress(model, Full()) as session:
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     assert session.last_cache.layout.samples == layout_from_inputs(model.config, inputs).samples
+
+
+def test_every_checkpoint_load_turns_hub_kernels_off(tmp_path, monkeypatch):
+    """From 5.25 `from_pretrained` fetches hub kernels unless told not to (it needs the `kernels` package and the
+    hub, and swaps the layers' forwards vlcache hooks): the apps' loads of the embedded model and of a local
+    checkpoint both pass use_kernels=False, and the model they return has kernels off."""
+    from vlcache.apps import model_loading
+
+    seen = []
+    original = T.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.append(kwargs.get("use_kernels"))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(T.PreTrainedModel, "from_pretrained", classmethod(spy))
+    model, _ = model_loading.load("embedded", device="cpu")
+    assert seen == [False] and not model.use_kernels
+
+    testing.build("llava").save_pretrained(tmp_path / "ckpt")
+    testing.processor("llava").save_pretrained(tmp_path / "ckpt")
+    model, _ = model_loading.load(str(tmp_path / "ckpt"), device="cpu")
+    assert seen[1:] and all(s is False for s in seen) and not model.use_kernels

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 import vlcache
 from vlcache import testing
-from vlcache.hf.compat import cache_kwargs
+from vlcache.hf.compat import cache_kwargs, from_pretrained
 from vlcache.hf.model_parts import decoder
 from vlcache.hf.reuse import ImageReuse
 from vlcache.policies import SnapKV
@@ -282,14 +282,14 @@ def test_a_model_retrained_and_saved_over_the_old_checkpoint_gets_its_own_kv(tmp
     handed A's stored images (it was, even with recompute="full", and answered differently from its cold run)."""
     ckpt, disk = tmp_path / "ckpt", tmp_path / "kv"
     testing.build("llava", seed=0).save_pretrained(ckpt)
-    model_a = type(testing.build("llava")).from_pretrained(ckpt).eval()
+    model_a = from_pretrained(type(testing.build("llava")), ckpt).eval()
     inputs = testing.make_inputs(model_a, PROMPT).inputs
     with vlcache.reuse(model_a, ImageKVStore(disk_dir=disk), recompute="full"):
         model_a.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert len(list(disk.glob("*.safetensors"))) == 2
 
     testing.build("llava", seed=1).save_pretrained(ckpt)  # retrained: same path, same config
-    model_b = type(model_a).from_pretrained(ckpt).eval()
+    model_b = from_pretrained(type(model_a), ckpt).eval()
     assert model_b.name_or_path == model_a.name_or_path and model_b.config == model_a.config
     cold = model_b.generate(**inputs, max_new_tokens=8, do_sample=False)
     with vlcache.reuse(model_b, ImageKVStore(disk_dir=disk), recompute="full") as r:

@@ -27,6 +27,7 @@ def load(name: str | None = None, *, device: str | None = None, dtype: torch.dty
         return testing.build("llava").to(device), testing.processor("llava")
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from ..hf import compat
     from .model_source import resolve
 
     source = resolve(name)  # a missing directory or an unreachable hub fails here, in seconds
@@ -34,8 +35,8 @@ def load(name: str | None = None, *, device: str | None = None, dtype: torch.dty
     try:
         _check_family(name, AutoConfig.from_pretrained(source.name, **kw))  # before any weight is read
         processor = AutoProcessor.from_pretrained(source.name, **kw)
-        model = AutoModelForImageTextToText.from_pretrained(
-            source.name, **kw, dtype=dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32),
+        model = compat.from_pretrained(
+            AutoModelForImageTextToText, source.name, **kw, dtype=dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32),
             device_map=device,
         )  # fmt: skip
     except OSError as e:

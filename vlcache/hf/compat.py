@@ -12,6 +12,9 @@ Version differences, oldest first (the tested range is `TESTED`):
 - 5.24: the cache argument of every `forward`, of `generate` and of `create_causal_mask` is renamed
   `past_key_values` -> `cache` (the old name still works, with a FutureWarning, until 5.40 / 6.0), and model
   outputs carry it as `.cache`; `DynamicLayer.lazy_initialization` no longer sets `layer.dtype`.
+- 5.25: `from_pretrained` swaps layers' forwards for hub kernels unless told `use_kernels=False` (before, off
+  unless asked); that needs the `kernels` package (0.19.1 <= version < 0.20) and the hub at load time, so every
+  load goes through `from_pretrained` here, which turns it off.
 
 Everything else in vlcache uses transformers' public API only (`AutoModel*`, configs, `DynamicCache`, `generate`).
 """
@@ -27,7 +30,7 @@ from contextlib import contextmanager
 import transformers
 from packaging.version import Version
 
-TESTED = ("5.17.0", "5.24.0")  # the oldest and the newest release the whole test suite ran on
+TESTED = ("5.17.0", "5.25.0")  # the oldest and the newest release the whole test suite ran on
 INSTALLED = Version(transformers.__version__)
 
 
@@ -233,6 +236,20 @@ def get_rope_index(model, input_ids, *, image_grid_thw=None, attention_mask=None
 def set_rope_deltas(model, deltas) -> None:
     """Tell a Qwen-VL model the offset generate adds to text positions after a prompt it did not prefill itself."""
     model.model.rope_deltas = deltas
+
+
+# ------------------------------------------------------------------ loading
+
+# Options every checkpoint load takes. Hub kernels (on by default from 5.25) fetch code from the hub when the model
+# loads, which an offline machine cannot do, and replace layers' forwards that vlcache's attention path and compiled
+# decode are written and tested against. `use_kernels` is accepted, and False by default, from 5.17 to 5.24.
+LOAD_OPTIONS = {"use_kernels": False}
+
+
+def from_pretrained(model_class, path, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` with `LOAD_OPTIONS` beneath kwargs (a caller's own
+    `use_kernels=True` wins)."""
+    return model_class.from_pretrained(path, **{**LOAD_OPTIONS, **kwargs})
 
 
 # ------------------------------------------------------------------ logging, versions

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from ...hf.compat import quiet_progress
+from ...hf.compat import from_pretrained, quiet_progress
 from ...testing.models import IMG, qwen_vl_model, text_kwargs
 from ...testing.processors import build_tokenizer, image_only, qwen_tokenizer
 from .tasks import ANSWER_PREFIX, PATCH, SIZE, Example, prompt_text
@@ -174,7 +174,7 @@ def load_embedded(path: str | Path | None = None, device: str | None = None):
         raise FileNotFoundError(f"no embedded model at {path}; train it with `python scripts/train_embedded.py`")
     model_cls, processor_cls = CLASSES[family_of(path)]
     with quiet_progress():  # a 3 MB model loads at once; its bar would only clutter stderr
-        model = model_cls.from_pretrained(path).eval()
+        model = from_pretrained(model_cls, path).eval()
     if device:
         model = model.to(device)
     return model, processor_cls.from_pretrained(path)
