@@ -139,6 +139,10 @@ def test_the_tested_range_is_declared_everywhere():
     assert f"transformers {compat.TESTED[0]} to {compat.TESTED[1]}" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert f"transformers=={compat.TESTED[0]}" in ci
+    torch_floor = re.search(r'"torch>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    oldest_venv = re.search(r"\.venv-oldest/bin/pip install -q torch==([\d.]+)", ci)
+    assert oldest_venv and oldest_venv.group(1).startswith(torch_floor), "CI's oldest venv must run the torch floor"
+    assert f"torch {torch_floor} to" in readme
 
 
 def test_a_missing_name_fails_with_one_clear_error():
