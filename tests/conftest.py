@@ -28,8 +28,11 @@ def _mend_triton_interpreter() -> None:
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None or len(inspect.signature(original).parameters) != 2:
         return  # a layout this mend was not written for: leave it alone
-    if "data.squeeze()" in inspect.getsource(original):
-        return  # already fixed
+    try:
+        if "data.squeeze()" in inspect.getsource(original):
+            return  # already fixed
+    except OSError:  # no source to read: leave it alone
+        return
 
     def mended(tensor, scope):
         original(tensor, scope)
