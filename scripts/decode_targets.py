@@ -2,6 +2,10 @@
 numbers behind it.
 
     python scripts/decode_targets.py OUT [OUT2 ...]   # OUT*/decode, decode_batch8, decode_8k: decode.json each
+    python scripts/decode_targets.py OUT OUT2 --plots docs/results/decode_h200   # and each run's plot drawn there
+
+The device returns at most 8 files, so the GPU script sends the JSON back without its plots; `--plots` draws them
+here from it (decode.png per run, kernels.png for the decode kernel's benchmark).
 
 Targets (Qwen2-VL-7B text dimensions, bf16, the largest prompt measured, 10% kept): compiled compressed decode at
 >= 70% of the bandwidth bound at batch 1; its step <= 0.75x the compiled full cache's; H2O's and CAKE's <= 1.2x
@@ -76,8 +80,8 @@ def targets(outs: list[Path]) -> list[str]:
     eight = rows_of(outs, "decode_batch8")
     bfull, bsnap = pick(eight, "full"), pick(eight, "snapkv")
     failed = [r for r in eight if "error" in r]
-    if bfull and bsnap and bfull.get("peak_bytes") and bsnap.get("peak_bytes"):
-        a, b = bsnap["peak_bytes"] / 2**30, bfull["peak_bytes"] / 2**30
+    if bfull and bsnap and _peak(bfull) and _peak(bsnap):
+        a, b = _peak(bsnap) / 2**30, _peak(bfull) / 2**30
         lines.append(f"{verdict(a < b)}: batch 8 at {bsnap['n']} tokens: SnapKV peaks at {a:.1f} GiB, the full cache at "
                      f"{b:.1f} GiB: a memory between the two holds SnapKV's batch and not the full cache's")  # fmt: skip
     elif bsnap and any(r["policy"] == "full" for r in failed):
@@ -87,17 +91,56 @@ def targets(outs: list[Path]) -> list[str]:
     return lines
 
 
+def _peak(row) -> int | None:
+    """The memory a row's run needs: the weights plus its own peak above what was allocated before it (rows
+    written before that figure existed: the absolute peak)."""
+    return row.get("run_peak_bytes") or row.get("peak_bytes")
+
+
 def _f(x) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+RUNS = ("decode", "decode_batch8", "decode_8k")
+
+
+def plots(outs: list[Path], where: Path) -> list[Path]:
+    """Each run's plot drawn from its JSON into `where` (<run>.png; kernels_decode.png): the paths written."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from vlcache.apps.bench import decode, kernels
+
+    where.mkdir(parents=True, exist_ok=True)
+    written = []
+    for out in outs:
+        for run in RUNS + ("kernels_decode",):
+            name = "kernels.json" if run == "kernels_decode" else "decode.json"
+            path = out / run / name
+            if path.exists() and (where / f"{run}.png") not in written:
+                data = json.loads(path.read_text())
+                draw = kernels.plot if run == "kernels_decode" else decode.plot
+                draw(data["rows"], where / f"{run}.png", data.get("setup", {}).get("device", run))
+                written.append(where / f"{run}.png")
+    return written
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    where = None
+    if "--plots" in argv:
+        i = argv.index("--plots")
+        if i + 1 >= len(argv):
+            print("--plots takes a folder", file=sys.stderr)
+            return 2
+        where = Path(argv[i + 1])
+        del argv[i : i + 2]
     if not argv:
         print(__doc__.splitlines()[3].strip(), file=sys.stderr)
         return 2
-    for line in targets([Path(a) for a in argv]):
+    outs = [Path(a) for a in argv]
+    for line in targets(outs):
         print(line)
+    for path in plots(outs, where) if where is not None else []:
+        print(f"drew {path}")
     return 0
 
 

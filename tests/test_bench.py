@@ -218,6 +218,18 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
     assert lines[2].startswith("met: h2o:evict_every=16 compiled 1.14x") and lines[3].startswith("MISSED: cake")
     assert "CUDA graphs: every compiled row" in lines
     assert lines[-1].startswith("met: batch 8: the full cache failed (OutOfMemoryError")
+    # both fit: the verdict compares what each run needs, not the absolute peak, which counts an earlier row's cache
+    # still held while SnapKV ran
+    eight = [dict(n=32768, policy="full", mode="compiled", decode_ms=20.0, peak_bytes=50 * 2**30,
+                  run_peak_bytes=50 * 2**30),
+             dict(n=32768, policy="snapkv", mode="compiled", decode_ms=9.0, peak_bytes=60 * 2**30,
+                  run_peak_bytes=20 * 2**30)]  # fmt: skip
+    (tmp_path / "decode_batch8" / "decode.json").write_text(json.dumps({"rows": eight}))
+    assert mod.targets([tmp_path])[-1].startswith("met: batch 8 at 32768 tokens: SnapKV peaks at 20.0 GiB, the full")
+    # the device sends the JSON without plots (8 files at most): --plots draws each run's here, once per run
+    drawn = mod.plots([tmp_path, second], tmp_path / "plots")
+    assert sorted(p.name for p in drawn) == ["decode.png", "decode_8k.png", "decode_batch8.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in drawn)
 
 
 def test_the_kernel_benchmarks_sdpa_rows_compute_decode_attention():
