@@ -39,7 +39,7 @@ def test_captions_videos_into_jsonl(videos, tmp_path, capsys):
         assert r["tokens_after"] < r["tokens_before"] and r["kv_bytes_saved"] > 0
         assert r["caption"].startswith("=") and "caption_full" in r
     printed = capsys.readouterr().out
-    assert "done 3, skipped 0" in printed and "failed 0" in printed
+    assert "captioned 3, skipped 0" in printed and "failed 0" in printed
 
 
 def test_a_caption_of_fewer_frames_is_not_cut_short(videos, tmp_path):
@@ -56,10 +56,68 @@ def test_resume_skips_finished_videos(videos, tmp_path, capsys):
     assert main([str(paths[0]), "-o", str(out)]) == 0
     capsys.readouterr()
     assert main([str(folder), "-o", str(out)]) == 0
-    assert "done 3, skipped 1" in capsys.readouterr().out
+    assert "captioned 2, skipped 1" in capsys.readouterr().out
     assert sorted(r["path"] for r in _records(out)) == sorted(str(p) for p in paths)  # one record per video
     assert main([str(folder), "-o", str(out), "--no-resume"]) == 0
     assert len(_records(out)) == 3
+
+
+def test_resume_knows_a_video_by_its_file_and_version(videos, tmp_path, capsys, monkeypatch):
+    """Resume matched the path as typed: `v.mp4` typed in another folder, a different video, was skipped and shown
+    with the first one's caption; the same video typed as an absolute path was captioned again (two records); a
+    video replaced at its path kept its stale caption."""
+    import shutil
+
+    folder, paths = videos
+    out = tmp_path / "c.jsonl"
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copy(paths[0], a / "v.mp4")
+    shutil.copy(paths[1], b / "v.mp4")
+    monkeypatch.chdir(a)
+    assert main(["v.mp4", "-o", str(out)]) == 0
+    (first,) = _records(out)
+    monkeypatch.chdir(b)
+    capsys.readouterr()
+    assert main(["v.mp4", "-o", str(out)]) == 0
+    assert "captioned 1, skipped 0" in capsys.readouterr().out  # another file: captioned, not skipped
+    by_file = {r["file"]: r["caption"] for r in _records(out)}
+    assert by_file[str(a / "v.mp4")] == first["caption"] != by_file[str(b / "v.mp4")]
+    assert main([str(b / "v.mp4"), "v.mp4", "-o", str(out)]) == 0  # the same file typed twice, both done
+    assert "captioned 0, skipped 1" in capsys.readouterr().out and len(_records(out)) == 2
+    shutil.copy(paths[0], b / "v.mp4")  # replaced in place: another version of that file
+    os.utime(b / "v.mp4", ns=(1, 1))
+    assert main(["v.mp4", "-o", str(out)]) == 0
+    assert "captioned 1, skipped 0" in capsys.readouterr().out
+    recs = _records(out)
+    assert len(recs) == 2 and {r["file"]: r["caption"] for r in recs}[str(b / "v.mp4")] == first["caption"]
+
+
+def test_a_merge_keeps_a_success_over_a_later_error(tmp_path):
+    """A video that was captioned and then failed in a later run (its file gone, say) keeps its caption."""
+    from vlcache.apps import record_file
+
+    out = tmp_path / "c.jsonl"
+    ok = {"path": "v.mp4", "file": "/x/v.mp4", "status": "ok", "caption": "=r", "config": {"policy": "snapkv"}}
+    bad = {"path": "v.mp4", "file": "/x/v.mp4", "status": "error", "error": "gone", "config": {"policy": "snapkv"}}
+    other = dict(bad, config={"policy": "h2o"})  # another configuration: its own record
+    out.write_text("".join(json.dumps(r) + "\n" for r in (ok, bad, other)))
+    assert record_file.merge(out) == [ok, other] and _records(out) == [ok, other]
+
+
+def test_every_record_is_made_durable_before_the_next_video(videos, tmp_path, monkeypatch):
+    """Each record is fsynced as it is appended, before the next video is read: a crash loses at most the video
+    in progress."""
+    from vlcache.apps import caption, record_file
+
+    folder, paths = videos
+    events = []
+    real_fsync, real_read = record_file.os.fsync, caption.read_frames
+    monkeypatch.setattr(record_file.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(caption, "read_frames", lambda *a, **k: (events.append("read"), real_read(*a, **k))[1])
+    assert main([str(folder), "-o", str(tmp_path / "c.jsonl")]) == 0
+    reads = [i for i, e in enumerate(events) if e == "read"]
+    assert len(reads) == 3 and all("fsync" in events[i:j] for i, j in zip(reads, reads[1:] + [len(events)]))
 
 
 def test_bad_videos_get_error_records_and_the_run_goes_on(videos, tmp_path, capsys):
@@ -136,7 +194,7 @@ def test_sharded_over_two_processes(videos, tmp_path):
     shares = {rank: {r["path"] for r in recs if r["rank"] == rank} for rank in (0, 1)}
     assert shares[0] and shares[1] and not shares[0] & shares[1]
     assert not list(tmp_path.glob("c.jsonl.shard*"))  # shards folded in
-    assert "done 3, skipped 0" in proc.stdout
+    assert "captioned 3, skipped 0" in proc.stdout
 
 
 def test_frame_sampling_and_round_trip(tmp_path):
@@ -236,7 +294,7 @@ def test_a_torn_last_line_is_set_aside_and_its_video_redone(videos, tmp_path, ca
     out.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # one whole record, half of the next
     capsys.readouterr()
     assert main([str(folder), "-o", str(out)]) == 0
-    assert "done 3, skipped 1" in capsys.readouterr().out
+    assert "captioned 2, skipped 1" in capsys.readouterr().out
     recs = _records(out)  # every line parses
     assert sorted(r["path"] for r in recs) == sorted(str(p) for p in paths) and all(r["status"] == "ok" for r in recs)
     assert (tmp_path / "c.jsonl.torn").read_text() == lines[1][: len(lines[1]) // 2] + "\n"  # kept, not lost
@@ -280,11 +338,11 @@ def test_resume_keys_on_the_whole_configuration(videos, tmp_path, capsys):
     capsys.readouterr()
     assert main([str(folder), "-o", str(out), "--policy", "h2o", "--budget", "0.3"]) == 0
     printed = capsys.readouterr().out
-    assert "policy h2o(budget=0.3)" in printed and "done 3, skipped 0" in printed
+    assert "policy h2o(budget=0.3)" in printed and "captioned 3, skipped 0" in printed
     assert main([str(folder), "-o", str(out), "--policy", "h2o", "--budget", "0.3", "--frames", "4"]) == 0
-    assert "done 3, skipped 0" in capsys.readouterr().out
+    assert "captioned 3, skipped 0" in capsys.readouterr().out
     assert main([str(folder), "-o", str(out), "--policy", "h2o", "--budget", "0.3"]) == 0
-    assert "done 3, skipped 3" in capsys.readouterr().out
+    assert "captioned 0, skipped 3" in capsys.readouterr().out
     recs = _records(out)
     assert len(recs) == 9  # one per video and configuration
     assert {(r["policy"], r["frames"]) for r in recs} == {("snapkv", 8), ("h2o", 8), ("h2o", 4)}

@@ -45,21 +45,23 @@ def max_new_tokens(model, args) -> int:
 
 
 def caption_batch(model, processor, items, policy, args, compare: bool, config: dict) -> tuple[list[dict], object]:
-    """Caption equally long frame lists in one generate call: (one record per item, the compressed run)."""
+    """Caption equally long frame lists in one generate call: (one record per item, the compressed run). An item
+    is (path, frames, its identity as read: record_file.identity)."""
     from . import prompts, timed_run
 
     inputs = prompts.frames_inputs(
-        processor, [fr for _, fr in items], args.question, device=next(model.parameters()).device
+        processor, [fr for _, fr, _ in items], args.question, device=next(model.parameters()).device
     )
     max_new = max_new_tokens(model, args)
     compiled = getattr(args, "compile", False)
     run = timed_run.run(model, processor, inputs, policy, max_new, compile=compiled)
     full = timed_run.run(model, processor, inputs, Full(), max_new, compile=compiled) if compare else None
     records = []
-    for b, (path, frames) in enumerate(items):
+    for b, (path, frames, ident) in enumerate(items):
         st = run.row_stats[b]
         rec = {
             "path": str(path),
+            **ident,
             "status": "ok",
             "caption": run.texts[b].strip(),
             "frames": len(frames),
@@ -196,9 +198,17 @@ def main(argv=None) -> int:
             record_file.merge(out)  # folds a killed run's shards in and sets a torn last line aside
         state.wait_for_everyone()
         key = json.dumps(config, sort_keys=True)
-        done = {p for p, c in map(record_file.record_key, _ok(record_file.read(out)[0])) if c == key}
-        skipped = sum(str(q) in done for q in paths)
-        mine = [q for q in paths[rank::world] if str(q) not in done]
+        # a video is its resolved file (two ways of typing it are one video, captioned once) and the version of it
+        # on disk: a finished record counts only for the same file, configuration and version
+        idents = {q: record_file.identity(q) for q in paths}
+        first = {}
+        for q in paths:
+            first.setdefault(idents[q]["file"], q)
+        paths = list(first.values())
+        finished = {r.get("file"): r for r in _ok(record_file.read(out)[0]) if record_file.record_key(r)[1] == key}
+        done = {q for q in paths if record_file.is_current(finished.get(idents[q]["file"], {}), idents[q])}
+        skipped = len(done)
+        mine = [q for q in paths[rank::world] if q not in done]
         sink_path = out if world == 1 else out.with_name(f"{out.name}.shard{rank}")
         started = time.time()
         with (
@@ -214,8 +224,8 @@ def main(argv=None) -> int:
         state.wait_for_everyone()
         if rank != 0:
             return 0
-        these = {str(q) for q in paths}
-        records = [r for r in record_file.merge(out) if r["path"] in these and record_file.record_key(r)[1] == key]
+        these = {idents[q]["file"] for q in paths}
+        records = [r for r in record_file.merge(out) if r.get("file") in these and record_file.record_key(r)[1] == key]
         seconds = time.time() - started
         print_summary(records, out, seconds, skipped, compare, policy)
         return 1 if any(r["status"] != "ok" for r in records) else 0
@@ -238,13 +248,16 @@ class Captioner:
     def run(self, paths) -> None:
         args = self.args
         for path in paths:
+            # the file's version taken before its frames are read: if it changes meanwhile, the record names the
+            # older version and a rerun captions the new one (never the reverse)
+            ident = record_file.identity(path)
             try:
                 frames = read_frames(
                     path, frames=None if args.fps else args.frames, target_fps=args.fps, cap=args.max_frames
                 )
             except VideoError as e:
-                self.emit({"path": str(path), "status": "error", "error": str(e), **_policy_label(self.policy),
-                           "model": args.model, "config": self.config})  # fmt: skip
+                self.emit({"path": str(path), **ident, "status": "error", "error": str(e),
+                           **_policy_label(self.policy), "model": args.model, "config": self.config})  # fmt: skip
                 self.bar.update(1)
                 continue
             if args.kv_memory is None:
@@ -254,11 +267,11 @@ class Captioner:
             else:
                 shape = (len(frames), frames[0].size)  # one prompt length: rows without padding
                 if shape not in self.capacity:
-                    run = self.caption([(path, frames)])
+                    run = self.caption([(path, frames, ident)])
                     self.capacity[shape] = self.measure(run, len(frames))
                     continue
                 cap = self.capacity[shape]
-            self.pending.setdefault(shape, []).append((path, frames))
+            self.pending.setdefault(shape, []).append((path, frames, ident))
             if len(self.pending[shape]) >= cap:
                 self.caption(self.pending.pop(shape))
         self.flush_all()
@@ -325,7 +338,7 @@ def print_summary(records, out, seconds, skipped, compare, policy):
     agree = sum(r.get("agrees_with_full", False) for r in ok)
     fresh = max(len(ok) - skipped, 0)  # captioned by this run
     print(
-        f"\ndone {len(ok)}, skipped {skipped} (already in {out}), failed {len(bad)}; KV saved {total_saved:,} bytes"
+        f"\ncaptioned {fresh}, skipped {skipped} (already in {out}), failed {len(bad)}; KV saved {total_saved:,} bytes"
         + (f"; captions equal to the full cache's: {agree}/{len(ok)}" if compare and ok else "")
         + f"; {seconds:.1f}s"
         + (f"; {3600 * fresh / seconds:,.0f} videos/hour" if fresh and seconds > 0 else "")

@@ -36,8 +36,27 @@ def _torn_record(line: str) -> bool:
 
 
 def record_key(rec: dict) -> tuple[str, str]:
-    """What makes two records the same job: the video and the whole configuration it was captioned with."""
-    return rec["path"], json.dumps(rec.get("config"), sort_keys=True)
+    """What makes two records the same job: the video (its resolved file: the same video typed from another folder,
+    or through a link, is one job; records written before `file` existed fall back to the path as typed) and the
+    whole configuration it was captioned with."""
+    return rec.get("file", rec["path"]), json.dumps(rec.get("config"), sort_keys=True)
+
+
+def identity(path) -> dict:
+    """Which file a record is about, and which version of it: the resolved path, and the size and modification
+    time it had when captioned (a video replaced at the same path is another video: captioned again, not skipped
+    with the old one's caption). An unreadable path gets its absolute form and no version."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"file": os.path.abspath(p), "version": None}
+    return {"file": str(p.resolve()), "version": [st.st_size, st.st_mtime_ns]}
+
+
+def is_current(rec: dict, ident: dict) -> bool:
+    """True if `rec` was made from exactly this version of the file (records without a version never are)."""
+    return rec.get("file") == ident["file"] and ident["version"] is not None and rec.get("version") == ident["version"]
 
 
 def read(path: Path) -> tuple[list[dict], list[str]]:
