@@ -58,8 +58,9 @@ def test_resume_skips_finished_videos(videos, tmp_path, capsys):
     assert main([str(folder), "-o", str(out)]) == 0
     assert "captioned 2, skipped 1" in capsys.readouterr().out
     assert sorted(r["path"] for r in _records(out)) == sorted(str(p) for p in paths)  # one record per video
-    assert main([str(folder), "-o", str(out), "--no-resume"]) == 0
-    assert len(_records(out)) == 3
+    capsys.readouterr()
+    assert main([str(folder), "-o", str(out), "--no-resume"]) == 0  # it was ignored: everything skipped
+    assert "captioned 3, skipped 0" in capsys.readouterr().out and len(_records(out)) == 3
 
 
 def test_resume_knows_a_video_by_its_file_and_version(videos, tmp_path, capsys, monkeypatch):
@@ -355,6 +356,7 @@ def test_resume_keys_on_the_whole_configuration(videos, tmp_path, capsys):
         (["--fps", "-1"], "--fps must be more than 0, got -1.0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         (["--frames", "0"], "--frames must be at least 1, got 0"),
+        (["--frames", "4", "--fps", "1"], "--frames and --fps both given"),
         (["--set", "recent=abc", "--policy", "h2o"], "recent takes a number"),
         (["--kv-memory", "8XB"], "--kv-memory '8XB': not a size"),
         (["--kv-memory", "0"], "--kv-memory '0': must be at least one byte"),

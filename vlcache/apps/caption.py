@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default="vlcache")
     add_budget_args(p, default="--vision-budget 0.25")
     add_compile_arg(p)
-    p.add_argument("--frames", type=int, default=8, help="frames spread uniformly over each video")
+    p.add_argument("--frames", type=int, default=None, help="frames spread uniformly over each video (default 8)")
     p.add_argument("--fps", type=float, default=None, help="sample at this rate instead of --frames")
     p.add_argument("--max-frames", type=int, default=64, help="cap on frames per video")
     p.add_argument("--batch", type=int, default=None, help="videos per generate call (default 1; with --kv-memory, "
@@ -117,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.fps is not None and not args.fps > 0:  # also NaN
         raise ValueError(f"--fps must be more than 0, got {args.fps}")
+    if args.fps is not None and args.frames is not None:
+        raise ValueError("--frames and --fps both given: frames come either uniformly (--frames) or at a rate (--fps)")
+    args.frames = 8 if args.frames is None else args.frames
     if args.question is not None and not args.question.strip():
         raise ValueError("--question is empty")
     args.kv_memory = parse_size(args.kv_memory) if args.kv_memory is not None else None
@@ -207,6 +210,7 @@ def main(argv=None) -> int:
         paths = list(first.values())
         finished = {r.get("file"): r for r in _ok(record_file.read(out)[0]) if record_file.record_key(r)[1] == key}
         done = {q for q in paths if record_file.is_current(finished.get(idents[q]["file"], {}), idents[q])}
+        done = done if args.resume else set()  # --no-resume: every video again, its new record replacing the old
         skipped = len(done)
         mine = [q for q in paths[rank::world] if q not in done]
         sink_path = out if world == 1 else out.with_name(f"{out.name}.shard{rank}")
