@@ -111,6 +111,16 @@ def test_a_bare_name_that_is_neither_a_directory_nor_cached_says_both(capsys):
     assert "--model ckpt (no directory of that name here either): not in the local Hugging Face cache" in err
 
 
+def test_load_model_from_python_names_no_flag(tmp_path):
+    """vlcache.load_model's errors named `--model`, a flag a Python caller never gave."""
+    import vlcache
+
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError) as e:
+        vlcache.load_model(str(tmp_path / "ckpt"))
+    assert str(e.value).startswith(f"model {tmp_path / 'ckpt'}: the directory has no config.json")
+
+
 def test_policies_prints_whole_first_sentences(capsys):
     """The first docstring line was printed: "smoothed along the", "(one"."""
     from vlcache.apps.cli import first_sentence

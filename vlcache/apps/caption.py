@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     except OSError as e:
         raise OSError(f"cannot write {out}: {e.strerror or e}") from None
     with exclusive_output(out, state):
-        model, processor = model_loading.load(args.model, device=state.device if world > 1 else None)
+        model, processor = model_loading.load(args.model, device=state.device if world > 1 else None, flag="--model")
         args.question = args.question or prompts.default_question(model)
         config = run_config(args, policy, model, compare)
         if rank == 0:

@@ -88,7 +88,7 @@ def cmd_compare(args) -> int:
     if args.question is not None and not args.question.strip():
         raise ValueError("--question is empty")
     frames, source = compare_frames(args.inputs, args.frames, args.seed)  # a bad file fails before the model loads
-    model, processor = load(args.model)
+    model, processor = load(args.model, flag="--model")
     question = args.question or default_question(model)
     inputs = frames_inputs(processor, frames, question, device=next(model.parameters()).device)
     max_new = args.max_new_tokens or answer_tokens(model, default=32)

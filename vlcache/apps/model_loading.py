@@ -8,10 +8,10 @@ DEFAULT_MODEL = "embedded"
 EMBEDDED_QWEN = "embedded-qwen"  # the second embedded model, a Qwen2-VL (M-RoPE, merged patches)
 
 
-def load(name: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None):
+def load(name: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None, flag: str = "model"):
     """(model, processor) for a hub id or a local path. None or "embedded": the trained embedded model shipped in
     the package (a small Llava that reads synthetic videos); "embedded-qwen": its Qwen2-VL sibling; "tiny": a tiny
-    Llava with random weights."""
+    Llava with random weights. Errors name the model as `flag` (the command line passes "--model")."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name in (None, DEFAULT_MODEL):
         from .evaluation.embedded_model import load_embedded
@@ -30,10 +30,10 @@ def load(name: str | None = None, *, device: str | None = None, dtype: torch.dty
     from ..hf import compat
     from .model_source import resolve
 
-    source = resolve(name)  # a missing directory or an unreachable hub fails here, in seconds
+    source = resolve(name, flag)  # a missing directory or an unreachable hub fails here, in seconds
     kw = {"local_files_only": True} if source.local_only else {}
     try:
-        _check_family(name, AutoConfig.from_pretrained(source.name, **kw))  # before any weight is read
+        _check_family(f"{flag} {name}", AutoConfig.from_pretrained(source.name, **kw))  # before any weight is read
         processor = AutoProcessor.from_pretrained(source.name, **kw)
         model = compat.from_pretrained(
             AutoModelForImageTextToText, source.name, **kw, dtype=dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32),
@@ -44,12 +44,12 @@ def load(name: str | None = None, *, device: str | None = None, dtype: torch.dty
     return model.eval(), processor
 
 
-def _check_family(name: str, config) -> None:
+def _check_family(label: str, config) -> None:
     from ..modality import SUPPORTED_FAMILIES, UnsupportedModelError, family_for
 
     if family_for(config).name == "text":  # raises itself, listing the families, for anything else unknown
         raise UnsupportedModelError(
-            f"--model {name}: a text-only {config.model_type} model; the apps need a vision-language model. "
+            f"{label}: a text-only {config.model_type} model; the apps need a vision-language model. "
             f"Supported vision-language families: {', '.join(SUPPORTED_FAMILIES)}"
         )
 
