@@ -57,6 +57,48 @@ def test_compiled_decode_is_token_identical_to_eager(tiny_model, name):
         assert torch.equal(compiled, model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY))
 
 
+def _compiled_regions(model, inputs, policy):
+    """Run compiled under the profiler: (tokens, session, {dynamo compiled region: times run}). Dynamo records one
+    "Torch-Compiled Region: <frame>/<compile>" event per run of a compiled frame, a cached graph's runs included
+    (a graph break splits a step into several frames: several regions)."""
+    from collections import Counter
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, s = _run(model, inputs, policy, True)
+    regions = Counter(e.name for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
+    return out, s, regions
+
+
+def test_compile_true_runs_every_frozen_step_through_a_compiled_graph(tiny_model):
+    """compile=True really compiles: the session's step is a torch.compile'd function, not the eager forward, and
+    every frozen step ran a dynamo-compiled graph (token identity with eager decoding alone would hold for a
+    session that never compiled)."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    _, s, regions = _compiled_regions(model, inputs, _policy("snapkv"))
+    assert s.decode.steps == NEW - 1
+    assert s.decode._compiled is not None and s.decode.compiled(model.device) is s.decode._compiled
+    assert s.decode._compiled is not s.decode._eager
+    assert sum(regions.values()) == NEW - 1, f"frozen steps that ran compiled: {dict(regions)}"
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o"])
+def test_a_compiled_step_is_one_graph_without_graph_breaks(tiny_model, name):
+    """A frozen step compiles whole: no graph break (a host read such as `nonzero` or `.item()` in the static
+    cache's update would break the graph, and the step would run as several graphs with eager Python between
+    them), so every step runs the same single compiled region, for a prefill-only policy and a decode-time
+    evictor (H2O, evicting between steps)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    breaks = sum(counters["graph_break"].values())
+    _, s, regions = _compiled_regions(model, inputs, _policy(name))
+    assert s.decode.steps == NEW - 1
+    assert sum(counters["graph_break"].values()) == breaks, f"graph breaks: {dict(counters['graph_break'])}"
+    assert list(regions.values()) == [NEW - 1], f"compiled regions run per step: {dict(regions)}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
 @pytest.mark.parametrize("name", ["full", "snapkv", "h2o"])

@@ -141,6 +141,77 @@ def test_dispatcher_uses_the_reference_off_cuda(monkeypatch):
     assert kernels.backend("cuda") == "reference"
 
 
+def test_the_dispatcher_chooses_triton_for_cuda_tensors_only(monkeypatch):
+    """With Triton importable, a CUDA tensor goes to the Triton kernels (a fake one: no GPU needed); a CPU tensor,
+    and a CUDA one under VLCACHE_KERNELS=reference, to the reference."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        cuda = torch.empty(1, device="cuda")
+    monkeypatch.delenv("VLCACHE_KERNELS", raising=False)
+    assert kernels._use_triton(cuda) and kernels.backend("cuda") == "triton"
+    assert not kernels._use_triton(torch.empty(1))
+    monkeypatch.setenv("VLCACHE_KERNELS", "reference")
+    assert not kernels._use_triton(cuda) and kernels.backend("cuda") == "reference"
+
+
+def _op_args(gen):
+    from vlcache.quant import KVPart
+
+    B, HK, g, R, T, d = 1, 2, 2, 3, 12, 8
+    q, k = torch.randn(B, HK * g, R, d, generator=gen), torch.randn(B, HK, T, d, generator=gen)
+    v = torch.randn(B, HK, T, d, generator=gen)
+    kept = torch.tensor([[[0, 4, 9], [1, 2, 11]]])
+    assign, sim = ref.similarity_assign(k, kept)
+    merged = torch.ones(B, HK, T, dtype=torch.bool).scatter_(-1, kept, False)
+    valid = torch.ones(B, HK, T, dtype=torch.bool)
+    return {
+        "attention_stats": (q, k, 0.3, torch.arange(T - R, T)[None]),
+        "similarity_assign": (k, kept),
+        "merge_kv": (k, v, kept, merged, assign, "weighted", sim),
+        "gather_kv": (k, v, kept),
+        "quantized_attention": (q, [KVPart(k, v)], 0.3),
+        "decode_attention": (q, k, v, valid, 0.3),
+    }
+
+
+OPS = {
+    "attention_stats": "triton_stats",
+    "similarity_assign": "triton_similarity",
+    "merge_kv": "triton_merge",
+    "gather_kv": "triton_gather",
+    "quantized_attention": "triton_quant",
+    "decode_attention": "triton_decode_mass",
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_each_op_runs_its_triton_kernel_when_the_dispatcher_says_triton(monkeypatch, op):
+    """Every dispatcher op calls its Triton module's function (once, with the caller's arguments) when
+    `_use_triton` says so; spied here on CPU tensors, the spy answering with the reference's result."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return getattr(ref, op)(*args, **kwargs)
+
+    monkeypatch.setattr(kernels._triton_module(OPS[op]), op, spy)
+    args = _op_args(torch.Generator().manual_seed(0))[op]
+    want = getattr(kernels, op)(*args)  # CPU tensors: the reference, the spy untouched
+    assert not calls
+    monkeypatch.setattr(kernels, "_use_triton", lambda t: True)
+    got = getattr(kernels, op)(*args)
+    assert len(calls) == 1 and calls[0][0] is args[0]
+    assert _tensors(got) and all(torch.equal(a, b) for a, b in zip(_tensors(got), _tensors(want), strict=True))
+
+
+def _tensors(out):
+    """The tensors of an op's result: a tensor, a tuple of them or None, or AttentionStats' fields."""
+    if isinstance(out, kernels.AttentionStats):
+        out = (out.colsum, out.colsq, out.density, out.rows)
+    return [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+
+
 # (slots T, head dim d, GQA group g, query rows R): one slot, a tile and one over (65), no power of two anywhere, and
 # (1000 slots) four splits of four tiles each, the last split short
 DECODE_SHAPES = [(1, 64, 1, 1), (65, 60, 4, 1), (130, 80, 7, 3), (200, 128, 2, 2), (1000, 64, 7, 1)]
