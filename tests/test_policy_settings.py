@@ -3,7 +3,7 @@ Ada-KV's per-head floor, the GQA aggregation (`agg`), VL-Cache's fallback rows."
 
 import pytest
 import torch
-from util import IMG_ID, layout_from_ids, view_for
+from util import IMG_ID, kept_indices, layout_from_ids, view_for
 
 from vlcache import kernels
 from vlcache.policies import H2O, SnapKV, VLCache
@@ -78,3 +78,24 @@ def test_vlcache_scores_a_prompt_ending_on_vision_by_its_last_fallback_rows():
     torch.testing.assert_close(colsum, _colsum(view, slice(-4, None)), atol=1e-6, rtol=1e-5)
     assert not torch.allclose(colsum, _colsum(view), atol=1e-3)  # all rows would give other scores
     torch.testing.assert_close(policy.score(view), kernels.group_reduce(colsum, 2, "mean"))
+
+
+@pytest.mark.parametrize(
+    "name, settings",
+    [("snapkv", {"window": 32}), ("pyramidkv", {"window": 32}), ("streamingllm", {"sinks": 8})],
+)
+def test_a_methods_window_and_sinks_stay_within_the_vision_budget(name, settings):
+    """SnapKV's 32-row window reached 16 tokens into a video after a short question and kept them all, 16 of 128
+    vision tokens at vision_budget=0.01; a prompt opening on an image gave StreamingLLM's sinks the same way out.
+    A modality's amount bounds what the method itself keeps there; its text is kept whole."""
+    from vlcache.policies import make_policy
+    from vlcache.policies.budget import resolve
+
+    ids = [[IMG_ID] * 8 + [1, 2] + [IMG_ID] * 120 + list(range(20, 36))]  # 128 vision tokens, 18 text
+    layout = layout_from_ids(ids)
+    view = view_for(layout)
+    policy = make_policy(name, vision_budget=0.01, protect=(), **settings)
+    kept = kept_indices(policy, view)[0, 0]
+    vision = layout.vision[0]
+    want = int(resolve(0.01, vision.sum()[None])[0])
+    assert int(vision[kept].sum()) == want and int((~vision[kept]).sum()) == 18

@@ -218,7 +218,9 @@ class Policy:
 
     - budget: kept per layer, a ratio of the prompt in (0, 1] or a token count >= 1.
     - vision_budget / text_budget: separate amounts for vision tokens and text tokens, instead of `budget`;
-      a modality without an amount is kept whole.
+      a modality without an amount is kept whole. An amount bounds what the method itself never evicts in that
+      modality too (SnapKV's observation window, StreamingLLM's sinks reaching into a video); protected tokens
+      are kept whatever the amount.
     - protect: token groups never evicted, from ("markers", "question"); () lets everything compete.
     - frame_min: every image and video frame keeps at least this many of its best-scoring tokens (0: off), so
       no frame disappears entirely; they count against the budget.
@@ -550,25 +552,41 @@ class Policy:
             total = self.total_budget(layout)
             if weight != 1.0:
                 total = torch.floor(total.double() * weight).long()
-        forced = self.protected(layout)
+        protected = self.protected(layout)
         extra = self.always_keep(view, total)
-        if extra is not None:
-            forced = forced | extra
-        forced = forced & valid
         if self.budget is not None:
+            forced = (protected | extra if extra is not None else protected) & valid
             pool = valid & ~forced
             k = (total - forced.sum(-1)).clamp(min=0)
             return Plan(forced, [(pool, torch.minimum(k, pool.sum(-1)))])
-        pools = []
+        modalities = []
         for modality, amount in ((layout.vision & valid, self.vision_budget), (layout.text, self.text_budget)):
-            pool = modality & ~forced
-            if amount is None:
-                k = pool.sum(-1)
-            else:
+            want = None
+            if amount is not None:
                 want = resolve(amount, modality.sum(-1))
                 if weight != 1.0:
                     want = torch.floor(want.double() * weight).long()
-                k = (want - (forced & modality).sum(-1)).clamp(min=0)
+            modalities.append((modality, want))
+        forced = protected & valid
+        if extra is not None:
+            # the method's own sinks or window stay within each modality's amount: a 32-row window reaching into
+            # the video kept 16 of 128 vision tokens at vision_budget=0.01. Sinks are the prompt's first tokens and
+            # windows its last, so those nearest either end stay first.
+            extra = extra & valid & ~forced
+            index = valid.long().cumsum(-1) - 1  # among the real tokens (left padding)
+            to_end = torch.minimum(index, valid.sum(-1, keepdim=True) - 1 - index)
+            for modality, want in modalities:
+                inside = extra & modality
+                if want is not None:
+                    room = (want - (forced & modality).sum(-1)).clamp(min=0)
+                    order = torch.sort(to_end.masked_fill(~inside, valid.shape[-1]), dim=-1, stable=True).indices
+                    rank = order.argsort(-1)
+                    inside = inside & (rank < room[:, None])
+                forced = forced | inside
+        pools = []
+        for modality, want in modalities:
+            pool = modality & ~forced
+            k = pool.sum(-1) if want is None else (want - (forced & modality).sum(-1)).clamp(min=0)
             pools.append((pool, torch.minimum(k, pool.sum(-1))))
         return Plan(forced, pools)
 
