@@ -99,3 +99,14 @@ def test_a_methods_window_and_sinks_stay_within_the_vision_budget(name, settings
     vision = layout.vision[0]
     want = int(resolve(0.01, vision.sum()[None])[0])
     assert int(vision[kept].sum()) == want and int((~vision[kept]).sum()) == 18
+
+
+def test_a_setting_of_the_wrong_kind_is_named_from_python_too():
+    """compress(model, "snapkv", budget=0.1, window="x") ended in a TypeError from `window < 1`."""
+    from vlcache.policies import make_policy
+
+    with pytest.raises(ValueError, match=r"^snapkv: window='x': window takes a whole number \(default 32\)$"):
+        make_policy("snapkv", budget=0.1, window="x")
+    with pytest.raises(ValueError, match="evict_every takes a whole number"):
+        make_policy("h2o", budget=0.1, evict_every=2.5)
+    assert make_policy("h2o", budget=0.1, recent=1).recent == 1  # a whole number where a number is asked is one

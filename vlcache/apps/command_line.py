@@ -4,11 +4,10 @@ flags, and running a command so that user mistakes end in one line on stderr and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
-from ..policies import Full, make_policy, parse_settings
+from ..policies import Full, make_policy, parse_settings, setting_type_error
 
 
 def _amount(text: str):
@@ -42,27 +41,10 @@ def policy_from_args(name: str, args) -> object:
 
 
 def _check_setting_types(cls, settings: dict) -> None:
-    """--set values of the kind each setting's default is: a number for a number, True/False for a flag."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    for key, value in settings.items():
-        if key not in defaults or defaults[key] is None:
-            continue  # unknown names are make_policy's to report, with the list of settings
-        default = defaults[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(default, bool):
-            ok, wanted = isinstance(value, bool), "True or False"
-        elif isinstance(default, int):
-            ok, wanted = number and isinstance(value, int), "a whole number"
-        elif isinstance(default, float):
-            ok, wanted = number, "a number"
-        elif isinstance(default, str):
-            ok, wanted = isinstance(value, str), "a word"
-        elif isinstance(default, tuple):
-            ok, wanted = isinstance(value, (tuple, list)), "a tuple such as ('markers',)"
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"--set {key}={value!r}: {key} takes {wanted} (default {default!r})")
+    """--set values of the kind each setting's default is, named as the user typed them."""
+    wrong = setting_type_error(cls, settings)
+    if wrong:
+        raise ValueError(f"--set {wrong}")
 
 
 def add_budget_args(p: argparse.ArgumentParser, default: str = "--budget 0.1") -> None:

@@ -1,7 +1,7 @@
 """Compression policies: one small dataclass per method, all on one base (`base.Policy`)."""
 
 import ast
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 from .base import BUDGET_FIELDS as BUDGET_FIELDS  # public: the apps list every policy's budgets
 from .base import (
@@ -65,7 +65,36 @@ def make_policy(name: str, **settings) -> Policy:
         raise ValueError(
             f"{key} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(sorted(known))}"
         )
+    wrong = setting_type_error(cls, settings)
+    if wrong:
+        raise ValueError(f"{key}: {wrong}")
     return cls(**settings)
+
+
+def setting_type_error(cls, settings: dict) -> str | None:
+    """The first setting whose value is not of the kind its default is (a number for a number, True/False for a
+    flag, a word for a word), said in one line, or None: `window="x"` reached `window < 1` as a TypeError."""
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if default is None:
+            continue  # no default, or None (an amount, checked by the policy itself)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok, wanted = isinstance(value, bool), "True or False"
+        elif isinstance(default, int):
+            ok, wanted = number and isinstance(value, int), "a whole number"
+        elif isinstance(default, float):
+            ok, wanted = number, "a number"
+        elif isinstance(default, str):
+            ok, wanted = isinstance(value, str), "a word"
+        elif isinstance(default, tuple):
+            ok, wanted = isinstance(value, (tuple, list)), "a tuple such as ('markers',)"
+        else:
+            continue
+        if not ok:
+            return f"{key}={value!r}: {key} takes {wanted} (default {default!r})"
+    return None
 
 
 def parse_settings(items: list[str]) -> dict:
