@@ -105,6 +105,97 @@ def test_reuse_quick(tmp_path):
         assert r["reuse"]["0"]["hits"] == r["images"]
 
 
+QUALITY_MISTAKES = [
+    (["--n", "0"], "--n must be at least 1, got 0"),  # was a ZeroDivisionError traceback
+    (
+        ["--tasks", "nosuch"],
+        "--tasks: no task 'nosuch'; choose from needle, where, lookup, count, describe, static",
+    ),
+    (["--frames", "0"], "--frames takes comma-separated frame counts of at least 1, got '0'"),  # was "high <= 0"
+    (["--budgets", "abc"], "--budgets takes comma-separated shares of the vision tokens in (0, 1], got 'abc'"),
+    (["--budgets", "0.1,2"], "--budgets takes comma-separated shares of the vision tokens in (0, 1], got '0.1,2'"),
+    (["--policies", "nosuch"], "--policies 'nosuch': unknown policy 'nosuch'; choose one of full,"),
+    (["--tasks", "where", "--frames", "16"], "nothing to run: --tasks where answer with one digit"),
+    # --quick supplies only what is not given: these were ignored, and the quick grid ran
+    (["--quick", "--policies", "nosuch"], "--policies 'nosuch': unknown policy 'nosuch'"),
+    (["--quick", "--budgets", "abc"], "--budgets takes comma-separated shares of the vision tokens"),
+    (["--quick", "--tasks", "nosuch"], "--tasks: no task 'nosuch'; choose from needle,"),
+]
+
+
+@pytest.mark.parametrize("argv, message", QUALITY_MISTAKES, ids=[" ".join(a) for a, _ in QUALITY_MISTAKES])
+def test_quality_refuses_bad_flags_before_loading(argv, message, capsys, monkeypatch):
+    from vlcache.apps.bench import quality
+
+    def load(*a):
+        raise AssertionError("the model loaded before the flags were checked")
+
+    monkeypatch.setattr(quality, "load_embedded", load)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "quality", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"vlcache bench quality: error: {message}"), err
+
+
+def test_quality_quick_fills_only_the_flags_not_given():
+    from vlcache.apps.bench.quality import parse_args
+
+    quick = parse_args(["--quick"])
+    assert (quick.policies, quick.tasks, quick.budgets, quick.frames, quick.n) == (
+        ["snapkv", "lookm"], ["needle"], [0.1, 1.0], [8], 4,
+    )  # fmt: skip
+    mixed = parse_args(["--quick", "--tasks", "static,count", "--n", "2", "--policies", "h2o:evict_every=4"])
+    assert (mixed.policies, mixed.tasks, mixed.budgets, mixed.frames, mixed.n) == (
+        ["h2o:evict_every=4"], ["static", "count"], [0.1, 1.0], [8], 2,
+    )  # fmt: skip
+    assert parse_args([]).n == 100 and parse_args([]).frames == [8, 16] and len(parse_args([]).tasks) == 6
+
+
+SPEED_MISTAKES = [
+    (["--sizes", "abc", "--quick"], "--sizes takes comma-separated token counts, got 'abc'"),  # was int()'s
+    (["--sizes", "0", "--quick"], "--sizes takes positive token counts, got '0'"),
+    (["--quick", "--policies", "nosuch"], "--policies 'nosuch': unknown policy 'nosuch'; choose one of full,"),
+    (["--quick", "--budget", "5"], "--budget: budget=5.0 is out of range"),
+    (["--quick", "--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("argv, message", SPEED_MISTAKES, ids=[" ".join(a) for a, _ in SPEED_MISTAKES])
+def test_speed_refuses_bad_flags_before_building(argv, message, capsys, monkeypatch):
+    from vlcache.apps.bench import speed
+
+    def build(*a):
+        raise AssertionError("the model was built before the flags were checked")
+
+    monkeypatch.setattr(speed, "build_model", build)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "speed", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"vlcache bench speed: error: {message}"), err
+
+
+def test_speed_quick_keeps_an_explicit_preset(monkeypatch):
+    """--quick is the quick preset unless --preset says otherwise (it overrode --preset)."""
+    from vlcache.apps.bench import speed
+
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def build(preset, max_tokens):
+        built.append((preset, max_tokens))
+        raise Built
+
+    monkeypatch.setattr(speed, "build_model", build)
+    for argv, preset in ((["--quick"], "quick"), (["--quick", "--preset", "cpu"], "cpu"), ([], "cpu")):
+        with pytest.raises(Built):
+            speed.main([*argv, "--sizes", "300"])
+        assert built.pop() == (speed.PRESETS[preset], 300)
+
+
 def test_bench_usage():
     assert main(["bench"]) == 0
     assert main(["bench", "nope"]) == 2

@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the problem, and leaves the model as it was."""
 
+import re
+
 import pytest
 import torch
 import transformers as T
@@ -106,3 +108,40 @@ def test_models_without_llama_style_layers_are_unsupported(build):
         with vlcache.compress(model, SnapKV(budget=0.5)):
             pass
     assert "generate" not in model.__dict__
+
+
+@pytest.fixture(scope="module")
+def eight_frame_video(tmp_path_factory):
+    from PIL import Image
+
+    from vlcache.apps.video import write_video
+
+    frames = [Image.new("RGB", (32, 32), (30 * i, 0, 0)) for i in range(8)]
+    return write_video(tmp_path_factory.mktemp("video") / "v.mp4", frames)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(frames=0), "frames must be a positive whole number or None, got 0"),  # was: all 8 frames
+        (dict(frames=-2), "frames must be a positive whole number or None, got -2"),  # was: numpy's own message
+        (dict(frames=2.5), "frames must be a positive whole number"),
+        (dict(frames=True), "frames must be a positive whole number"),
+        (dict(frames=None, target_fps=0), "target_fps must be a positive number or None, got 0"),
+        (dict(frames=None, target_fps=-1.0), "target_fps must be a positive number"),
+        (dict(frames=None, target_fps=float("nan")), "target_fps must be a positive number"),
+        (dict(cap=0), "cap must be a positive whole number, got 0"),
+        (dict(cap=-3), "cap must be a positive whole number, got -3"),
+    ],
+    ids=["frames=0", "frames=-2", "frames=2.5", "frames=True", "fps=0", "fps=-1", "fps=nan", "cap=0", "cap=-3"],
+)
+def test_read_frames_names_a_bad_sampling_argument(eight_frame_video, kwargs, message):
+    from vlcache.apps.video import sample_indices
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        vlcache.read_frames(eight_frame_video, **kwargs)
+    with pytest.raises(ValueError, match=message.split(",")[0]):
+        sample_indices(8, 4.0, **{"frames": 8, **kwargs})
+    assert len(vlcache.read_frames(eight_frame_video, frames=3)) == 3  # good values still read
+    assert len(vlcache.read_frames(eight_frame_video, frames=None)) == 8  # None: the default 8
+    assert len(vlcache.read_frames(eight_frame_video, frames=None, target_fps=2, cap=3)) == 3

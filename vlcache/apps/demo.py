@@ -344,10 +344,21 @@ def launch(app, host: str = "127.0.0.1", port: int | None = None, share: bool = 
     return app.launch(server_name=host, server_port=port, share=share, max_file_size=f"{MAX_FILE_MB}mb", **kwargs)
 
 
+def _port(text: str) -> int:
+    """A TCP port to listen on, 1 to 65535 (0, "any free port", would leave Gradio printing a URL with port 0)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r} (a whole number from 1 to 65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1 to 65535)")
+    return port
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="vlcache demo", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=7860, help="the port to listen on, 1 to 65535 (default 7860)")
     p.add_argument("--share", action="store_true", help="a public gradio.live link")
     p.add_argument("--models", default="embedded", help="comma-separated models visitors may pick: embedded, "
                    "tiny, hub ids or local directories (default: embedded)")  # fmt: skip

@@ -3,6 +3,7 @@ sample videos (PyAV), with errors that say what is wrong with the file."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,30 @@ class VideoError(ValueError):
     """A video or image that cannot be used, with the reason."""
 
 
+def _check_sampling(frames: int | None, target_fps: float | None, cap: int) -> None:
+    """A ValueError naming the argument unless `frames` is a positive whole number or None, `target_fps` a positive
+    finite number or None and `cap` a positive whole number (frames=0 was read as the default 8, and frames=-2 ended in
+    numpy's own message)."""
+
+    def whole(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+    if frames is not None and not (whole(frames) and frames >= 1):
+        raise ValueError(f"frames must be a positive whole number or None, got {frames!r}")
+    if target_fps is not None:
+        number = isinstance(target_fps, (int, float, np.number)) and not isinstance(target_fps, (bool, np.bool_))
+        if not (number and math.isfinite(target_fps) and target_fps > 0):
+            raise ValueError(f"target_fps must be a positive number or None, got {target_fps!r}")
+    if not (whole(cap) and cap >= 1):
+        raise ValueError(f"cap must be a positive whole number, got {cap!r}")
+
+
 def sample_indices(
     total: int, fps: float, frames: int | None = None, target_fps: float | None = None, cap: int = 64
 ) -> list[int]:
-    """Frame indices: `frames` spread uniformly over the video, or one every 1/target_fps seconds; at most `cap`."""
+    """Frame indices: `frames` spread uniformly over the video (None: 8), or one every 1/target_fps seconds; at most
+    `cap`."""
+    _check_sampling(frames, target_fps, cap)
     if total <= 0:
         raise VideoError("video has no frames")
     if target_fps is not None:
@@ -28,7 +49,7 @@ def sample_indices(
         if len(idx) > cap:
             idx = np.linspace(0, total - 1, cap)
     else:
-        n = min(frames or 8, cap, total)
+        n = min(8 if frames is None else frames, cap, total)
         idx = np.linspace(0, total - 1, n)
     return sorted({int(round(i)) for i in idx})
 
@@ -38,7 +59,9 @@ def read_frames(
 ) -> list[Image.Image]:
     """RGB frames of a video, or of an animated image (GIF, WebP, APNG) read as one; a still image is one frame.
     Videos go through decord, and through PyAV where decord fails on a file (it cannot convert H.264 frames a few
-    dozen pixels wide, for one)."""
+    dozen pixels wide, for one). `frames`: how many, spread uniformly (None: 8); `target_fps` instead: one frame
+    every 1/target_fps seconds; never more than `cap`."""
+    _check_sampling(frames, target_fps, cap)  # before the file: a bad argument is not the file's fault
     path = Path(path)
     if not path.exists():
         raise VideoError(f"file not found: {path}")

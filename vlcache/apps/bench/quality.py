@@ -44,33 +44,93 @@ def policy_for(spec: str, budget: float):
     return make_policy(name, **settings) if name == "full" else make_policy(name, vision_budget=budget, **settings)
 
 
-def main(argv=None) -> int:
+# --quick: the values of the flags it was not given (what CI runs); the rest stay the user's, checked the same way
+QUICK = dict(policies="snapkv,lookm", tasks="needle", budgets="0.1,1.0", frames="8", n=4)
+DEFAULTS = dict(
+    policies=",".join([*(n for n in POLICIES if n != "full"), *EXTRA_ROWS]),
+    tasks=",".join(EVAL_TASKS),
+    budgets=",".join(map(str, BUDGETS)),
+    frames="8,16",
+    n=100,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --policies, --tasks, --budgets and --frames as lists, every value checked before a
+    model loads (a mistake is one line naming the flag, exit status 2)."""
     p = argparse.ArgumentParser(prog="vlcache bench quality", description=first_paragraph(__doc__))
     p.add_argument(
         "--model",
         default=None,
         help="a trained embedded-model directory, or a shipped one: llava (the default) or qwen (the Qwen2-VL)",
     )
-    p.add_argument("--policies", default=",".join([*(n for n in POLICIES if n != "full"), *EXTRA_ROWS]))
-    p.add_argument("--tasks", default=",".join(EVAL_TASKS))
-    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    p.add_argument("--frames", default="8,16", help="video lengths (training saw 1 to 10 frames)")
-    p.add_argument("--n", type=int, default=100, help="held-out examples per cell")
-    p.add_argument("--quick", action="store_true", help="a tiny grid for CI: 2 policies, 2 budgets, 1 task, n=4")
+    p.add_argument("--policies", default=None, help='comma-separated, settings after a colon: "vlcache:prune_at=2" '
+                   "(default: every policy and " + ", ".join(EXTRA_ROWS) + ")")  # fmt: skip
+    p.add_argument("--tasks", default=None, help=f"comma-separated, of {', '.join(EVAL_TASKS)} (default: all)")
+    p.add_argument("--budgets", default=None, help=f"vision budgets in (0, 1] (default {DEFAULTS['budgets']})")
+    p.add_argument("--frames", default=None, help="video lengths (default 8,16; training saw 1 to 10 frames)")
+    p.add_argument("--n", type=int, default=None, help="held-out examples per cell (default 100)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny grid for CI: 2 policies, 2 budgets, 1 task, 8 frames, n=4, for the flags not given",
+    )
     p.add_argument("--out", default="out/quality")
     args = p.parse_args(argv)
-    if args.quick:
-        args.policies, args.tasks, args.budgets, args.frames, args.n = "snapkv,lookm", "needle", "0.1,1.0", "8", 4
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:  # an explicit flag wins over --quick
+            setattr(args, key, value)
+
+    def items(flag: str, text: str) -> list[str]:
+        out = [x.strip() for x in text.split(",") if x.strip()]
+        if not out:
+            p.error(f"{flag} is empty: give at least one, comma-separated")
+        return out
+
+    if args.n < 1:
+        p.error(f"--n must be at least 1, got {args.n}")
+    args.tasks = items("--tasks", args.tasks)
+    for task in args.tasks:
+        if task not in EVAL_TASKS:
+            p.error(f"--tasks: no task {task!r}; choose from {', '.join(EVAL_TASKS)}")
+    budgets = items("--budgets", args.budgets)
+    try:
+        args.budgets = [float(x) for x in budgets]
+    except ValueError:
+        args.budgets = []
+    if len(args.budgets) != len(budgets) or not all(0 < b <= 1 for b in args.budgets):  # also NaN
+        p.error(f"--budgets takes comma-separated shares of the vision tokens in (0, 1], got {','.join(budgets)!r}")
+    frames = items("--frames", args.frames)
+    if not all(x.isdigit() and int(x) >= 1 for x in frames):
+        p.error(f"--frames takes comma-separated frame counts of at least 1, got {','.join(frames)!r}")
+    args.frames = [int(x) for x in frames]
+    if not any(not skipped(t, f) for t in args.tasks for f in args.frames):
+        p.error(f"nothing to run: --tasks {','.join(args.tasks)} answer with one digit (10 frames at most), "
+                f"--frames {','.join(frames)}")  # fmt: skip
+    args.policies = items("--policies", args.policies)
+    for spec in args.policies:  # a bad name, setting or budget is said before the model loads
+        try:
+            for b in args.budgets:
+                policy_for(spec, b)
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--policies {spec!r}: {e}")
+    return args
+
+
+def skipped(task: str, frames: int) -> bool:
+    """Where and lookup answer with one digit: no cell past 10 frames."""
+    return task in ("where", "lookup") and frames > 10
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     model, processor = load_embedded(args.model)
-    policies = [x for x in args.policies.split(",") if x]
-    tasks = [x for x in args.tasks.split(",") if x]
-    budgets = [float(x) for x in args.budgets.split(",")]
-    frame_counts = [int(x) for x in args.frames.split(",")]
+    policies, tasks, budgets, frame_counts = args.policies, args.tasks, args.budgets, args.frames
     started = time.time()
     results = []
     for frames in frame_counts:
         for task in tasks:
-            if task in ("where", "lookup") and frames > 10:
+            if skipped(task, frames):
                 continue
             seed = HELD_OUT + 1000 * frames + EVAL_TASKS.index(task)
             ref = {k: accuracy(model, processor, task, frames, k, args.n, seed) for k in ("floor", "ceiling")}

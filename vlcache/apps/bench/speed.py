@@ -155,7 +155,7 @@ def _median(xs: list[float]) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vlcache bench speed", description=first_paragraph(__doc__))
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default cpu (--quick: quick)")
     p.add_argument("--sizes", default=None, help="prompt lengths in tokens (comma-separated)")
     p.add_argument(
         "--policies",
@@ -170,31 +170,25 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--scene", default="random", choices=("random", "static"), help="frames: random, or one repeated")
     p.add_argument("--repeat", type=int, default=1, help="runs per cell; times are their medians")
-    p.add_argument("--quick", action="store_true", help="the 'quick' preset (and two policies unless given: CI)")
+    p.add_argument(
+        "--quick", action="store_true", help="the 'quick' preset and two policies, unless given (what CI runs)"
+    )
     p.add_argument("--out", default="out/speed")
     args = p.parse_args(argv)
-    if args.quick:
-        args.preset = "quick"
+    if args.preset is None:  # --quick supplies what was not given; an explicit flag wins
+        args.preset = "quick" if args.quick else "cpu"
     if args.policies is None:
         every = [*(n for n in POLICIES if n != "full"), "snapkv:prune_at=2", "vlcache:prune_at=2"]
         args.policies = "snapkv,h2o" if args.quick else ",".join(every)
     preset = PRESETS[args.preset]
     device = preset["device"]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"preset {args.preset} needs a GPU")
-    sizes = [int(x) for x in (args.sizes or preset["sizes"]).split(",")]
-    torch.manual_seed(0)
-    model = build_model(preset, max(sizes))
-    params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if args.repeat < 1:
-        p.error(f"--repeat must be >= 1, got {args.repeat}")
-    names = ["plain", "full"] + [x for x in args.policies.split(",") if x and x != "full"]
+    sizes = _sizes(p, "--sizes", args.sizes or preset["sizes"])
+    for flag, value in (("--repeat", args.repeat), ("--new-tokens", args.new_tokens)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    names = ["plain", "full"] + [x.strip() for x in args.policies.split(",") if x.strip() and x.strip() != "full"]
     amount = {"vision_budget": args.vision_budget} if args.vision_budget is not None else {"budget": args.budget}
     amount_label = ", ".join(f"{k} {v}" for k, v in amount.items())
-    where, model_words, bandwidth = machine(device, preset, params)
-    print(f"{where}; model: {model_words}; {amount_label}; {args.new_tokens} new tokens; {args.scene} frames")
-    rows = []
 
     def make(name):
         if name == "plain":
@@ -202,6 +196,25 @@ def main(argv=None) -> int:
         base, _, extra = name.partition(":")  # "h2o:evict_every=16": settings after the name
         settings = parse_settings([x for x in extra.split(";") if x])
         return make_policy(base, **settings) if base == "full" else make_policy(base, **amount, **settings)
+
+    try:  # a bad budget, policy name or setting is the user's error, said before anything is built
+        make_policy("snapkv", **amount)
+    except ValueError as e:
+        p.error(f"{'--vision-budget' if args.vision_budget is not None else '--budget'}: {e}")
+    for name in names:
+        try:
+            make(name)
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--policies {name!r}: {e}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"preset {args.preset} needs a GPU")
+    torch.manual_seed(0)
+    model = build_model(preset, max(sizes))
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    where, model_words, bandwidth = machine(device, preset, params)
+    print(f"{where}; model: {model_words}; {amount_label}; {args.new_tokens} new tokens; {args.scene} frames")
+    rows = []
 
     for i, n in enumerate(sizes):
         inputs = prompt(model, n, device, args.scene)
@@ -250,6 +263,16 @@ def main(argv=None) -> int:
         plot(rows, out / "speed.png", where)
     print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
     return 0
+
+
+def _sizes(p, flag: str, text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag} takes comma-separated token counts, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        p.error(f"{flag} takes positive token counts, got {text!r}")
+    return sizes
 
 
 def print_block(rows, n):
