@@ -32,15 +32,17 @@ from ...policies import POLICIES, make_policy, parse_settings
 from .. import timed_run
 from . import first_paragraph
 from .figure import figure_row, series_style
-from .speed import PRESETS, build_model, machine, prompt
+from .speed import PRESETS, _sizes, build_model, machine, prompt
 
 SIZES = {"cpu": "1024", "quick": "300", "qwen2vl-7b": "8192,32768,131072"}
 SKIP = 3  # decode steps before the steady state (see steady_ms)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --sizes a list and --eager-sizes and --peer-sizes sets of its sizes, every value checked
+    before a model is built (a mistake is one line naming the flag, exit status 2)."""
     p = argparse.ArgumentParser(prog="vlcache bench decode", description=first_paragraph(__doc__))
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default cpu (--quick: quick)")
     p.add_argument("--sizes", default=None, help="prompt lengths in tokens, comma-separated (default: per preset)")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
     p.add_argument(
@@ -70,50 +72,66 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the 'quick' preset and two policies unless given (CI)")
     p.add_argument("--out", default="out/decode")
     args = p.parse_args(argv)
-    if args.quick:
-        args.preset = "quick"
-    if args.batch < 1 or args.new_tokens < 2:
-        p.error("--batch must be >= 1 and --new-tokens >= 2 (decode steps follow the first token)")
+    if args.preset is None:  # --quick supplies what was not given; an explicit flag wins
+        args.preset = "quick" if args.quick else "cpu"
     if args.policies is None:
         args.policies = "snapkv,h2o" if args.quick else ",".join(n for n in POLICIES if n != "full")
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens must be at least 2 (decode steps follow the first token), got {args.new_tokens}")
+    args.sizes = _sizes(p, "--sizes", SIZES[args.preset] if args.sizes is None else args.sizes)
+    for flag in ("--eager-sizes", "--peer-sizes"):
+        key = flag[2:].replace("-", "_")
+        text = getattr(args, key)
+        chosen = set(args.sizes) if text is None else set() if text.strip() == "none" else set(_sizes(p, flag, text))
+        if not chosen <= set(args.sizes):
+            p.error(f"--eager-sizes and --peer-sizes must be among --sizes: {flag} {text}, --sizes "
+                    f"{','.join(map(str, args.sizes))}")  # fmt: skip
+        setattr(args, key, chosen)
+    try:  # a bad budget is the user's error, said before anything is built
+        make_policy("snapkv", budget=args.budget)
+    except ValueError as e:
+        p.error(f"--budget: {e}")
+    args.policies = ["full"] + [x.strip() for x in args.policies.split(",") if x.strip() and x.strip() != "full"]
+    for name in args.policies:  # a bad name or setting too
+        try:
+            make(name, args.budget)
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--policies {name!r}: {e}")
+    return args
+
+
+def make(name: str, budget: float):
+    """A policy from "name" or "name:setting=value;...", at `budget` (`full` takes none)."""
+    base, _, extra = name.partition(":")
+    settings = parse_settings([x for x in extra.split(";") if x])
+    return make_policy(base, **settings) if base == "full" else make_policy(base, budget=budget, **settings)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     preset = PRESETS[args.preset]
     device = preset["device"]
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"preset {args.preset} needs a GPU")
-    sizes = _sizes(p, "--sizes", args.sizes or SIZES[args.preset])
-    eager_sizes, peer_sizes = (
-        set(sizes) if text is None else set() if text == "none" else set(_sizes(p, flag, text))
-        for flag, text in (("--eager-sizes", args.eager_sizes), ("--peer-sizes", args.peer_sizes))
-    )
-    if not eager_sizes <= set(sizes) or not peer_sizes <= set(sizes):
-        p.error("--eager-sizes and --peer-sizes must be among --sizes")
+    sizes, eager_sizes, peer_sizes = args.sizes, args.eager_sizes, args.peer_sizes
     torch.manual_seed(0)
     model = build_model(preset, max(sizes))
     params = sum(q.numel() for q in model.parameters())
     weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
     where, model_words, bandwidth = machine(device, preset, params)
     print(f"{where}; model: {model_words}; budget {args.budget}; batch {args.batch}; {args.new_tokens} new tokens")
-    names = ["full"] + [x for x in args.policies.split(",") if x and x != "full"]
-
-    def make(name):
-        base, _, extra = name.partition(":")
-        settings = parse_settings([x for x in extra.split(";") if x])
-        return make_policy(base, **settings) if base == "full" else make_policy(base, budget=args.budget, **settings)
-
-    for name in names:  # a bad name or setting is the user's error, said before anything runs
-        try:
-            make(name)
-        except (ValueError, TypeError, KeyError) as e:
-            p.error(f"--policies {name!r}: {e}")
+    names = args.policies
     warmed = set()
 
     def timed(inputs, name, compiled, **kw):
         kw.update(min_new_tokens=args.new_tokens, compile=compiled)
-        policy = make(name) if name is not None else None
+        policy = make(name, args.budget) if name is not None else None
         key = (name, compiled, tuple(kw.items()))
         if args.warmup == "every" or (args.warmup == "first" and key not in warmed):
             timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)  # warm-up (and compile)
-            policy = make(name) if name is not None else None
+            policy = make(name, args.budget) if name is not None else None
         warmed.add(key)
         skips = counters["inductor"]["cudagraph_skips"]
         base = None
@@ -215,16 +233,6 @@ def main(argv=None) -> int:
         plot(rows, out / "decode.png", where)
     print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
     return 0
-
-
-def _sizes(p, flag: str, text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"{flag} takes comma-separated token counts, got {text!r}")
-    if not sizes or min(sizes) < 1:
-        p.error(f"{flag} takes positive token counts, got {text!r}")
-    return sizes
 
 
 def steady_ms(r) -> float:

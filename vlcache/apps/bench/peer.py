@@ -242,7 +242,14 @@ def mean(xs) -> float:
 # ----------------------------------------------------------------------------- the command
 
 
-def main(argv=None) -> int:
+# --quick: the values of the flags it was not given (what CI runs); the rest stay the user's, checked the same way
+QUICK = dict(tokens=256, new_tokens=4)
+DEFAULTS = dict(tokens=4096, new_tokens=32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --tokens, --new-tokens and --qk-scale resolved, every value checked before a model is
+    built (a mistake is one line naming the flag, exit status 2)."""
     p = argparse.ArgumentParser(prog="vlcache bench peer", description=first_paragraph(__doc__))
     p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
     p.add_argument(
@@ -258,30 +265,58 @@ def main(argv=None) -> int:
         help="multiply q_proj and k_proj weights (default 3 for random, 1 for embedded)",
     )
     p.add_argument("--tokens", type=int, default=None, help="prompt length (default 4096, --quick 256)")
-    p.add_argument("--keep", type=float, default=0.1)
+    p.add_argument("--keep", type=float, default=0.1, help="the share of the prompt kept, in (0, 1]")
     p.add_argument("--window", type=int, default=32)
-    p.add_argument("--kernel", type=int, default=5)
+    p.add_argument("--kernel", type=int, default=5, help="SnapKV's pooling kernel (a positive odd number)")
     p.add_argument("--beta", type=float, default=20.0, help="PyramidKV's beta (both libraries default to 20)")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 32, --quick 4)")
     p.add_argument("--repeat", type=int, default=1, help="time each run this many times, keep the fastest")
     p.add_argument("--threads", type=int, default=None, help="torch threads on both sides (default: torch's own)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (256-token prompt, 4 new tokens): what CI runs")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes (256-token prompt, 4 new tokens) unless given: what CI runs"
+    )
     p.add_argument("--out", default="out/peer")
     args = p.parse_args(argv)  # fmt: skip
-    n = args.tokens or (256 if args.quick else 4096)
-    new_tokens = args.new_tokens or (4 if args.quick else 32)
-    qk_scale = args.qk_scale if args.qk_scale is not None else (3.0 if args.model == "random" else 1.0)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:  # an explicit flag wins over --quick (0 too: it is refused, not replaced)
+            setattr(args, key, value)
+    if args.qk_scale is None:
+        args.qk_scale = 3.0 if args.model == "random" else 1.0
+    counts = [
+        ("--tokens", args.tokens),
+        ("--new-tokens", args.new_tokens),
+        ("--window", args.window),
+        ("--repeat", args.repeat),
+    ] + ([("--threads", args.threads)] if args.threads is not None else [])
+    for flag, value in counts:
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.tokens <= args.window:
+        p.error(f"--tokens must exceed --window {args.window} (kvpress's SnapKV asserts it), got {args.tokens}")
+    if args.kernel < 1 or args.kernel % 2 == 0:
+        p.error(f"--kernel takes a positive odd number, got {args.kernel}")
+    if not 0 < args.keep <= 1:  # also NaN
+        p.error(f"--keep takes a share of the prompt in (0, 1], got {args.keep}")
+    if not args.beta >= 1:  # also NaN
+        p.error(f"--beta must be at least 1, got {args.beta}")
+    if not math.isfinite(args.qk_scale):
+        p.error(f"--qk-scale takes a finite number, got {args.qk_scale}")
+    try:  # anything else the matched policies refuse, before a model is built
+        runs(args.tokens, args.keep, args.window, args.kernel, args.beta, args.new_tokens)
+    except ValueError as e:
+        p.error(f"--keep {args.keep}, --window {args.window}, --kernel {args.kernel}, --beta {args.beta}: {e}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    n, new_tokens, qk_scale = args.tokens, args.new_tokens, args.qk_scale
     if not Path(args.kvpress_python).exists():
         raise FileNotFoundError(
             f"{args.kvpress_python} not found: install kvpress in its own virtualenv first (see --help)"
         )
-    if n <= args.window:
-        raise ValueError(f"--tokens {n} must exceed --window {args.window} (kvpress's SnapKV asserts it)")
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.repeat < 1:
-        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     model, config, state = build_model(args.model, qk_scale)
     vocab = config["vocab_size"]
     ids = torch.randint(4, min(104, vocab), (1, n), generator=torch.Generator().manual_seed(1))

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ...policies import make_policy, parse_settings
+from ..evaluation.tasks import EVAL_TASKS
 from . import first_paragraph
 
 SPEED_ROWS = (
@@ -95,7 +96,9 @@ def run_speed(args) -> list[dict]:
     preset = dict(PRESETS[args.preset])
     device = preset["device"] if args.device is None else args.device
     preset["device"] = device
-    sizes = [int(x) for x in args.sizes.split(",")]
+    sizes = args.sizes
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"the speed part on {device} needs a GPU")
     torch.manual_seed(0)
     model = build_model(preset, max(sizes))
     amount = {"vision_budget": args.vision_budget}
@@ -257,13 +260,13 @@ def run_quality(args) -> dict:
 
     from ..evaluation.embedded_model import batch_inputs, load_embedded
     from ..evaluation.quality import accuracy, fidelity, kv_ratio
-    from ..evaluation.tasks import EVAL_TASKS, make_example
+    from ..evaluation.tasks import make_example
     from .quality import HELD_OUT
 
     model, processor = load_embedded()
     frames = 8
     amount = {"vision_budget": 0.1}
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = args.tasks
     acc = {}
     print(
         f"\naccuracy, embedded model, {frames} frames, n={args.n} per cell (vlcache rows keep 10% of the vision tokens)"
@@ -292,43 +295,134 @@ def run_quality(args) -> dict:
     return {"frames": frames, "n": args.n, "tasks": tasks, "accuracy": acc, "fidelity": fid}
 
 
-def main(argv=None) -> int:
+PARTS = ("speed", "peer", "quality")
+# --quick: the values of the flags it was not given (what CI runs); the rest stay the user's, checked the same way
+QUICK = dict(
+    preset="quick",
+    sizes="512",
+    new_tokens=4,
+    peer_tokens=256,
+    n=4,
+    repeat=1,
+    tasks="needle",
+    quality_rows="full:vision_bits=8;text_bits=8,vlcache:vision_bits=4;text_bits=8",
+)
+DEFAULTS = dict(
+    preset="cpu",
+    sizes="4096",
+    new_tokens=32,
+    peer_tokens=4096,
+    n=100,
+    repeat=5,
+    tasks=",".join(EVAL_TASKS),
+    quality_rows=",".join(QUALITY_ROWS),
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --parts, --sizes, --speed-rows, --quality-rows, --fidelity-rows and --tasks as lists,
+    every value checked before a model is built (a mistake is one line naming the flag, exit status 2)."""
+    from .speed import PRESETS, _sizes
+
     p = argparse.ArgumentParser(prog="vlcache bench quant", description=first_paragraph(__doc__))
-    p.add_argument("--parts", default="speed,peer,quality")
-    p.add_argument("--preset", default="cpu", help="speed: a preset of the speed benchmark (cpu, qwen2vl-7b, quick)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="speed: a preset of the speed benchmark (default cpu; --quick: quick)",
+    )
     p.add_argument("--device", default=None, help="speed: override the preset's device")
-    p.add_argument("--sizes", default="4096", help="speed: prompt lengths in tokens")
+    p.add_argument("--sizes", default=None, help="speed: prompt lengths in tokens (default 4096; --quick: 512)")
     p.add_argument("--vision-budget", type=float, default=0.1, help="speed: the vlcache rows' vision budget")
     p.add_argument("--speed-rows", default=",".join(SPEED_ROWS))
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=5, help="speed: timed rounds over the rows; the fastest counts")
+    p.add_argument(
+        "--new-tokens", type=int, default=None, help="speed and peer: generated tokens (default 32; --quick: 4)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="speed: timed rounds over the rows; the fastest counts (default 5; --quick: 1)",
+    )
     p.add_argument("--cpu-time", action="store_true", help="speed: also CPU time per decode token, one thread")
-    p.add_argument("--peer-tokens", type=int, default=4096)
-    p.add_argument("--quality-rows", default=",".join(QUALITY_ROWS))
+    p.add_argument("--peer-tokens", type=int, default=None, help="peer: prompt length (default 4096; --quick: 256)")
+    p.add_argument(
+        "--quality-rows",
+        default=None,
+        help="quality: comma-separated policies (default: bits 16/8/4/2 for full and vlcache, and mixed widths; "
+        "--quick: two)",
+    )
     p.add_argument(
         "--fidelity-rows", default=None, help="quality: rows of the fidelity table (default: --quality-rows)"
     )
-    p.add_argument("--tasks", default=None, help="quality: tasks (default: every embedded task)")
-    p.add_argument("--n", type=int, default=100, help="quality: held-out examples per cell")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for CI")
+    p.add_argument("--tasks", default=None, help="quality: tasks (default: every embedded task; --quick: needle)")
+    p.add_argument("--n", type=int, default=None, help="quality: held-out examples per cell (default 100; --quick: 4)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for CI, for the flags not given")
     p.add_argument("--out", default="out/quant")
     args = p.parse_args(argv)
-    from ..evaluation.tasks import EVAL_TASKS
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:  # an explicit flag wins over --quick
+            setattr(args, key, value)
 
-    args.tasks = args.tasks or ",".join(EVAL_TASKS)
-    if args.quick:
-        args.preset, args.sizes, args.new_tokens, args.peer_tokens, args.n, args.repeat = "quick", "512", 4, 256, 4, 1
-        args.tasks, args.quality_rows = "needle", "full:vision_bits=8;text_bits=8,vlcache:vision_bits=4;text_bits=8"
-    args.speed_rows = [x for x in args.speed_rows.split(",") if x]
+    def items(flag: str, text: str) -> list[str]:
+        out = [x.strip() for x in text.split(",") if x.strip()]
+        if not out:
+            p.error(f"{flag} is empty: give at least one, comma-separated")
+        return out
+
+    def rows(flag: str, text: str, **amount) -> list[str]:
+        specs = items(flag, text)
+        for spec in specs:  # a bad name or setting is said before anything is built
+            try:
+                policy(spec, **amount)
+            except (ValueError, TypeError, KeyError) as e:
+                p.error(f"{flag} {spec!r}: {e}")
+        return specs
+
+    args.parts = items("--parts", args.parts)
+    for part in args.parts:
+        if part not in PARTS:
+            p.error(f"--parts: no part {part!r}; choose from {', '.join(PARTS)}")
+    for flag, value in (
+        ("--new-tokens", args.new_tokens),
+        ("--repeat", args.repeat),
+        ("--peer-tokens", args.peer_tokens),
+        ("--n", args.n),
+    ):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    args.sizes = _sizes(p, "--sizes", args.sizes)
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device takes a torch device (cpu, cuda, cuda:1), got {args.device!r}")
+    try:
+        make_policy("vlcache", vision_budget=args.vision_budget)
+    except ValueError as e:
+        p.error(f"--vision-budget: {e}")
+    args.speed_rows = rows("--speed-rows", args.speed_rows, vision_budget=args.vision_budget)
     if "full" not in args.speed_rows:
         args.speed_rows.insert(0, "full")
-    args.quality_rows = [x for x in args.quality_rows.split(",") if x]
-    args.fidelity_rows = [x for x in args.fidelity_rows.split(",") if x] if args.fidelity_rows else args.quality_rows
+    args.tasks = items("--tasks", args.tasks)
+    for task in args.tasks:
+        if task not in EVAL_TASKS:
+            p.error(f"--tasks: no task {task!r}; choose from {', '.join(EVAL_TASKS)}")
+    args.quality_rows = rows("--quality-rows", args.quality_rows, vision_budget=0.1)
+    args.fidelity_rows = (
+        rows("--fidelity-rows", args.fidelity_rows, vision_budget=0.1) if args.fidelity_rows else args.quality_rows
+    )
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    parts = args.parts
     started = time.time()
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     }
-    parts = [x for x in args.parts.split(",") if x]
     if "speed" in parts:
         result["speed"] = run_speed(args)
     if "peer" in parts:

@@ -82,26 +82,74 @@ def ttft(model, inputs, reps: int) -> float:
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
+# --quick: the values of the flags it was not given (what CI runs); the rest stay the user's, checked the same way
+QUICK = dict(images="1,2", ks="0,full", new_tokens=4, reps=1, trained_n=2)
+DEFAULTS = dict(images="1,2,4,8,16", ks="0,4,16,full", new_tokens=32, reps=3, trained_n=60)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with --images as counts, --ks as strings ("full" or a count) and --device a torch.device,
+    every value checked before a model is built (a mistake is one line naming the flag, exit status 2)."""
     p = argparse.ArgumentParser(prog="vlcache bench reuse", description=first_paragraph(__doc__))
-    p.add_argument("--images", default="1,2,4,8,16")
-    p.add_argument("--ks", default="0,4,16,full", help="first-k values to recompute ('full': everything)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--quick", action="store_true")
     p.add_argument(
-        "--trained-n", type=int, default=60, help="videos per task for the embedded-model accuracy (0: skip)"
+        "--images", default=None, help="images per prompt, comma-separated (default 1,2,4,8,16; --quick: 1,2)"
+    )
+    p.add_argument(
+        "--ks",
+        default=None,
+        help="first-k values to recompute ('full': everything; default 0,4,16,full; --quick: 0,full)",
+    )
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens compared (default 32; --quick: 4)")
+    p.add_argument(
+        "--reps", type=int, default=None, help="timed runs per cell, their median kept (default 3; --quick: 1)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes for CI, for the flags not given (and the tiny model)"
+    )
+    p.add_argument(
+        "--trained-n",
+        type=int,
+        default=None,
+        help="videos per task for the embedded-model accuracy (0: skip; default 60; --quick: 2)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="out/reuse")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:  # an explicit flag wins over --quick
+            setattr(args, key, value)
+    for flag, value in (("--new-tokens", args.new_tokens), ("--reps", args.reps)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if args.trained_n < 0:
+        p.error(f"--trained-n must be at least 0 (0: skip), got {args.trained_n}")
+
+    def count(x: str) -> bool:  # digits only: int() also takes "+1", "1_0" and other scripts' digits
+        return x.isascii() and x.isdigit()
+
+    images = [x.strip() for x in args.images.split(",") if x.strip()]
+    if not images or not all(count(x) and int(x) >= 1 for x in images):
+        p.error(f"--images takes comma-separated image counts of at least 1, got {args.images!r}")
+    args.images = [int(x) for x in images]
+    args.ks = [x.strip() for x in args.ks.split(",") if x.strip()]
+    if not args.ks or not all(k == "full" or count(k) for k in args.ks):
+        p.error(f"--ks takes comma-separated token counts of at least 0 or 'full', got {','.join(args.ks)!r}")
+    args.ks = [k if k == "full" else str(int(k)) for k in args.ks]  # "04" is the row "4"
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device takes a torch device (cpu, cuda, cuda:1), got {args.device!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device} needs a GPU")
     size = SIZES["quick" if args.quick else ("cpu" if device.type == "cpu" else "gpu")]
-    if args.quick:
-        args.images, args.ks, args.new_tokens, args.reps = "1,2", "0,full", 4, 1
     model = build(size, device)
-    counts = [int(x) for x in args.images.split(",")]
-    ks = [x for x in args.ks.split(",")]
+    counts, ks = args.images, args.ks
     g = size["grid"] * 4
     images = torch.randn(max(counts), 3, g, g, generator=torch.Generator().manual_seed(1)).to(model.dtype)
     store = ImageKVStore(max_bytes=8 << 30)
@@ -150,7 +198,7 @@ def main(argv=None) -> int:
         cells = " ".join(f"{1000 * row['reuse'][k]['ttft_s']:>8.1f}ms {row['reuse'][k]['speedup']:>5.2f}x" for k in ks)
         agree = " ".join(f"{row['reuse'][k]['agreement']:.2f}" for k in ks)
         print(f"{n:>6} {row['tokens']:>7} {1000 * cold_t:>8.1f}ms {cells}   {agree}")
-    trained = trained_accuracy(args.trained_n if not args.quick else 2, ks, device) if args.trained_n else None
+    trained = trained_accuracy(args.trained_n, ks, device) if args.trained_n else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": where, "model": {**size, "dtype": str(model.dtype)}}
