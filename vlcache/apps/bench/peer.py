@@ -38,7 +38,7 @@ import vlcache
 
 from ...hf.compat import CACHE_KWARG
 from ...policies import H2O, Policy, PyramidKV, SnapKV, StreamingLLM
-from . import first_paragraph
+from . import fill_flags, first_paragraph
 from . import positions as P
 from .greedy import greedy
 
@@ -277,9 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="out/peer")
     args = p.parse_args(argv)  # fmt: skip
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:  # an explicit flag wins over --quick (0 too: it is refused, not replaced)
-            setattr(args, key, value)
+    fill_flags(args, QUICK, DEFAULTS)  # an explicit flag wins over --quick
     if args.qk_scale is None:
         args.qk_scale = 3.0 if args.model == "random" else 1.0
     counts = [

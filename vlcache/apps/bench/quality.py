@@ -26,7 +26,7 @@ from ...policies import POLICIES, make_policy, parse_settings
 from ..evaluation.embedded_model import batch_inputs, load_embedded
 from ..evaluation.quality import accuracy, fidelity, merged_share
 from ..evaluation.tasks import EVAL_TASKS, chance, make_example
-from . import first_paragraph
+from . import comma_items, fill_flags, first_paragraph
 from .figure import figure_row, series_style
 
 BUDGETS = (0.01, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -77,37 +77,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="out/quality")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:  # an explicit flag wins over --quick
-            setattr(args, key, value)
-
-    def items(flag: str, text: str) -> list[str]:
-        out = [x.strip() for x in text.split(",") if x.strip()]
-        if not out:
-            p.error(f"{flag} is empty: give at least one, comma-separated")
-        return out
+    fill_flags(args, QUICK, DEFAULTS)  # an explicit flag wins over --quick
 
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
-    args.tasks = items("--tasks", args.tasks)
+    args.tasks = comma_items(p, "--tasks", args.tasks)
     for task in args.tasks:
         if task not in EVAL_TASKS:
             p.error(f"--tasks: no task {task!r}; choose from {', '.join(EVAL_TASKS)}")
-    budgets = items("--budgets", args.budgets)
+    budgets = comma_items(p, "--budgets", args.budgets)
     try:
         args.budgets = [float(x) for x in budgets]
     except ValueError:
         args.budgets = []
     if len(args.budgets) != len(budgets) or not all(0 < b <= 1 for b in args.budgets):  # also NaN
         p.error(f"--budgets takes comma-separated shares of the vision tokens in (0, 1], got {','.join(budgets)!r}")
-    frames = items("--frames", args.frames)
+    frames = comma_items(p, "--frames", args.frames)
     if not all(x.isdigit() and int(x) >= 1 for x in frames):
         p.error(f"--frames takes comma-separated frame counts of at least 1, got {','.join(frames)!r}")
     args.frames = [int(x) for x in frames]
     if not any(not skipped(t, f) for t in args.tasks for f in args.frames):
         p.error(f"nothing to run: --tasks {','.join(args.tasks)} answer with one digit (10 frames at most), "
                 f"--frames {','.join(frames)}")  # fmt: skip
-    args.policies = items("--policies", args.policies)
+    args.policies = comma_items(p, "--policies", args.policies)
     for spec in args.policies:  # a bad name, setting or budget is said before the model loads
         try:
             for b in args.budgets:

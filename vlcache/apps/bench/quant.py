@@ -29,7 +29,7 @@ import torch
 
 from ...policies import make_policy, parse_settings
 from ..evaluation.tasks import EVAL_TASKS
-from . import first_paragraph
+from . import comma_items, fill_flags, first_paragraph
 
 SPEED_ROWS = (
     "full",
@@ -361,18 +361,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI, for the flags not given")
     p.add_argument("--out", default="out/quant")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:  # an explicit flag wins over --quick
-            setattr(args, key, value)
-
-    def items(flag: str, text: str) -> list[str]:
-        out = [x.strip() for x in text.split(",") if x.strip()]
-        if not out:
-            p.error(f"{flag} is empty: give at least one, comma-separated")
-        return out
+    fill_flags(args, QUICK, DEFAULTS)  # an explicit flag wins over --quick
 
     def rows(flag: str, text: str, **amount) -> list[str]:
-        specs = items(flag, text)
+        specs = comma_items(p, flag, text)
         for spec in specs:  # a bad name or setting is said before anything is built
             try:
                 policy(spec, **amount)
@@ -380,7 +372,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 p.error(f"{flag} {spec!r}: {e}")
         return specs
 
-    args.parts = items("--parts", args.parts)
+    args.parts = comma_items(p, "--parts", args.parts)
     for part in args.parts:
         if part not in PARTS:
             p.error(f"--parts: no part {part!r}; choose from {', '.join(PARTS)}")
@@ -405,7 +397,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.speed_rows = rows("--speed-rows", args.speed_rows, vision_budget=args.vision_budget)
     if "full" not in args.speed_rows:
         args.speed_rows.insert(0, "full")
-    args.tasks = items("--tasks", args.tasks)
+    args.tasks = comma_items(p, "--tasks", args.tasks)
     for task in args.tasks:
         if task not in EVAL_TASKS:
             p.error(f"--tasks: no task {task!r}; choose from {', '.join(EVAL_TASKS)}")

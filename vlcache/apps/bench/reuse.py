@@ -32,7 +32,7 @@ import vlcache
 
 from ... import testing
 from ...reuse import ImageKVStore
-from . import first_paragraph
+from . import fill_flags, first_paragraph
 from .figure import figure_row
 
 SIZES = {
@@ -115,9 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="out/reuse")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:  # an explicit flag wins over --quick
-            setattr(args, key, value)
+    fill_flags(args, QUICK, DEFAULTS)  # an explicit flag wins over --quick
     for flag, value in (("--new-tokens", args.new_tokens), ("--reps", args.reps)):
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
