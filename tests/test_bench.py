@@ -155,6 +155,7 @@ def test_quality_quick_fills_only_the_flags_not_given():
 SPEED_MISTAKES = [
     (["--sizes", "abc", "--quick"], "--sizes takes comma-separated token counts, got 'abc'"),  # was int()'s
     (["--sizes", "0", "--quick"], "--sizes takes positive token counts, got '0'"),
+    (["--sizes", "", "--quick"], "--sizes takes positive token counts, got ''"),  # was the preset's sizes
     (["--quick", "--policies", "nosuch"], "--policies 'nosuch': unknown policy 'nosuch'; choose one of full,"),
     (["--quick", "--budget", "5"], "--budget: budget=5.0 is out of range"),
     (["--quick", "--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
@@ -194,6 +195,45 @@ def test_speed_quick_keeps_an_explicit_preset(monkeypatch):
         with pytest.raises(Built):
             speed.main([*argv, "--sizes", "300"])
         assert built.pop() == (speed.PRESETS[preset], 300)
+
+
+KERNELS_MISTAKES = [
+    (["--sizes", ""], "--sizes takes positive token counts, got ''"),  # was the default sizes
+    (["--sizes", "4k"], "--sizes takes comma-separated token counts, got '4k'"),  # was int()'s traceback
+    (["--reps", "0"], "--reps must be at least 1, got 0"),  # was a statistics.median of nothing
+]
+
+
+@pytest.mark.parametrize("argv, message", KERNELS_MISTAKES, ids=[" ".join(a) for a, _ in KERNELS_MISTAKES])
+def test_kernels_refuses_bad_flags_before_timing(argv, message, capsys, monkeypatch):
+    from vlcache.apps.bench import kernels
+
+    def bandwidth(*a):
+        raise AssertionError("timing started before the flags were checked")
+
+    monkeypatch.setattr(kernels, "copy_bandwidth", bandwidth)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "kernels", "--device", "cpu", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"vlcache bench kernels: error: {message}"), err
+
+
+def test_quant_json_names_the_presets_device(tmp_path, monkeypatch):
+    """The speed part runs on its preset's device when --device is not given: quant.json said CPU for a cuda preset.
+    The GPU's name is asked of torch, so a machine without one can check which label is chosen."""
+    from vlcache.apps.bench import quant
+
+    asked = []
+    monkeypatch.setattr(quant.torch.cuda, "get_device_name", lambda d=None: asked.append(d) or "Some GPU")
+    monkeypatch.setattr(quant, "run_speed", lambda args: [])
+    monkeypatch.setattr(quant, "plot", lambda *a: None)
+    quant.main(["--parts", "speed", "--preset", "qwen2vl-7b", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "quant.json").read_text())["device"] == "Some GPU" and asked == ["cuda"]
+    quant.main(["--parts", "speed", "--preset", "qwen2vl-7b", "--device", "cpu", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "quant.json").read_text())["device"].startswith("CPU")
+    quant.main(["--parts", "speed", "--preset", "cpu", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "quant.json").read_text())["device"].startswith("CPU") and asked == ["cuda"]
 
 
 def test_bench_usage():

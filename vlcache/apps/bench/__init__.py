@@ -18,3 +18,14 @@ def comma_items(p, flag: str, text: str) -> list[str]:
     if not out:
         p.error(f"{flag} is empty: give at least one, comma-separated")
     return out
+
+
+def token_counts(p, flag: str, text: str) -> list[int]:
+    """Comma-separated positive token counts, or the parser's one-line error for `flag` (an empty list is one too)."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag} takes comma-separated token counts, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        p.error(f"{flag} takes positive token counts, got {text!r}")
+    return sizes

@@ -30,9 +30,9 @@ from torch._dynamo.utils import counters
 
 from ...policies import POLICIES, make_policy, parse_settings
 from .. import timed_run
-from . import first_paragraph
+from . import first_paragraph, token_counts
 from .figure import figure_row, series_style
-from .speed import PRESETS, _sizes, build_model, machine, prompt
+from .speed import PRESETS, build_model, machine, prompt
 
 SIZES = {"cpu": "1024", "quick": "300", "qwen2vl-7b": "8192,32768,131072"}
 SKIP = 3  # decode steps before the steady state (see steady_ms)
@@ -80,11 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batch must be at least 1, got {args.batch}")
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be at least 2 (decode steps follow the first token), got {args.new_tokens}")
-    args.sizes = _sizes(p, "--sizes", SIZES[args.preset] if args.sizes is None else args.sizes)
+    args.sizes = token_counts(p, "--sizes", SIZES[args.preset] if args.sizes is None else args.sizes)
     for flag in ("--eager-sizes", "--peer-sizes"):
         key = flag[2:].replace("-", "_")
         text = getattr(args, key)
-        chosen = set(args.sizes) if text is None else set() if text.strip() == "none" else set(_sizes(p, flag, text))
+        chosen = (
+            set(args.sizes) if text is None else set() if text.strip() == "none" else set(token_counts(p, flag, text))
+        )
         if not chosen <= set(args.sizes):
             p.error(f"--eager-sizes and --peer-sizes must be among --sizes: {flag} {text}, --sizes "
                     f"{','.join(map(str, args.sizes))}")  # fmt: skip

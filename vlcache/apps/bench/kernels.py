@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ...kernels import reference as ref
-from . import first_paragraph
+from . import first_paragraph, token_counts
 from .figure import figure_row
 
 
@@ -180,7 +180,9 @@ def main(argv=None) -> int:
     device = args.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     default = "4096,8192,16384,32768,65536,131072" if device == "cuda" else "512,1024,2048,4096"
-    sizes = [int(x) for x in (args.sizes or default).split(",")]
+    sizes = token_counts(p, "--sizes", default if args.sizes is None else args.sizes)
+    if args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
     ops = set(args.ops.split(",")) if args.ops else set(OPS)
     if not ops <= set(OPS):
         p.error(f"--ops: unknown {sorted(ops - set(OPS))}; known: {', '.join(OPS)}")

@@ -29,7 +29,7 @@ import torch
 
 from ...policies import make_policy, parse_settings
 from ..evaluation.tasks import EVAL_TASKS
-from . import comma_items, fill_flags, first_paragraph
+from . import comma_items, fill_flags, first_paragraph, token_counts
 
 SPEED_ROWS = (
     "full",
@@ -322,7 +322,7 @@ DEFAULTS = dict(
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line, with --parts, --sizes, --speed-rows, --quality-rows, --fidelity-rows and --tasks as lists,
     every value checked before a model is built (a mistake is one line naming the flag, exit status 2)."""
-    from .speed import PRESETS, _sizes
+    from .speed import PRESETS
 
     p = argparse.ArgumentParser(prog="vlcache bench quant", description=first_paragraph(__doc__))
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
@@ -384,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ):
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
-    args.sizes = _sizes(p, "--sizes", args.sizes)
+    args.sizes = token_counts(p, "--sizes", args.sizes)
     if args.device is not None:
         try:
             torch.device(args.device)
@@ -412,9 +412,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     parts = args.parts
     started = time.time()
-    result = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    }
+    from .speed import PRESETS
+
+    # the speed part runs on the preset's device unless --device says otherwise: the label names where it ran
+    device = PRESETS[args.preset]["device"] if args.device is None else args.device
+    on_gpu = "speed" in parts and device.startswith("cuda")
+    result = {"device": torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"}
     if "speed" in parts:
         result["speed"] = run_speed(args)
     if "peer" in parts:

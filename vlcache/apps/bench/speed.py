@@ -29,7 +29,7 @@ import transformers as T
 from ... import testing
 from ...policies import POLICIES, make_policy, parse_settings
 from .. import timed_run
-from . import first_paragraph
+from . import first_paragraph, token_counts
 from .figure import figure_row, series_style
 from .memprobe import PeakTensorMemory
 
@@ -182,7 +182,9 @@ def main(argv=None) -> int:
         args.policies = "snapkv,h2o" if args.quick else ",".join(every)
     preset = PRESETS[args.preset]
     device = preset["device"]
-    sizes = _sizes(p, "--sizes", args.sizes or preset["sizes"])
+    sizes = token_counts(
+        p, "--sizes", preset["sizes"] if args.sizes is None else args.sizes
+    )  # "" is an error, not the preset
     for flag, value in (("--repeat", args.repeat), ("--new-tokens", args.new_tokens)):
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
@@ -263,16 +265,6 @@ def main(argv=None) -> int:
         plot(rows, out / "speed.png", where)
     print(f"wrote {out / 'speed.json'} and {out / 'speed.png'}")
     return 0
-
-
-def _sizes(p, flag: str, text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"{flag} takes comma-separated token counts, got {text!r}")
-    if not sizes or min(sizes) < 1:
-        p.error(f"{flag} takes positive token counts, got {text!r}")
-    return sizes
 
 
 def print_block(rows, n):
