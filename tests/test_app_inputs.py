@@ -1,5 +1,5 @@
-"""What the apps make of their inputs before any model runs: sample videos that are whole or absent, and the demo's
-port refused in one line at argument parsing."""
+"""What the apps make of their inputs before any model runs: sample videos that are whole or absent (and written
+again where an older version cut one short), and the demo's port refused in one line at argument parsing."""
 
 import threading
 
@@ -7,7 +7,7 @@ import pytest
 
 from vlcache.apps import samples
 from vlcache.apps.cli import main
-from vlcache.apps.video import read_frames
+from vlcache.apps.video import frame_count, read_frames
 
 HALF_AN_MP4 = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41\x00\x00\x00\x08free"
 
@@ -60,6 +60,23 @@ def test_two_first_runs_at_once_both_get_whole_samples(tmp_path, monkeypatch):
         thread.join(30)
     assert got["first"] == second and len(read_frames(second, frames=8)) == 8
     assert [p.name for p in tmp_path.iterdir()] == ["sample0.mp4"]
+
+
+def test_a_sample_truncated_by_an_older_version_is_written_again(tmp_path, monkeypatch):
+    """Versions before the rename could leave a cut-short sampleN.mp4, which failed with "cannot decode video" ever
+    after: a sample without its frames is written again, and a whole one is left alone (not rewritten per call)."""
+    (path,) = samples.ensure_samples(tmp_path, count=1)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # what a run killed mid-write left behind
+    assert frame_count(path) == 0
+    (again,) = samples.ensure_samples(tmp_path, count=1)
+    assert again == path and frame_count(again) == 8 and len(read_frames(again, frames=8)) == 8
+
+    def rewrite(*a, **kw):
+        raise AssertionError("a whole sample was written again")
+
+    monkeypatch.setattr(samples, "write_video", rewrite)
+    assert samples.ensure_samples(tmp_path, count=1) == [path]
 
 
 def test_samples_go_to_the_folder_set_when_called(tmp_path, monkeypatch):

@@ -150,6 +150,19 @@ def _read_av(path: Path, frames, target_fps, cap) -> list[Image.Image]:
     return out
 
 
+def frame_count(path: str | Path) -> int:
+    """How many frames a video holds, from its container's index where it has one (0 when it cannot be read: a
+    truncated MP4 has lost the index written at its end)."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return stream.frames or sum(1 for p in container.demux(stream) if p.size)
+    except Exception:  # PyAV raises its own error types (av.error.*), IndexError where there is no video stream
+        return 0
+
+
 def write_video(path: str | Path, frames: list[Image.Image], fps: int = 4, exact_rgb: bool = False) -> Path:
     """Write frames as an H.264 video at crf 0: yuv420p, which every browser plays (colours move by a few levels
     in the RGB-YUV round trip, more at sharp colour edges), or with `exact_rgb` libx264rgb, which gives the pixels
