@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vlcache.apps.bench import decode, peer, quant, reuse
+from vlcache.apps.bench import decode, peer, quant, reuse, speed
 from vlcache.apps.cli import main
 
 
@@ -28,7 +28,7 @@ def no_models(monkeypatch):
         (quant, "run_quality"),
         (reuse, "build"),
         (reuse, "trained_accuracy"),
-        (decode, "build_model"),
+        (decode, "bench_model"),
         (peer, "build_model"),
     ):
         monkeypatch.setattr(module, name, _never)
@@ -120,7 +120,7 @@ def test_decode_quick_keeps_an_explicit_preset(monkeypatch):
         built.append((preset, max_tokens))
         raise Built
 
-    monkeypatch.setattr(decode, "build_model", build)
+    monkeypatch.setattr(speed, "build_model", build)  # what decode's bench_model builds with
     for argv, preset, size in (
         (["--quick"], "quick", 300),
         (["--quick", "--preset", "cpu"], "cpu", 1024),

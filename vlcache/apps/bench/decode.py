@@ -32,7 +32,7 @@ from ...policies import POLICIES, make_policy, parse_settings
 from .. import timed_run
 from . import first_paragraph, token_counts
 from .figure import figure_row, series_style
-from .speed import PRESETS, build_model, machine, prompt
+from .speed import PRESETS, bench_model, prompt
 
 SIZES = {"cpu": "1024", "quick": "300", "qwen2vl-7b": "8192,32768,131072"}
 SKIP = 3  # decode steps before the steady state (see steady_ms)
@@ -115,14 +115,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     device = preset["device"]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"preset {args.preset} needs a GPU")
     sizes, eager_sizes, peer_sizes = args.sizes, args.eager_sizes, args.peer_sizes
-    torch.manual_seed(0)
-    model = build_model(preset, max(sizes))
-    params = sum(q.numel() for q in model.parameters())
-    weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-    where, model_words, bandwidth = machine(device, preset, params)
+    model, params, weight_bytes, where, model_words, bandwidth = bench_model(args.preset, preset, max(sizes))
     print(f"{where}; model: {model_words}; budget {args.budget}; batch {args.batch}; {args.new_tokens} new tokens")
     names = args.policies
     warmed = set()

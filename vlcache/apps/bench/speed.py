@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers as T
@@ -42,20 +43,38 @@ PRESETS = {
 GRID = 32  # patches per image side: 32 * 32 / 4 = 256 tokens per image
 
 
-def machine(device: str, preset: dict, params: int) -> tuple[str, str, float | None]:
-    """(the device, in words; the model, in words; the measured copy bandwidth in bytes/s on CUDA, else None): the
-    head of this benchmark's runs and of the decode one's."""
+class Bench(NamedTuple):
+    """The model a speed or decode run times, with what its tables are headed by and divided by."""
+
+    model: torch.nn.Module
+    params: int
+    weight_bytes: int  # what one decode step reads besides the cache: the bandwidth bound's first term
+    where: str  # the device, in words
+    model_words: str
+    bandwidth: float | None  # measured copy bandwidth in bytes/s on CUDA, else None
+
+
+def bench_model(name: str, preset: dict, max_tokens: int) -> Bench:
+    """Seed, build preset `name`'s model for prompts up to `max_tokens`, and measure the machine: the head of this
+    benchmark's runs and of the decode one's. Refuses a CUDA preset where there is no GPU."""
+    device = preset["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"preset {name} needs a GPU")
+    torch.manual_seed(0)
+    model = build_model(preset, max_tokens)
+    params = sum(q.numel() for q in model.parameters())
+    weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
     bandwidth = None
     if device == "cuda":
         from .kernels import copy_bandwidth
 
         bandwidth = copy_bandwidth("cuda")
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    model = (
+    words = (
         f"Qwen2-VL text {preset['num_hidden_layers']}x{preset['hidden_size']} "
         f"({params / 1e6:.1f}M parameters, {preset['dtype']})"
     )
-    return where, model, bandwidth
+    return Bench(model, params, weight_bytes, where, words, bandwidth)
 
 
 def build_model(preset: dict, max_tokens: int):
@@ -208,13 +227,7 @@ def main(argv=None) -> int:
             make(name)
         except (ValueError, TypeError, KeyError) as e:
             p.error(f"--policies {name!r}: {e}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"preset {args.preset} needs a GPU")
-    torch.manual_seed(0)
-    model = build_model(preset, max(sizes))
-    params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    where, model_words, bandwidth = machine(device, preset, params)
+    model, params, weight_bytes, where, model_words, bandwidth = bench_model(args.preset, preset, max(sizes))
     print(f"{where}; model: {model_words}; {amount_label}; {args.new_tokens} new tokens; {args.scene} frames")
     rows = []
 
