@@ -40,6 +40,11 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else "met" if ok else "MISSED"
 
 
+def _graph_steps(r) -> str:
+    s = r.get("graph_steps")
+    return f" ({s['replayed']} of {s['steps']} steady steps replayed, {s['slow']} recorded or eager)" if s else ""
+
+
 def targets(outs: list[Path]) -> list[str]:
     lines = []
     one = rows_of(outs, "decode")
@@ -71,8 +76,10 @@ def targets(outs: list[Path]) -> list[str]:
         lines.append(f"compiled against eager at {small[0]['n']} tokens: " + ", ".join(faster))
     graphs = [r for r in every if r["mode"] == "compiled" and "cuda_graphs" in r]
     if graphs:
-        skipped = [f"{r['policy']}@{r['n']}" for r in graphs if not r["cuda_graphs"]]
-        lines.append(f"CUDA graphs: {'every compiled row' if not skipped else 'skipped in ' + ', '.join(skipped)}")
+        missed = [f"{r['policy']}@{r['n']}{_graph_steps(r)}" for r in graphs if r["cuda_graphs"] is False]
+        unknown = [f"{r['policy']}@{r['n']}" for r in graphs if r["cuda_graphs"] is None]
+        lines.append("CUDA graphs: " + ("every steady step of every compiled row replayed one" if not missed else
+                     "not replayed in " + ", ".join(missed)) + ("; not known for " + ", ".join(unknown) if unknown else ""))  # fmt: skip
     same = [r for r in every if r["mode"] == "compiled" and r.get("same_tokens") is not None]
     if same:
         lines.append(f"compiled tokens equal to eager: {sum(r['same_tokens'] for r in same)} of {len(same)} rows "

@@ -328,6 +328,7 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
     row = dict(n=131072, mode="compiled", bound_ms=5.5, cuda_graphs=True)
     rows = [dict(row, policy=p, decode_ms=ms, bandwidth_fraction=5.5 / ms) for p, ms in
             (("full", 10.0), ("snapkv", 7.0), ("h2o:evict_every=16", 8.0), ("cake:evict_every=16", 9.0))]  # fmt: skip
+    rows[-1].update(cuda_graphs=False, graph_steps=dict(replayed=30, slow=2, steps=32))
     (tmp_path / "decode" / "decode.json").write_text(json.dumps({"rows": rows}))
     eight = [dict(n=32768, policy="full", mode="compiled", error="OutOfMemoryError: CUDA out of memory"),
              dict(n=32768, policy="snapkv", mode="compiled", decode_ms=9.0, peak_bytes=2**35)]  # fmt: skip
@@ -347,7 +348,10 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
     assert lines[0].startswith("met: SnapKV compiled at 131072 tokens reaches 0.79 of the bound")
     assert lines[1].startswith("met: SnapKV's compiled step 0.70x")
     assert lines[2].startswith("met: h2o:evict_every=16 compiled 1.14x") and lines[3].startswith("MISSED: cake")
-    assert "CUDA graphs: every compiled row" in lines
+    assert (
+        "CUDA graphs: not replayed in cake:evict_every=16@131072 (30 of 32 steady steps replayed, 2 recorded or eager)"
+        in lines
+    )
     assert lines[-1].startswith("met: batch 8: the full cache failed (OutOfMemoryError")
     # both fit: the verdict compares what each run needs, not the absolute peak, which counts an earlier row's cache
     # still held while SnapKV ran
@@ -381,3 +385,31 @@ def test_the_kernel_benchmarks_sdpa_rows_compute_decode_attention():
         torch.testing.assert_close(
             impl.decode_attention(q, k, v, valid, 0.25, None, False)[0], want, atol=1e-5, rtol=1e-5
         )
+
+
+def test_graph_calls_counts_replays_per_steady_step(monkeypatch):
+    """bench decode's "graphs" column: a steady step counts as replayed only through CUDA graph trees' replay entry
+    point, and one that records or runs eagerly is counted against it (inductor's own skip counter grows once per
+    compiled function, so a row reusing an earlier row's graph could never show a skip). The entry points are faked
+    here (no GPU); the model's forwards are real."""
+    from torch._inductor import cudagraph_trees
+
+    from vlcache.apps.bench.graph_calls import GraphCalls, all_replayed
+
+    manager = cudagraph_trees.CUDAGraphTreeManager
+    for entry in ("execute_node", "record_function", "run_eager"):
+        monkeypatch.setattr(manager, entry, lambda self, *a, _e=entry, **k: _e)
+    model = torch.nn.Linear(2, 2)
+    plan = ["record_function", "run_eager", "record_function", "execute_node", "execute_node", "execute_node"]
+    with GraphCalls(model) as calls:
+        model(torch.zeros(1, 2))  # the prompt: no graph
+        for entry in plan:  # decode steps 1..6: the first three record, then replays
+            model(torch.zeros(1, 2))
+            assert getattr(manager, entry)(None) == entry  # the real entry point still runs
+    assert calls.steady(3, 6) == dict(replayed=3, slow=0, steps=3) and all_replayed(calls.steady(3, 6))
+    assert calls.steady(2, 6) == dict(replayed=3, slow=1, steps=4) and all_replayed(calls.steady(2, 6)) is False
+    assert manager.execute_node(None) == "execute_node" and len(calls.calls) == len(plan)  # removed
+    with GraphCalls(model) as none:  # steps that went through no entry point: graphs skipped
+        for _ in range(5):
+            model(torch.zeros(1, 2))
+    assert none.steady(1, 4) == dict(replayed=0, slow=0, steps=3) and all_replayed(none.steady(1, 4)) is False

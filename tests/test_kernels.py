@@ -246,13 +246,14 @@ def test_decode_attention_and_its_mass_match_the_reference(shape, dtype, causal)
 
 def test_decode_attention_splits_the_keys_over_programs():
     """Enough programs for the machine: a long cache at batch 1 is split into many ranges of whole tiles, none
-    empty; a short one is not split past its tiles."""
+    empty and none under MIN_TILES tiles (the combine walks the splits in turn); a short one is not split."""
     from vlcache.kernels import triton_decode_mass as tdm
 
     cpu = torch.device("cpu")
     n, per = tdm.splits(4, 1000, cpu)  # the interpreter asks for 16 programs: 4 heads x 4 splits
     assert (n, per) == (4, 256) and (n - 1) * per < 1000 <= n * per
-    assert tdm.splits(4, 65, cpu) == (2, 64) and tdm.splits(64, 100_000, cpu) == (1, 100_032)
+    assert tdm.splits(4, 65, cpu) == (1, 128) and tdm.splits(64, 100_000, cpu) == (1, 100_032)
+    assert tdm.splits(4, 9 * 64, cpu) == (2, 5 * 64)  # 9 tiles: 2 splits (of 5 and 4), not 4 of 2 or 3 of 3
 
 
 def test_decode_mass_is_h2os_score_of_the_rows():

@@ -208,7 +208,9 @@ def freeze(cache: CompressedCache, room: int, heads: int, rows: int = 0, mass: b
             torch._dynamo.maybe_mark_dynamic(t, 2)
         if first.is_cuda:  # CUDA graphs replay fixed addresses: the buffers must never move
             for t in layer.buffers():
-                torch._dynamo.mark_static_address(t)
+                # unguarded (the default from torch 2.10, said here for any other): a guard on each buffer's
+                # identity would compile again at every generate, whose freeze makes new buffers
+                torch._dynamo.mark_static_address(t, guard=False)
 
 
 def thaw(cache: CompressedCache) -> None:

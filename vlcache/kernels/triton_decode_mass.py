@@ -25,6 +25,10 @@ import triton.language as tl
 from .triton_stats import INTERPRET
 
 BLOCK_T = 64  # keys per tile
+# the combine launch walks the splits one after another (one program per KV head): at batch 1 and 128K slots, 4
+# programs per SM would make about 100 splits of 2 tiles each, and that walk would cost more than the split pass
+# saves; 4 tiles a split halves it and still gives every SM a program
+MIN_TILES = 4
 
 
 # sizes that change with the cache are not specialised on (Triton compiles a variant for 1 and for multiples of 16):
@@ -171,9 +175,10 @@ def _programs(device: torch.device) -> int:
 
 
 def splits(bh: int, T: int, device: torch.device) -> tuple[int, int]:
-    """(splits, keys per split): whole tiles per split, enough splits for the GPU, none empty."""
+    """(splits, keys per split): whole tiles per split, at least MIN_TILES of them, enough splits for the GPU, none
+    empty."""
     tiles = triton.cdiv(T, BLOCK_T)
-    n = max(1, min(tiles, triton.cdiv(_programs(device), bh)))
+    n = max(1, min(tiles // MIN_TILES, triton.cdiv(_programs(device), bh)))
     per = triton.cdiv(tiles, n) * BLOCK_T
     return triton.cdiv(T, per), per
 

@@ -14,7 +14,7 @@ first size it runs (`--warmup`): one compile serves every length. The peer row i
 static cache (`cache_implementation="static"`), which transformers compiles by itself on CUDA (CUDA graphs) and leaves
 eager on a CPU. On a GPU each row also gives the bandwidth bound, (weight bytes + kept KV bytes) / measured copy
 bandwidth, the fraction of it the step reaches, the peak memory the run needs (the weights plus its own peak above
-what was allocated before it), and whether CUDA graphs ran (inductor skipped none).
+what was allocated before it), and how many steady steps replayed a CUDA graph (graph_calls.py).
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import argparse
 import gc
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch._dynamo.utils import counters
 
 from ...policies import POLICIES, make_policy, parse_settings
 from .. import timed_run
 from . import first_paragraph, token_counts
 from .figure import figure_row, series_style
+from .graph_calls import GraphCalls, all_replayed
 from .speed import PRESETS, bench_model, prompt
 
 SIZES = {"cpu": "1024", "quick": "300", "qwen2vl-7b": "8192,32768,131072"}
@@ -129,7 +130,6 @@ def main(argv=None) -> int:
             timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)  # warm-up (and compile)
             policy = make(name, args.budget) if name is not None else None
         warmed.add(key)
-        skips = counters["inductor"]["cudagraph_skips"]
         base = None
         if device == "cuda":
             torch.cuda.synchronize()
@@ -141,14 +141,15 @@ def main(argv=None) -> int:
         gc.collect()
         gc.disable()
         try:
-            r = timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)
+            with GraphCalls(model) if device == "cuda" and compiled else nullcontext() as calls:
+                r = timed_run.run(model, None, inputs, policy, args.new_tokens, **kw)
         finally:
             gc.enable()
         r.peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
         # what this run needs on a GPU holding only the model: its own peak above the base, plus the weights (an
         # earlier row's cache still alive while this one runs must not count against it)
         r.run_peak_bytes = r.peak_bytes - base + weight_bytes if base is not None else None
-        r.graph_skips = counters["inductor"]["cudagraph_skips"] - skips
+        r.graphs = calls.steady(SKIP, len(r.step_s)) if calls is not None else None
         r.session = None  # the session holds the run's cache (the full cache's is 15 GB at batch 8, 32K): free it
         return r
 
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            print(f"{name} ({'compiled' if compiled else 'eager'}) failed: {why}")
+            print(f"{name or 'plain Hugging Face'} ({'compiled' if compiled else 'eager'}) failed: {why}")
             return why
 
     rows = []
@@ -182,8 +183,7 @@ def main(argv=None) -> int:
         if any(r["n"] == real_n for r in rows):  # prompts come in whole images: two sizes can give one prompt
             print(f"\n{n} tokens: the same {real_n}-token prompt as a size before it, not run again")
             continue
-        plain = steady_ms(timed(inputs, None, False))
-        print(f"{real_n} tokens: plain Hugging Face {plain:.2f} ms/token")
+        print(f"{real_n} tokens")
         full = {}
         for name in names:
             eager = attempt(inputs, name, False) if n in eager_sizes else None
@@ -200,13 +200,13 @@ def main(argv=None) -> int:
                 if name == "full":  # the first row
                     full[mode] = ms
                 vs_full = ms / full[mode] if mode in full else None
-                row.update(decode_ms_median=r.decode_ms_median, vs_plain=ms / plain, vs_full=vs_full)
-                row.update(plain_ms=plain, kv_bytes=r.prefill_stats.kv_bytes if r.prefill_stats else None)
+                row.update(decode_ms_median=r.decode_ms_median, vs_full=vs_full)
+                row.update(kv_bytes=r.prefill_stats.kv_bytes if r.prefill_stats else None)
                 row["same_tokens"] = r.tokens == eager.tokens if eager is not None else None
                 if mode == "compiled":
                     row["speedup"] = steady_ms(eager) / ms if eager is not None else None
-                    if device == "cuda":
-                        row["cuda_graphs"] = r.graph_skips == 0  # inductor skipped none (TORCH_LOGS=perf_hints: why)
+                    if device == "cuda":  # every steady step replayed a graph (TORCH_LOGS=perf_hints: why not)
+                        row["cuda_graphs"], row["graph_steps"] = all_replayed(r.graphs), r.graphs
                 if r.peak_bytes is not None:
                     row["peak_bytes"], row["run_peak_bytes"] = r.peak_bytes, r.run_peak_bytes
                 if bandwidth and row["kv_bytes"]:
@@ -214,14 +214,18 @@ def main(argv=None) -> int:
                     row["bandwidth_fraction"] = row["bound_ms"] / ms
                 rows.append(row)
                 save()
-                print(f"  {name} {mode}: {ms:.2f} ms/token, {row['vs_plain']:.2f}x plain"
+                print(f"  {name} {mode}: {ms:.2f} ms/token"
                       + (f", {row['bandwidth_fraction']:.2f} of the bound" if "bandwidth_fraction" in row else ""))  # fmt: skip
             del eager, r  # neither result's cache may sit in memory while the next policy runs
-        # the peer last: where its own compile runs past a time limit, the rows above are already kept
+        # plain Hugging Face, then the peer, after the policies: where a time limit stops the run (a GPU session's
+        # minutes), the rows the targets need are already kept
+        plain = attempt(inputs, None, False)
+        plain = steady_ms(plain) if isinstance(plain, timed_run.RunResult) else None
+        print(f"  plain Hugging Face: {plain:.2f} ms/token" if plain else "  plain Hugging Face: failed")
         peer = hf_static(timed, inputs) if n in peer_sizes else None
         for row in rows:
             if row["n"] == real_n and "error" not in row:
-                row["hf_static_ms"] = peer
+                row.update(plain_ms=plain, vs_plain=row["decode_ms"] / plain if plain else None, hf_static_ms=peer)
                 if peer:
                     row["vs_hf_static"] = row["decode_ms"] / peer
         save()
@@ -253,10 +257,11 @@ def print_block(rows, n, plain, peer=None):
     with_peer = (
         f"; with its static cache{' (compiled)' if torch.cuda.is_available() else ''} {peer:.2f}" if peer else ""
     )
-    print(f"\nprompt {n} tokens; plain Hugging Face {plain:.2f} ms/token{with_peer}")
+    plain = f"{plain:.2f} ms/token" if plain else "failed"
+    print(f"\nprompt {n} tokens; plain Hugging Face {plain}{with_peer}")
     failed = [r for r in rows if r["n"] == n and "error" in r]
     here = [r for r in rows if r["n"] == n and "error" not in r]
-    w = max(13, *(len(r["policy"]) for r in here))
+    w = max([13, *(len(r["policy"]) for r in here)])  # every row may have failed
     print(
         f"{'policy':<{w}} {'eager ms/t':>11} {'x plain':>8} {'x full':>7} {'compiled':>9} {'x plain':>8} "
         f"{'x full':>7} {'speedup':>8} {'same':>5} {'bound ms':>9} {'bw frac':>8} {'peak GiB':>9} {'graphs':>7}"
@@ -276,10 +281,12 @@ def print_block(rows, n, plain, peer=None):
         speedup = f"{c['speedup']:>7.2f}x" if c.get("speedup") else f"{'-':>8}"
         held = c.get("run_peak_bytes") or c.get("peak_bytes")
         peak = f"{held / 2**30:>9.1f}" if held else f"{'-':>9}"
-        graphs = f"{str(c['cuda_graphs'])[0]:>7}" if "cuda_graphs" in c else f"{'-':>7}"
+        steps = c.get("graph_steps")  # steady steps that replayed a CUDA graph, of all steady steps
+        graphs = f"{steps['replayed']}/{steps['steps']}" if steps else "-"
+        graphs = f"{graphs:>7}"
         print(
             f"{name:<{w}} {cell(e, 'decode_ms', 11, '.2f')} {cell(e, 'vs_plain', 8, '.2f')} {cell(e, 'vs_full', 7, '.2f')} "
-            f"{c['decode_ms']:>9.2f} {c['vs_plain']:>8.2f} {cell(c, 'vs_full', 7, '.2f')} {speedup} {same:>5} "
+            f"{c['decode_ms']:>9.2f} {cell(c, 'vs_plain', 8, '.2f')} {cell(c, 'vs_full', 7, '.2f')} {speedup} {same:>5} "
             f"{cell(c, 'bound_ms', 9, '.2f')} {cell(c, 'bandwidth_fraction', 8, '.2f')} {peak} {graphs}"
         )
     for r in failed:

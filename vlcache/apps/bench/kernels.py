@@ -205,6 +205,20 @@ def main(argv=None) -> int:
         f"device: {name}; measured copy bandwidth {peak_bw / 1e9:.0f} GB/s; H={args.heads} Hk={args.kv_heads} d={args.dim} {args.dtype}"
     )
     rows = []
+    out = Path(args.out)
+    meta = dict(
+        device=name,
+        copy_bandwidth_gbps=peak_bw / 1e9,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        dim=args.dim,
+        dtype=args.dtype,
+    )
+
+    def save():  # after every row: a run stopped at its time limit keeps what it measured
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels.json").write_text(json.dumps({"setup": meta, "rows": rows}, indent=2) + "\n")
+
     header = f"{'op':<13} {'n':>7} {'impl':<11} {'ms':>9} {'GB/s':>8} {'of peak':>8} {'TFLOP/s':>8} {'peak MiB':>9} {'speedup':>8}"
     print(header)
     print("-" * len(header))
@@ -223,21 +237,12 @@ def main(argv=None) -> int:
                 row = dict(op=op, n=n, impl=impl_name, ms=1000 * t, gbps=nbytes / t / 1e9, frac=nbytes / t / peak_bw,
                            tflops=flops / t / 1e12 if flops else 0.0, peak_mib=mem / 2**20 if mem >= 0 else None, speedup=base / t)  # fmt: skip
                 rows.append(row)
+                save()
                 print(
                     f"{op:<13} {n:>7} {impl_name:<11} {row['ms']:>9.3f} {row['gbps']:>8.1f} {100 * row['frac']:>7.1f}% "
                     f"{row['tflops']:>8.2f} {row['peak_mib'] if row['peak_mib'] is not None else float('nan'):>9.1f} {row['speedup']:>7.2f}x"
                 )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(
-        device=name,
-        copy_bandwidth_gbps=peak_bw / 1e9,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        dim=args.dim,
-        dtype=args.dtype,
-    )
-    (out / "kernels.json").write_text(json.dumps({"setup": meta, "rows": rows}, indent=2) + "\n")
+    save()  # also when no row ran
     plot(rows, out / "kernels.png", name)
     print(f"wrote {out / 'kernels.json'} and {out / 'kernels.png'}")
     return 0
