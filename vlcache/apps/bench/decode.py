@@ -282,8 +282,8 @@ def print_block(rows, n, plain, peer=None):
         held = c.get("run_peak_bytes") or c.get("peak_bytes")
         peak = f"{held / 2**30:>9.1f}" if held else f"{'-':>9}"
         steps = c.get("graph_steps")  # steady steps that replayed a CUDA graph, of all steady steps
-        graphs = f"{steps['replayed']}/{steps['steps']}" if steps else "-"
-        graphs = f"{graphs:>7}"
+        replays = f"{steps['replayed']}/{steps['steps']}" if steps else "-"
+        graphs = f"{replays:>7}"
         print(
             f"{name:<{w}} {cell(e, 'decode_ms', 11, '.2f')} {cell(e, 'vs_plain', 8, '.2f')} {cell(e, 'vs_full', 7, '.2f')} "
             f"{c['decode_ms']:>9.2f} {cell(c, 'vs_plain', 8, '.2f')} {cell(c, 'vs_full', 7, '.2f')} {speedup} {same:>5} "
