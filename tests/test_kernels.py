@@ -17,7 +17,7 @@ from vlcache.kernels.triton_stats import attention_stats  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}  # both sides accumulate exact bf16 products in fp32
 # (keys n, head dim d, GQA group g): every n, every d and every g appear at least once, and every d and g also in the
-# fast set (`-m "not slow"`); the two shapes the CPU interpreter takes longest on (35-85 s each) run in the full suite
+# fast set (`-m "not slow"`); the two shapes the CPU interpreter takes longest on (3-8 s each on 2 cores) run in the full suite
 SHAPES = [(1, 64, 1), (63, 80, 4), (257, 128, 7), (63, 128, 1)] + [
     pytest.param(shape, marks=pytest.mark.slow, id=f"n{shape[0]}-d{shape[1]}-g{shape[2]}")
     for shape in ((1000, 64, 4), (257, 80, 7))
@@ -66,7 +66,10 @@ def test_attention_stats_split_keys(splits):
     q_pos = torch.arange(n - R - 100, n - 100).expand(2, R).contiguous().to(DEVICE)
     k_valid = torch.ones(2, n, dtype=torch.bool, device=DEVICE)
     k_valid[1, :30] = False
-    got = attention_stats(q, k, d**-0.5, q_pos, k_valid, with_sq=True, density_fraction=0.01, splits=splits)
+    tiles = dict(BLOCK_R=64, BLOCK_T=64)  # key tiles of 64, so that each of the 5 splits is a real range of keys
+    got = attention_stats(
+        q, k, d**-0.5, q_pos, k_valid, with_sq=True, density_fraction=0.01, splits=splits, config=tiles
+    )
     want = ref.attention_stats(q, k, d**-0.5, q_pos, k_valid, with_sq=True, density_fraction=0.01)
     torch.testing.assert_close(got.colsum, want.colsum, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.colsq, want.colsq, atol=1e-5, rtol=1e-5)

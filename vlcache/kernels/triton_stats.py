@@ -163,11 +163,12 @@ def _column_pass(
 
 
 def _config(D: int) -> dict:
-    """Tile sizes. Under the interpreter small tiles keep the tests quick; on a GPU, d = 128 tiles of 64 x 64."""
+    """Tile sizes. On a GPU, d = 128 tiles of 64 x 64. The CPU interpreter pays per operation, not per element, so
+    there wide key tiles are quick (4 of 1000 keys: 3.7x faster than tiles of 64), and rows in 32s still leave the
+    tests' 40- and 63-row windows a ragged second row block."""
     block_d = max(16, triton.next_power_of_2(D))
     if INTERPRET:
-        block = 64 if block_d <= 64 else 32
-        return dict(BLOCK_R=block, BLOCK_T=block, BLOCK_D=block_d)
+        return dict(BLOCK_R=32, BLOCK_T=256, BLOCK_D=block_d)
     return dict(BLOCK_R=64, BLOCK_T=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
 
 
