@@ -34,10 +34,23 @@ def test_the_prompt_stays_whole_for_g_tokens_then_keeps_its_budget_and_what_was_
 
 
 def test_lookahead_zero_is_no_lookahead():
+    """lookahead=0 (the default) cuts at the prompt: the budget at once, never the prompt held whole for later
+    rows (comparing it with the default alone would compare a policy with itself)."""
     layout = layout_from_ids(IDS, MASK)
-    a = run_policy(VLCache(budget=0.2), layout, layers=3, seed=2)
-    b = run_policy(VLCache(budget=0.2, lookahead=0), layout, layers=3, seed=2)
-    assert all(real_positions(a, li) == real_positions(b, li) for li in range(3))
+    n = layout.valid.sum(-1).tolist()
+    for policy in (VLCache(budget=0.2, lookahead=0), SnapKV(budget=0.2, window=4, lookahead=0)):  # two paths
+        sizes = []
+        kept = real_counts(run_policy(policy, layout, layers=3, seed=2), 1)
+        assert all(k < m / 2 for k, m in zip(kept, n)), (policy.name, kept, n)  # cut: about a fifth, the text
+        run_policy(
+            policy,
+            layout,
+            layers=3,
+            seed=2,
+            decode=2,
+            on_step=lambda c, s, sizes=sizes: sizes.append(real_counts(c, 1)),
+        )
+        assert sizes == [[k + 1 for k in kept], [k + 2 for k in kept]], policy.name  # the cut, plus what came
 
 
 def test_share_zero_keeps_what_the_prompt_rows_chose():
