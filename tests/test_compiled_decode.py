@@ -53,6 +53,10 @@ def test_compiled_decode_is_token_identical_to_eager(tiny_model, name):
     assert cs.decode.steps == NEW - 1  # every step after the prompt went through the frozen cache
     assert torch.equal(compiled, eager)
     assert cs.stats.summary() == es.stats.summary()  # the same entries kept, per modality, at the end
+    for i in es.last_cache.compressible():  # and the same slots: which ones a decode-time evictor dropped (CAKE
+        # reads the step's attention mass from the frozen step, the eager run from its own pass)
+        got, want = (r.last_cache.layers[i].slot_positions() for r in (cs, es))
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values), f"layer {i}: the kept slots differ"
     if base == "full":  # keep-all compiled is plain uncompressed generate
         assert torch.equal(compiled, model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, **GREEDY))
 
