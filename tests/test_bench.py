@@ -265,6 +265,10 @@ def test_decode_quick(tmp_path):
     assert {(r["policy"], r["mode"]) for r in rows if r["n"] == second} == {
         (p, "compiled") for p in ("full", "snapkv", "h2o")
     }
+    # the compiled rows ran compiled (every step after the first token through the compiled step), so that
+    # same_tokens compares two different paths
+    assert all(r["compiled_steps"] == 2 for r in rows if r["mode"] == "compiled")
+    assert all("compiled_steps" not in r for r in rows if r["mode"] == "eager")
     assert all(r["same_tokens"] for r in rows if r["n"] == first)  # compiled decoding gives the eager tokens
     assert all(r["same_tokens"] is None and r["speedup"] is None for r in rows if r["n"] == second)
     assert all(r["vs_full"] == 1.0 for r in rows if r["policy"] == "full")

@@ -150,6 +150,9 @@ def main(argv=None) -> int:
         # earlier row's cache still alive while this one runs must not count against it)
         r.run_peak_bytes = r.peak_bytes - base + weight_bytes if base is not None else None
         r.graphs = calls.steady(SKIP, len(r.step_s)) if calls is not None else None
+        # how many decode steps ran through the compiled step (a compiled row that silently ran eagerly has none)
+        decode = getattr(r.session, "decode", None)
+        r.compiled_steps = decode.steps if compiled and decode is not None and decode.capture else None
         r.session = None  # the session holds the run's cache (the full cache's is 15 GB at batch 8, 32K): free it
         return r
 
@@ -204,6 +207,7 @@ def main(argv=None) -> int:
                 row.update(kv_bytes=r.prefill_stats.kv_bytes if r.prefill_stats else None)
                 row["same_tokens"] = r.tokens == eager.tokens if eager is not None else None
                 if mode == "compiled":
+                    row["compiled_steps"] = r.compiled_steps
                     row["speedup"] = steady_ms(eager) / ms if eager is not None else None
                     if device == "cuda":  # every steady step replayed a graph (TORCH_LOGS=perf_hints: why not)
                         row["cuda_graphs"], row["graph_steps"] = all_replayed(r.graphs), r.graphs
