@@ -66,6 +66,40 @@ def test_the_drafts_change_what_is_kept(tiny_model):
     assert any(not torch.equal(a[li], b[li]) for li in a)
 
 
+def test_the_cut_weighs_every_drafts_row(tiny_model, monkeypatch):
+    """Three drafts: each one attends over the cut that the rows so far give (its own included), and the final cut
+    weighs all three rows summed; a draft that replaced the rows before it would leave only the last one's."""
+    from vlcache.policies.base import Policy
+
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    seen, cut = {}, {}
+    real_keep, real_cut = Policy.provisional_keep, Policy.lookahead_cut
+
+    def provisional_keep(self, view, gen=None, steps=0):
+        seen.setdefault(view.layer, []).append((steps, gen.clone()))
+        return real_keep(self, view, gen, steps)
+
+    def lookahead_cut(self, view, gen, steps):
+        cut[view.layer] = (steps, gen.clone())
+        return real_cut(self, view, gen, steps)
+
+    monkeypatch.setattr(Policy, "provisional_keep", provisional_keep)
+    monkeypatch.setattr(Policy, "lookahead_cut", lookahead_cut)
+    _generate(model, inputs, VLCache(vision_budget=0.2, lookahead=3, lookahead_draft=True))
+    assert cut and cut.keys() == seen.keys()
+    for li, drafts in seen.items():
+        assert [steps for steps, _ in drafts] == [1, 2, 3], f"layer {li}"
+        T0 = cut[li][1].shape[-1]
+        rows = [gen[..., :T0] for _, gen in drafts]
+        for before, after in zip(rows, rows[1:]):  # each draft adds its row's attention over the prompt
+            added = after - before
+            assert (added >= -1e-6).all() and (added.sum(-1) > 0.05).all(), f"layer {li}"
+            assert (added.sum(-1) <= 1 + 1e-5).all()  # one row's attention: at most all of it on the prompt
+        steps, final = cut[li]
+        assert steps == 3 and torch.allclose(final, rows[-1]), f"layer {li}: the cut is not all three rows"
+
+
 @pytest.mark.parametrize(
     "settings, match",
     [
