@@ -161,6 +161,45 @@ def test_a_decode_schedule_under_another_methods_scores_holds_the_prefill_size(s
     assert seen == prefill
 
 
+def test_the_h2o_schedule_under_other_scores_starts_from_the_prompts_attention():
+    """H2O's schedule under VL-Cache's scores adds each step's attention to the prompt rows' sums: a vision token
+    that every prompt row looks at stays through six steps that never look at it, while other prompt tokens leave
+    (from decode attention alone it would be the first to go)."""
+    layout = layout_from_ids(IDS, MASK)
+    (B, n), heads, kv_heads, d = layout.modality.shape, 4, 2, 8
+    vision = (layout.modality == 1) & layout.valid
+    hot = int(vision.all(0).nonzero()[0])  # the first position that is a vision token in both rows
+    c = torch.zeros(d)
+    c[0] = 4.0  # q . k = 16 / sqrt(8): about 300 times any other key's weight
+    g = torch.Generator().manual_seed(0)
+
+    def noise(*shape):
+        return 0.1 * torch.randn(*shape, generator=g)
+
+    qkv = []
+    for _ in range(LAYERS):
+        k = noise(B, kv_heads, n, d)
+        k[:, :, hot] += c
+        qkv.append((noise(B, heads, n, d) + c, k, noise(B, kv_heads, n, d)))
+
+    def decode_qkv(step, li):  # the new rows look away from it
+        return noise(B, heads, 1, d) - c, noise(B, kv_heads, 1, d), noise(B, kv_heads, 1, d)
+
+    prefill = {}
+    policy = Composed(budget=0.3, protect=(), scorer="vlcache", allocator="preference", schedule="h2o")
+    on_prefill = lambda c: prefill.update({li: real_positions(c, li) for li in range(LAYERS)})  # noqa: E731
+    cache = run_policy(policy, layout, layers=LAYERS, heads=heads, kv_heads=kv_heads, d=d, qkv=qkv, decode=6,
+                       decode_qkv=decode_qkv, on_prefill=on_prefill)  # fmt: skip
+    for li in range(LAYERS):
+        after = real_positions(cache, li)
+        for b in range(B):
+            for h in range(kv_heads):
+                assert hot in prefill[li][b][h], f"layer {li}: VL-Cache's cut left out the hot token"
+                assert hot in after[b][h], f"layer {li}, row {b}, KV head {h}: the hot token left while decoding"
+                left = set(prefill[li][b][h]) - set(after[b][h])
+                assert left and all(p < n for p in left)  # the schedule did evict prompt tokens
+
+
 def test_the_elastic_schedule_keeps_its_fraction_of_the_tokens_seen():
     layout = layout_from_ids(IDS, MASK)
     cache = run_policy(
