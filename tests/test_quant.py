@@ -187,6 +187,10 @@ def test_every_policy_runs_with_quantization(tiny_model, family, name):
     assert [round(s.total) for s in quantized.layers] == [round(s.total) for s in plain.layers]
     assert all(isinstance(runs[1].last_cache.layers[s.layer], QuantizedLayer) for s in quantized.layers)
     assert quantized.kv_bytes < 0.75 * plain.kv_bytes
+    # the prompt is chosen (and merged) at full precision, then quantized: the same positions kept after prefill
+    # (a quantized layer may add dead slots, at position -1, to fill its groups)
+    a, b = ({li: [sorted(set(h) - {-1}) for h in p[0].tolist()] for li, p in r.prefill_positions.items()} for r in runs)
+    assert a == b
 
 
 def test_quantized_left_padded_batch_equals_each_prompt_alone(tiny_model):
