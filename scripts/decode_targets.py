@@ -74,6 +74,11 @@ def targets(outs: list[Path]) -> list[str]:
     faster = [f"{r['policy']} {r['speedup']:.2f}x" for r in small if r["mode"] == "compiled" and r.get("speedup")]
     if faster:
         lines.append(f"compiled against eager at {small[0]['n']} tokens: " + ", ".join(faster))
+    ran = [r for r in every if r["mode"] == "compiled" and "compiled_steps" in r]
+    if ran:  # a compiled row whose steps did not go through the compiled step measured eager decoding
+        eager = [f"{r['policy']}@{r['n']}" for r in ran if not r["compiled_steps"]]
+        lines.append("compiled step: " + ("every compiled row's decode steps ran through it" if not eager else
+                     "NOT run by " + ", ".join(eager)))  # fmt: skip
     graphs = [r for r in every if r["mode"] == "compiled" and "cuda_graphs" in r]
     if graphs:
         missed = [f"{r['policy']}@{r['n']}{_graph_steps(r)}" for r in graphs if r["cuda_graphs"] is False]

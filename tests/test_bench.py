@@ -329,10 +329,11 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
     assert all(line.startswith("not measured") for line in mod.targets([tmp_path]))
     (tmp_path / "decode").mkdir()
     (tmp_path / "decode_batch8").mkdir()
-    row = dict(n=131072, mode="compiled", bound_ms=5.5, cuda_graphs=True)
+    row = dict(n=131072, mode="compiled", bound_ms=5.5, cuda_graphs=True, compiled_steps=35)
     rows = [dict(row, policy=p, decode_ms=ms, bandwidth_fraction=5.5 / ms) for p, ms in
             (("full", 10.0), ("snapkv", 7.0), ("h2o:evict_every=16", 8.0), ("cake:evict_every=16", 9.0))]  # fmt: skip
     rows[-1].update(cuda_graphs=False, graph_steps=dict(replayed=30, slow=2, steps=32))
+    rows[2].update(compiled_steps=0)  # a "compiled" row that decoded eagerly
     (tmp_path / "decode" / "decode.json").write_text(json.dumps({"rows": rows}))
     eight = [dict(n=32768, policy="full", mode="compiled", error="OutOfMemoryError: CUDA out of memory"),
              dict(n=32768, policy="snapkv", mode="compiled", decode_ms=9.0, peak_bytes=2**35)]  # fmt: skip
@@ -356,6 +357,7 @@ def test_decode_targets_reads_the_gpu_runs(tmp_path):
         "CUDA graphs: not replayed in cake:evict_every=16@131072 (30 of 32 steady steps replayed, 2 recorded or eager)"
         in lines
     )
+    assert "compiled step: NOT run by h2o:evict_every=16@131072" in lines
     assert lines[-1].startswith("met: batch 8: the full cache failed (OutOfMemoryError")
     # both fit: the verdict compares what each run needs, not the absolute peak, which counts an earlier row's cache
     # still held while SnapKV ran
