@@ -236,6 +236,12 @@ def test_random_is_seeded_and_shared_option():
     s0 = kept_indices(Random(budget=0.3, seed=2, shared=True), view_for(layout, layer=0))
     s1 = kept_indices(Random(budget=0.3, seed=2, shared=True), view_for(layout, layer=1))
     assert torch.equal(s0, s1) and torch.equal(s0[0, 0], s0[0, 1])
+    # and what the seed and shared=False are for: another seed, another layer, another KV head choose otherwise
+    other = kept_indices(Random(budget=0.3, seed=2), view_for(layout))
+    assert not torch.equal(a, other)
+    u0 = kept_indices(Random(budget=0.3, seed=2), view_for(layout, layer=0))
+    u1 = kept_indices(Random(budget=0.3, seed=2), view_for(layout, layer=1))
+    assert not torch.equal(u0, u1) and not torch.equal(u0[0, 0], u0[0, 1])
 
 
 # ----------------------------------------------------------------------------- selection and budgets

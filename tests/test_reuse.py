@@ -230,6 +230,9 @@ def test_recompute_choices_in_generate(tiny_model, family):
         with vlcache.reuse(model, store, recompute=mode, **kw) as r:
             outs[mode] = model.generate(**inputs, max_new_tokens=12, do_sample=False)
         assert outs[mode].shape == plain.shape
+        if mode == "first_k":  # every text token and the first 4 of each reused image, nothing else
+            last = r.last
+            assert last["reused"] == 2 and last["recomputed"] == last["tokens"] - last["reused_tokens"] + 4 * 2
     assert torch.equal(outs["full"], plain)  # the exact baseline
     reused = r.last["reused_tokens"]  # both images, their markers included
     assert reused >= int((inputs["input_ids"] == testing.models.IMG).sum())
