@@ -8,7 +8,7 @@ from util import FAMILIES, VIDEO_FAMILIES, prompt_for
 import vlcache
 from vlcache import testing
 from vlcache.hf.compat import cache_kwargs
-from vlcache.hf.model_parts import decoder
+from vlcache.hf.model_parts import attention_modules, decoder
 from vlcache.modality import Modality, build_layout, layout_from_inputs
 from vlcache.policies import H2O, Full, Random, SnapKV, StreamingLLM, VLCache, make_policy
 from vlcache.policies.temporal import compact, frame_sequences, temporal_keep
@@ -200,8 +200,14 @@ def test_temporal_keep_compares_with_the_frame_that_last_kept_each_place():
     embeds = torch.stack([torch.zeros(3), a, b, a, c, a, c, torch.zeros(3)])[None]
     keep, _ = temporal_keep(embeds, layout, 0.9)
     assert keep[0].tolist() == [True, True, True, False, True, False, False, True]
-    keep, mean = temporal_keep(embeds + 0.0, layout, 0.9, mode="mean")
-    torch.testing.assert_close(mean[0, 1], a)  # a group of identical tokens averages to itself
+    # "mean": place 0's later tokens differ a little (cosine 0.98 and 0.995 to the first: still merged), and the
+    # reference becomes the group's average; place 1's kept c and the c it absorbs average to c
+    near = torch.stack([torch.zeros(3), a, b, a + 0.2 * b, c, a + 0.1 * c, c, torch.zeros(3)])[None]
+    merged, mean = temporal_keep(near, layout, 0.9, mode="mean")
+    assert torch.equal(merged, keep)
+    torch.testing.assert_close(mean[0, 1], a + (0.2 * b + 0.1 * c) / 3)
+    torch.testing.assert_close(mean[0, 4], c)
+    assert torch.equal(mean[0, [0, 2, 7]], near[0, [0, 2, 7]])  # tokens that absorbed nothing are left as they were
     assert frame_sequences(layout, 0)[0][1].tolist() == [3, 4]
 
 
@@ -302,7 +308,18 @@ def test_temporal_merge_with_prune_at_and_stats(tiny_model):
     model = tiny_model("qwen2_vl")
     ex = _static_video(model, "qwen2_vl")
     policy = make_policy("vlcache", vision_budget=0.5, prune_at=0, temporal_merge=0.9)
-    _, session = _generate(model, ex.inputs, policy, max_new_tokens=4)
+    rows = []  # the prompt rows each attention layer computes at the prefill (its first call)
+    hooks = [
+        m.register_forward_pre_hook(lambda _, args, kw: rows.append(kw["hidden_states"].shape[1]), with_kwargs=True)
+        for m in attention_modules(model)[:2]
+    ]
+    try:
+        _, session = _generate(model, ex.inputs, policy, max_new_tokens=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    # merging shortens what enters the model; the cut after layer 0 shortens what layer 1 computes again
+    assert rows[0] < ex.inputs["input_ids"].shape[1] and rows[1] < rows[0], rows[:2]
     stats = session.prefill_stats
     assert stats.merged["video"] > 0 and "merged before the model" in stats.summary()
     assert stats.to_dict()["merged"] == stats.merged
