@@ -128,19 +128,35 @@ def test_store_evicts_the_least_recently_used_over_its_byte_limit():
 
 
 def test_store_is_thread_safe():
-    store = ImageKVStore(max_bytes=50 * _chunk("a", 4).nbytes)
+    """Eight threads putting and getting at once, switching every microsecond (at Python's default 5 ms each thread
+    would mostly run alone): no error in any thread, and the byte count agrees with what is held. Without the
+    store's lock this raised "OrderedDict mutated during iteration" or a KeyError in most runs."""
+    import sys
+
+    store = ImageKVStore(max_bytes=10 * _chunk("a", 4).nbytes)  # smaller than the 16 keys: evictions race too
+    errors = []
 
     def work(i):
-        for j in range(50):
-            store.put(_chunk("0123456789abcdef"[(i + j) % 16], 4))
-            store.get("0123456789abcdef"[j % 16] * 64)
+        try:
+            for j in range(400):
+                store.put(_chunk("0123456789abcdef"[(i + j) % 16], 4))
+                store.get("0123456789abcdef"[j % 16] * 64)
+                assert store.nbytes >= 0  # sums the held chunks while others change them
+        except Exception as e:  # a thread's exception would otherwise only be printed
+            errors.append(repr(e))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(store) == 16 and store.nbytes == 16 * _chunk("a", 4).nbytes
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:3]
+    assert len(store) == 10 and store.nbytes == 10 * _chunk("a", 4).nbytes
 
 
 def test_disk_tier_survives_a_restart_and_rejects_corruption(tmp_path):
@@ -196,12 +212,23 @@ def test_a_full_disk_falls_back_to_memory(tiny_model, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no half-written temporary left
 
 
+def _race_chunk(i):
+    key = chunk_key(torch.tensor([float(i)]), "race")
+    return Chunk(key, [torch.full((2, 3, 4), float(i))], [torch.ones(2, 3, 4)], torch.ones(3, 8))
+
+
 def _put_many(disk_dir, count):
+    import warnings
+
+    # the store only warns when a write fails (a full disk must not stop generation): here that fails the process
+    warnings.simplefilter("error", RuntimeWarning)
     store = ImageKVStore(max_bytes=0, disk_dir=disk_dir)
     for i in range(count):
-        key = chunk_key(torch.tensor([float(i)]), "race")
-        store.put(Chunk(key, [torch.ones(2, 3, 4)], [torch.ones(2, 3, 4)], torch.ones(3, 8)))
-        store._path(key).unlink(missing_ok=True)  # so that the next round writes it again, racing the other
+        chunk = _race_chunk(i)
+        store.put(chunk)
+        store._path(chunk.key).unlink(missing_ok=True)  # so that the next round writes it again, racing the other
+    for i in range(20):  # a last round left on disk, for the parent to read back
+        store.put(_race_chunk(i))
 
 
 @pytest.mark.slow
@@ -215,8 +242,12 @@ def test_two_processes_share_one_disk_dir(tmp_path):
         p.start()
     for p in procs:
         p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert [p.exitcode for p in procs] == [0, 0]  # no write failed in either
     assert not list(tmp_path.glob("*.tmp"))
+    fresh = ImageKVStore(disk_dir=tmp_path)  # every chunk both wrote reads back whole in a third store
+    for i in range(20):
+        got = fresh.get(_race_chunk(i).key)
+        assert got is not None and torch.equal(got.keys[0], torch.full((2, 3, 4), float(i))), i
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
