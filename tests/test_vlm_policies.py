@@ -140,7 +140,11 @@ def test_vlcache_paper_rounding_option():
     exact = VLCache(budget=0.25).layer_budgets(density, 15, N)
     paper = VLCache(budget=0.25, exact=False).layer_budgets(density, 15, N)
     assert sum(exact) == 30 and paper == [27, 3]
-    assert run_policy(VLCache(budget=0.25, exact=False, protect=()), layout, layers=2, qkv=_dense_and_sparse_layers())
+    # in a run, each layer holds what the paper's rounding gives it for the densities the run measured
+    cache = run_policy(VLCache(budget=0.25, exact=False, protect=()), layout, layers=2, qkv=_dense_and_sparse_layers())
+    measured = [cache.shared["vlcache_density"].by_layer[i][0] for i in range(2)]
+    want = VLCache(budget=0.25, exact=False).layer_budgets(measured, 15, N)
+    assert [cache.layers[i].physical_length for i in range(2)] == want
 
 
 # ----------------------------------------------------------------------------- LOOK-M
