@@ -17,7 +17,8 @@ from vlcache.kernels.triton_stats import attention_stats  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}  # both sides accumulate exact bf16 products in fp32
 # (keys n, head dim d, GQA group g): every n, every d and every g appear at least once, and every d and g also in the
-# fast set (`-m "not slow"`); the two shapes the CPU interpreter takes longest on (3-8 s each on 2 cores) run in the full suite
+# fast set (`-m "not slow"`); the two shapes the CPU interpreter takes longest on (3-8 s each on 2 cores) run in the
+# full suite
 SHAPES = [(1, 64, 1), (63, 80, 4), (257, 128, 7), (63, 128, 1)] + [
     pytest.param(shape, marks=pytest.mark.slow, id=f"n{shape[0]}-d{shape[1]}-g{shape[2]}")
     for shape in ((1000, 64, 4), (257, 80, 7))

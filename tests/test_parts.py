@@ -187,7 +187,7 @@ def test_the_h2o_schedule_under_other_scores_starts_from_the_prompts_attention()
 
     prefill = {}
     policy = Composed(budget=0.3, protect=(), scorer="vlcache", allocator="preference", schedule="h2o")
-    on_prefill = lambda c: prefill.update({li: real_positions(c, li) for li in range(LAYERS)})  # noqa: E731
+    on_prefill = lambda cache: prefill.update({li: real_positions(cache, li) for li in range(LAYERS)})  # noqa: E731
     cache = run_policy(policy, layout, layers=LAYERS, heads=heads, kv_heads=kv_heads, d=d, qkv=qkv, decode=6,
                        decode_qkv=decode_qkv, on_prefill=on_prefill)  # fmt: skip
     for li in range(LAYERS):
