@@ -19,10 +19,22 @@ GREEDY = dict(do_sample=False)
 
 
 def _generate(model, inputs, policy=None, **kw):
+    return _run(model, inputs, policy, **kw)[0]
+
+
+def _run(model, inputs, policy=None, **kw):
+    """(generated ids, the session: None without a policy)."""
     if policy is None:
-        return model.generate(**inputs, **GREEDY, **kw)
-    with vlcache.compress(model, policy):
-        return model.generate(**inputs, **GREEDY, **kw)
+        return model.generate(**inputs, **GREEDY, **kw), None
+    with vlcache.compress(model, policy) as session:
+        return model.generate(**inputs, **GREEDY, **kw), session
+
+
+def _assert_compressed(session, compressed=True):
+    """The prefill really cut the cache (a compressing policy), or held every entry (Full): the tests comparing a
+    compressed run with a plain one would otherwise pass with no compression at all."""
+    ratio = session.prefill_stats.kv_ratio
+    assert (ratio < 1.0) if compressed else (ratio == 1.0), ratio
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,17 +80,20 @@ def test_half_vision_budget_gives_exact_cache_length(tiny_model, family):
 
 
 def _positions_seen(model, inputs, policy, steps):
-    return _positions_during(
-        model, lambda: _generate(model, inputs, policy, max_new_tokens=steps, min_new_tokens=steps)
-    )[0]
+    """(rotary positions of every forward, the session)."""
+    log, (_, session) = _positions_during(
+        model, lambda: _run(model, inputs, policy, max_new_tokens=steps, min_new_tokens=steps)
+    )
+    return log, session
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_positions_match_uncompressed_run(tiny_model, family):
     model = tiny_model(family)
     inputs = testing.make_inputs(model, prompt_for(family)).inputs
-    plain = _positions_seen(model, inputs, None, 6)
-    squeezed = _positions_seen(model, inputs, SnapKV(budget=0.3, window=4), 6)
+    plain, _ = _positions_seen(model, inputs, None, 6)
+    squeezed, session = _positions_seen(model, inputs, SnapKV(budget=0.3, window=4), 6)
+    _assert_compressed(session)
     assert len(plain) == len(squeezed) >= 6  # Gemma 3 calls its rotary embedding twice a step
     for a, b in zip(plain, squeezed):
         assert torch.equal(a, b)
@@ -160,9 +175,11 @@ BATCH_POLICIES = [
 def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
     model = tiny_model(family)
     rows = [["ab", testing.IMAGE, "what is it?"], ["xyzw vv", testing.IMAGE, "tell me more about it"]]
-    batch = _generate(model, testing.make_inputs(model, rows).inputs, policy, max_new_tokens=10)
+    batch, session = _run(model, testing.make_inputs(model, rows).inputs, policy, max_new_tokens=10)
+    _assert_compressed(session, policy.name != "full")
     for b, row in enumerate(rows):
-        alone = _generate(model, testing.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=10)
+        alone, session = _run(model, testing.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=10)
+        _assert_compressed(session, policy.name != "full")
         assert batch[b, -10:].tolist() == alone[0, -10:].tolist()
 
 
@@ -199,7 +216,8 @@ def test_h2o_cache_stays_at_budget_every_step(tiny_model):
             handle.remove()
     n = inputs["input_ids"].shape[1]
     budget = int(0.4 * n)
-    assert all(s == [budget] * len(s) for s in sizes)
+    assert len(sizes) == 12 and sizes[0], "one reading per forward, of at least one compressible layer"
+    assert all(s == [budget] * len(sizes[0]) for s in sizes)
 
 
 @pytest.mark.parametrize("policy", [H2O, StreamingLLM, CAKE], ids=lambda p: p.name)
@@ -276,9 +294,12 @@ def _two_turns(model, ex, policy):
         # the images are already in the cache: the next turn sends token ids only, as a chat client would
         mm = torch.cat([ex.inputs["mm_token_type_ids"], torch.zeros(1, grown, dtype=torch.int)], 1)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": mm}
-        return _positions_during(
+        positions, out = _positions_during(
             model, lambda: model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=5, min_new_tokens=5, **GREEDY)
         )
+        if session:
+            _assert_compressed(session, policy.name != "full")
+        return positions, out
 
 
 def test_second_turn_keeps_positions_and_keep_all_matches_plain(tiny_model):
@@ -317,11 +338,16 @@ def test_stats_report_modalities(tiny_model):
     stats = vlcache.last_stats(model)
     counts = layout_from_inputs(model.config, inputs).counts()
     assert stats.prompt == counts
+    assert len(stats.layers) == model.config.get_text_config().num_hidden_layers  # every layer, each full attention
     for layer in stats.layers:
         assert layer.kept["text"] == counts["text"]
         assert layer.kept["image"] == counts["image"] // 4
         assert layer.kept["generated"] == 2
-    assert "saved" in stats.summary() and "layer" in stats.table()
+    summary, table = stats.summary(), stats.table().splitlines()
+    assert f"text {counts['text']}/{counts['text']}" in summary
+    assert f"image {counts['image'] // 4}/{counts['image']}" in summary
+    assert f"({100 * (1 - stats.kv_ratio):.1f}% saved)" in summary and stats.kv_ratio < 1
+    assert len(table) == 1 + len(stats.layers) and table[1].split()[0] == "0"
 
 
 def test_model_is_restored_after_the_block(tiny_model):
@@ -484,6 +510,7 @@ def test_per_row_stats_and_kept_positions_are_worked_out_when_read(tiny_model, m
         finally:
             handle.remove()
     assert calls == []
+    assert seen["positions"] and session.prefill_stats.layers, "the hook saw the prefilled cache's layers"
     cache = session.last_cache
     for i, kept in seen["positions"].items():  # the sliding window has moved on: the prefill's entries are gone
         assert not torch.equal(cache.layers[i].slot_positions()[..., : kept.shape[-1]], kept)
