@@ -12,9 +12,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_compare_main_job_runs(capsys):
     assert main(["compare", "--frames", "2", "--max-new-tokens", "3", "--policies", "snapkv,h2o"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split()[0] for line in out.splitlines()[3:]]
-    assert rows == ["full", "snapkv(budget=0.1)", "h2o(budget=0.1)"]
-    assert "0.0%" in out.splitlines()[3]  # the full cache saves nothing
+    rows = [line.split() for line in out.splitlines()[3:]]
+    assert [r[0] for r in rows] == ["full", "snapkv(budget=0.1)", "h2o(budget=0.1)"]
+    # policy, kept/layer, text, vision, prompt KV, saved, ...
+    kept, kv, saved = ([float(r[i].rstrip("%").replace(",", "")) for r in rows] for i in (1, 4, 5))
+    assert saved[0] == 0.0  # the full cache saves nothing
+    for i in (1, 2):  # each policy keeps a tenth of 46 tokens, or its protected text (10), and its saved column is
+        # what its bytes say
+        assert kept[i] < 0.5 * kept[0] and kv[i] < 0.5 * kv[0]
+        assert saved[i] == round(100 * (1 - kv[i] / kv[0]), 1)
 
 
 def test_user_mistakes_are_one_line(capsys):
