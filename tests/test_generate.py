@@ -54,8 +54,15 @@ def test_keep_all_is_token_identical_under_eager(tiny_model, family):
     plain = _generate(model, inputs, max_new_tokens=10)
     assert torch.equal(_generate(model, inputs, Full(), max_new_tokens=10), plain)
     with vlcache.compress(model, SnapKV(vision_budget=0.5)) as s:
-        model.generate(**inputs, max_new_tokens=4, **GREEDY)
+        out = model.generate(**inputs, max_new_tokens=4, output_attentions=True, return_dict_in_generate=True, **GREEDY)
     assert s.prefill_stats.kv_ratio < 1.0
+    # eager attention really ran over the cut cache: it returns its weights (sdpa returns none), and the first
+    # decode step's weights span each compressed layer's kept slots plus the new token, not the whole prompt
+    step = out.attentions[1]
+    for layer in s.prefill_stats.layers:
+        assert layer.slots < inputs["input_ids"].shape[1]
+        assert step[layer.layer].shape[-1] == layer.slots + 1
+        torch.testing.assert_close(step[layer.layer].sum(-1), torch.ones(step[layer.layer].shape[:-1]))
     assert model.config.get_text_config()._attn_implementation == "eager"  # restored
 
 
