@@ -82,7 +82,7 @@ def test_generate_takes_either_cache_name_without_warning(tiny_model, name):
     with vlcache.compress(model, Full()) as session:
         cache = session.new_cache()
         with warnings.catch_warnings():
-            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error")
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False, **{name: cache})
     assert torch.equal(out, plain)
     assert session.last_cache is cache and cache.prefilled and cache.get_seq_length() > 0

@@ -41,6 +41,7 @@ def test_spans_match_hand_built_prompt(tiny_model, family, segments):
     n_images = sum(1 for s in segments if s is testing.IMAGE)
     assert len(sample.images) == n_images
     videos = [s for s in segments if isinstance(s, testing.Video)]
+    assert len(sample.videos) == len(videos)
     for v, spans in zip(videos, sample.videos):
         frames = [s for s in spans if s.frame >= 0]
         expect = v.frames // 2 if family.startswith("qwen") else v.frames
