@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlcache.apps.evaluation.embedded_model import EMBEDDED_DIR, batch_inputs, build_untrained, load_embedded
-from vlcache.apps.evaluation.tasks import COLOR_KEYS, TASKS, make_example, score
+from vlcache.apps.evaluation.tasks import TASKS, make_example, score
 from vlcache.apps.evaluation.tensor_tasks import draw_batch
 from vlcache.apps.evaluation.tensor_tasks import processor as task_processor
 
@@ -114,4 +114,26 @@ def test_lookup_confusions_reads_the_colours_shown_and_counts_every_pair(embedde
         key = example.question.split()[1][0]
         expected.update((key, other) for other in colours_shown(example) - {key})
     assert {pair: count for pair, (_, count) in pairs.items()} == expected
-    assert 0 <= overall <= 1 and set(named) <= set(COLOR_KEYS) and all(0 <= a <= 1 for a, _ in pairs.values())
+    # the accuracies are the scores of the model's answers, scored again here in one batch of all twelve, for the
+    # trained model (it gets these right) and for an untrained one (it gets them wrong)
+    rng = np.random.default_rng(SEED + 4)
+    examples = [make_example("lookup", 4, rng) for _ in range(12)]
+    untrained = build_untrained(0).eval()
+    results = {}
+    for name, m, got in (("trained", model, (overall, named, pairs)), ("untrained", untrained, None)):
+        overall_m, named_m, pairs_m = got or confusions(m, processor, n=12, frames=4, batch=6)
+        inputs = batch_inputs(processor, examples, device=m.device)
+        with torch.inference_mode():
+            out = m.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        right = [score("lookup", t, e.answer) for t, e in zip(texts, examples)]
+        assert overall_m == np.mean(right)
+        for key, acc in named_m.items():
+            assert acc == np.mean([r for r, e in zip(right, examples) if e.question.split()[1][0] == key])
+        for (key, other), (acc, _) in pairs_m.items():
+            picked = [
+                r for r, e in zip(right, examples) if e.question.split()[1][0] == key and other in colours_shown(e)
+            ]
+            assert acc == np.mean(picked)
+        results[name] = overall_m
+    assert results["trained"] > 0.8 and results["untrained"] < 0.3
