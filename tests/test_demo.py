@@ -143,8 +143,16 @@ def test_a_visitor_picks_only_the_models_given_at_launch(client, name):
 
 
 @pytest.mark.slow
-def test_a_long_question_is_refused_before_any_work(client):
-    """A 100,000-character question ran for 469 s (at 1.6 GB) under the demo's lock."""
+def test_a_long_question_is_refused_before_any_work(client, monkeypatch):
+    """A 100,000-character question ran for 469 s (at 1.6 GB) under the demo's lock: now no frame is decoded and
+    no model asked for (the server runs in this process, so the patched functions are the ones it calls)."""
+    import vlcache.apps.demo as demo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the question was checked")
+
+    monkeypatch.setattr(demo, "load_frames", no_work)
+    monkeypatch.setattr(demo.Runner, "model", no_work)
     with pytest.raises(Exception, match=f"characters; the demo takes up to {MAX_QUESTION_CHARS}"):
         _run(client, video=ensure_samples()[0], question="x" * (4 * MAX_QUESTION_CHARS))
 
@@ -303,3 +311,35 @@ def test_the_budget_sweep_measures_each_budget(embedded):
     assert swept[SWEEP_BUDGETS.index(DEFAULT_BUDGET)] == agreement(small.tokens, full.tokens) == 1.0
     random = budget_sweep(model, processor, inputs, _policy_maker("random", True, "off"), full.tokens, width, (0.01,))
     assert random[0] < 1.0
+
+
+def test_a_single_layer_picture_outlines_what_that_layer_kept(embedded):
+    """The page's layer choice: "1" draws what layer 1's caches kept, "average" the share over every layer; each
+    is the picture of the run's own kept positions (the page's run and this one are the same greedy LOOK-M run)."""
+    import numpy as np
+    import torch
+
+    from vlcache.apps.evaluation.tasks import make_example
+    from vlcache.apps.viz import heatmap, kept_fraction
+    from vlcache.modality import layout_from_inputs
+    from vlcache.policies import LOOKM
+
+    model, processor = embedded
+    frames = make_example("needle", 4, np.random.default_rng(0)).frames
+    runner = Runner(["embedded"], loader=lambda name: embedded)
+    args = ("color?", "embedded", "lookm", 0.5, False)
+    _, one, _ = runner.compare(frames, *args, "1", sweep=False, label="image")
+    _, average, _ = runner.compare(frames, *args, "average", sweep=False, label="image")
+    inputs = prompts.frames_inputs(processor, frames, "color?")
+    kept = timed_run.run(model, processor, inputs, LOOKM(budget=0.5), prompts.answer_tokens(model, 48)).kept_positions
+    layout = layout_from_inputs(model.config, inputs)
+    # the layers kept different patches, or the two pictures could not tell a wrong layer from the right one
+    assert not np.array_equal(kept_fraction(layout, kept, 1), kept_fraction(layout, kept, 0))
+    assert not np.array_equal(kept_fraction(layout, kept, 1), kept_fraction(layout, kept))
+    for picture, layer in ((one, 1), (average, None)):
+        expected = heatmap(frames, layout, kept_fraction(layout, kept, layer), label="image")
+        assert np.array_equal(np.asarray(picture), np.asarray(expected)), layer
+    # kept_fraction itself: one layer's share counts that layer's heads only
+    two = {0: torch.tensor([[[3, 4]]]), 1: torch.tensor([[[4, 5]]])}
+    assert kept_fraction(layout, two, 1)[[3, 4, 5]].tolist() == [0.0, 1.0, 1.0]
+    assert kept_fraction(layout, two)[[3, 4, 5]].tolist() == [0.5, 1.0, 0.5]
