@@ -17,7 +17,7 @@ LAYERS = 6
 
 SETTINGS = [
     {"budget": 0.3},
-    {"budget": 17},
+    {"budget": 30},  # above the 21 protected tokens (17 was below: nothing scored)
     {"budget": 0.05},
     {"vision_budget": 0.2},
     {"vision_budget": 0.15, "text_budget": 0.5},

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
-from record_policies import AMOUNTS, cases, load, run  # noqa: E402
+from record_policies import AMOUNTS, EXTRA, cases, load, run  # noqa: E402
 
 from vlcache.policies.presets import preset  # noqa: E402
 
@@ -21,6 +21,32 @@ CASES = cases()
 
 def test_every_case_was_recorded():
     assert {label for label, _, _ in CASES} == set(RECORD)
+
+
+def _key(record) -> tuple:
+    return tuple(
+        (phase, tuple(t.shape), tuple(t.flatten().tolist())) for phase in sorted(record) for t in record[phase]
+    )
+
+
+def test_every_setting_and_amount_changes_some_record():
+    """The record tells each setting from the method's default (within the fast set's two amounts) and each amount
+    from the others: a rewrite that ignored one would change a record, where two cases recorded alike would not."""
+    by_case = {(name, tuple(sorted(s.items()))): _key(RECORD[label]) for label, name, s in CASES}
+    for name, extras in EXTRA.items():
+        amounts = [a for a in AMOUNTS if name != "elastic" or "budget" in a]
+        for extra in extras:
+            # the official rule keeps all text: protect=() is plain budget=0.3 there
+            told = [a for a in amounts if not (extra.get("official_compat") and "protect" in a)]
+            records = [by_case[name, tuple(sorted({**a, **extra}.items()))] for a in told]
+            assert len(set(records)) == len(records), f"{name} {extra}: two amounts keep the same"
+        for extra in extras[1:]:  # the fast set replays the first two amounts
+            differs = [
+                by_case[name, tuple(sorted({**a, **extra}.items()))]
+                != by_case[name, tuple(sorted({**a, **extras[0]}.items()))]
+                for a in amounts
+            ]
+            assert any(differs[:2]), f"{name} {extra}: the fast set's records are the default's"
 
 
 def _param(case):
