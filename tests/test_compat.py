@@ -244,3 +244,27 @@ def test_every_checkpoint_load_turns_hub_kernels_off(tmp_path, monkeypatch):
     testing.processor("llava").save_pretrained(tmp_path / "ckpt")
     model, _ = model_loading.load(str(tmp_path / "ckpt"), device="cpu")
     assert seen[1:] and all(s is False for s in seen) and not model.use_kernels
+
+
+def test_a_model_with_hub_kernels_on_an_accelerator_is_warned_about_once(monkeypatch):
+    """A user's own `from_pretrained` on 5.25 turns hub kernels on; on a GPU they replace norms, activations and
+    the rotary embedding with hub code vlcache is not tested with: one warning, naming the way out. On the CPU
+    transformers swaps nothing (its kernel table has no CPU entries), so nothing is said there."""
+    model = testing.build("llava")
+    monkeypatch.setattr(type(model), "use_kernels", property(lambda self: True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with vlcache.compress(model, Full()):  # on the CPU: silent
+            pass
+    monkeypatch.setattr(compat, "_device_type", lambda m: "cuda")
+    with pytest.warns(UserWarning, match="loaded with hub kernels.*use_kernels=False") as record:
+        for _ in range(2):
+            with vlcache.compress(model, Full()):
+                pass
+    assert sum("hub kernels" in str(w.message) for w in record) == 1
+    monkeypatch.setattr(type(model), "use_kernels", property(lambda self: False))
+    other = testing.build("llava")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with vlcache.compress(other, Full()):  # kernels off: silent on a GPU too
+            pass

@@ -14,7 +14,8 @@ Version differences, oldest first (the tested range is `TESTED`):
   outputs carry it as `.cache`; `DynamicLayer.lazy_initialization` no longer sets `layer.dtype`.
 - 5.25: `from_pretrained` swaps layers' forwards for hub kernels unless told `use_kernels=False` (before, off
   unless asked); that needs the `kernels` package (0.19.1 <= version < 0.20) and the hub at load time, so every
-  load goes through `from_pretrained` here, which turns it off.
+  load goes through `from_pretrained` here, which turns it off (a user's own load with them on, on a GPU, gets one
+  warning from `warn_if_hub_kernels`).
 
 Everything else in vlcache uses transformers' public API only (`AutoModel*`, configs, `DynamicCache`, `generate`).
 """
@@ -250,6 +251,26 @@ def from_pretrained(model_class, path, **kwargs):
     """`model_class.from_pretrained(path, **kwargs)` with `LOAD_OPTIONS` beneath kwargs (a caller's own
     `use_kernels=True` wins)."""
     return model_class.from_pretrained(path, **{**LOAD_OPTIONS, **kwargs})
+
+
+def warn_if_hub_kernels(model) -> None:
+    """One warning when `model` was loaded with hub kernels on an accelerator (5.25's default for a plain
+    `from_pretrained`; transformers' kernel table has no CPU entries, so on the CPU nothing was swapped): its
+    norms, activations and rotary embedding then run code from the hub that vlcache was not tested with."""
+    if not getattr(model, "use_kernels", False) or getattr(model, "_vlcache_kernels_warned", False):
+        return
+    if _device_type(model) == "cpu":
+        return
+    model._vlcache_kernels_warned = True
+    warnings.warn(
+        "this model was loaded with hub kernels (transformers 5.25's default); vlcache is tested without them: "
+        "load it with use_kernels=False, as vlcache.hf.compat.from_pretrained(cls, path) does",
+        stacklevel=4,
+    )
+
+
+def _device_type(model) -> str:
+    return next(model.parameters()).device.type
 
 
 # ------------------------------------------------------------------ logging, versions

@@ -23,7 +23,7 @@ from ..policies import Policy
 from ..quant.config import QuantConfig
 from .attention import layer_mask, register
 from .cache import CompressedCache, CompressibleLayer
-from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_untested
+from .compat import CACHE_KWARG, get_cache, pop_cache, tested_note, warn_if_hub_kernels, warn_if_untested
 from .compiled_decode import CompiledDecode
 from .draft import check_draftable, run_draft
 from .merge import merge_inputs
@@ -106,6 +106,7 @@ class Session:
         if getattr(self.model, "_vlcache_session", None) is not None:
             raise RuntimeError("this model is already inside vlcache.compress(); detach that session first")
         warn_if_untested()
+        warn_if_hub_kernels(self.model)
         register()
         self._original_impl, impl = vlcache_implementation(self.model)
         self._modules = attention_modules(self.model)
