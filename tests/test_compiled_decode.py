@@ -67,7 +67,8 @@ def _compiled_regions(model, inputs, policy):
     (a graph break splits a step into several frames: several regions)."""
     from collections import Counter
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    # acc_events: torch 2.11 otherwise warns that it keeps only the last cycle (there is one cycle here)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], acc_events=True) as prof:
         out, s = _run(model, inputs, policy, True)
     regions = Counter(e.name for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
     return out, s, regions
