@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlcache.apps.bench.kernels import timed  # noqa: E402
 from vlcache.hf.cache import CompressibleLayer  # noqa: E402
-from vlcache.policies.base import Eviction, Selection  # noqa: E402
+from vlcache.policies.view import Eviction, Selection  # noqa: E402
 
 SIZES = [(2, 840, 64, torch.float32), (4, 12800, 128, torch.bfloat16)]  # KV heads, slots, head dim, dtype
 

@@ -397,7 +397,7 @@ def test_appends_fill_a_buffer_and_match_concatenation():
     ptrs = set()
     for step in range(CompressibleLayer.GROW + 5):
         if step == 7:  # compaction replaces the tensors: the next append reallocates from the kept entries
-            from vlcache.policies.base import Selection
+            from vlcache.policies.view import Selection
 
             keep = torch.tensor([[[0, 3, 5, 8]] * 2])
             layer.compact(Selection(keep))
@@ -425,7 +425,7 @@ def _by_position(layer):
 def test_evict_in_place_keeps_what_compaction_keeps(e):
     """Filling holes from the tail leaves the same entries as compacting to the survivors, only in another slot
     order, and the layer stays a view of its append buffer (the next token appends without reallocating)."""
-    from vlcache.policies.base import Eviction, Selection
+    from vlcache.policies.view import Eviction, Selection
 
     torch.manual_seed(1)
     layers = [CompressibleLayer(), CompressibleLayer()]

@@ -8,8 +8,7 @@ from util import IMG_ID, MARK_ID, kept_indices, kept_positions, layout_from_ids,
 
 from vlcache.kernels import reference as ref
 from vlcache.policies import H2O, POLICIES, Full, PyramidKV, Random, SnapKV, StreamingLLM, make_policy
-from vlcache.policies.base import select_indices
-from vlcache.policies.budget import apportion, check_amount, resolve
+from vlcache.policies.budget import apportion, check_amount, resolve, select_indices
 from vlcache.policies.pyramidkv import pyramid
 
 # text, markers around two images, a question: 60 tokens

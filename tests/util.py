@@ -4,7 +4,7 @@ import torch
 
 from vlcache import testing
 from vlcache.modality import build_layout
-from vlcache.policies.base import LayerView
+from vlcache.policies.view import LayerView
 
 IMG_ID, MARK_ID = 9, 8
 

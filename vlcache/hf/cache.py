@@ -21,7 +21,7 @@ import torch
 from .. import kernels
 from ..compression_stats import CompressionStats, LayerStats
 from ..modality import Layout
-from ..policies.base import Eviction, Selection
+from ..policies.view import Eviction, Selection
 from .compat import init_layer, replicate_layers_as, require
 
 DynamicCache, DynamicLayer = require("DynamicCache", "DynamicLayer")
@@ -230,7 +230,7 @@ class CompressedCache(DynamicCache):
         self.padded = False  # any padding at all (if not, slot validity needs no lookup)
         self.prefilled = False
         self.shared: dict = {}  # policy state shared by all layers of the request
-        self.request = None  # the policies.base.Request built by the session on first use
+        self.request = None  # the policies.view.Request built by the session on first use
         self.query_positions: torch.Tensor | None = None  # image reuse: slots of the recomputed rows
         self.attended: set[int] = set()  # layers whose prompt attention went through vlcache (checked after it)
         # temporal merging: the prompt's layout before it, and where each token the model saw came from

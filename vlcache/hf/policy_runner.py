@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..policies import Policy
-from ..policies.base import Eviction, LayerView, Request
+from ..policies.view import Eviction, LayerView, Request
 from .cache import CompressedCache, CompressibleLayer
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import kernels
-from ..policies.base import Eviction, Selection
+from ..policies.view import Eviction, Selection
 from ..quant.config import QuantConfig
 from ..quant.tensor import KVPart, Quantized, dequantize, quantize
 from .cache import DEAD, CompressibleLayer

@@ -4,18 +4,7 @@ import ast
 from dataclasses import MISSING, fields
 
 from .base import BUDGET_FIELDS as BUDGET_FIELDS  # public: the apps list every policy's budgets
-from .base import (
-    DecodeEvicting,
-    Eviction,
-    EvictionState,
-    LayerStatistics,
-    LayerView,
-    LookaheadState,
-    Plan,
-    Policy,
-    Request,
-    Selection,
-)
+from .base import DecodeEvicting, Policy
 from .cake import CAKE
 from .compose import Composed
 from .elastic import ElasticCache
@@ -36,6 +25,7 @@ from .pyramidkv import PyramidKV
 from .random import Random
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
+from .view import Eviction, EvictionState, LayerStatistics, LayerView, LookaheadState, Plan, Request, Selection
 from .vl_cache import VLCache
 
 POLICIES: dict[str, type[Policy]] = {

@@ -1,4 +1,5 @@
-"""What every policy shares: the view of one layer it is shown, the selection it returns, budgets and top-k.
+"""What every policy shares: the hooks, budgets and top-k (the view it is shown and the selection it returns are in
+`view.py`).
 
 A policy is a dataclass of settings. The integration calls three hooks, each returning `{layer: Selection}` (or
 None for "keep everything"):
@@ -15,17 +16,17 @@ Policies see tensors and the `Layout` only, so they are testable without transfo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import ClassVar
 
 import torch
 
-from .. import kernels
 from ..modality import Layout
 from ..quant.config import check_bits, check_settings
-from .budget import check_amount, rank_desc, resolve
+from .budget import check_amount, per_head, resolve, select_indices
 from .heads import HEAD_BUDGETS, adaptive_head_budgets
+from .lookahead import Lookahead, hold_for_lookahead
+from .view import Eviction, EvictionState, LayerView, Plan, Request, Selection
 
 PROTECTABLE = ("markers", "question")
 BUDGET_FIELDS = ("budget", "vision_budget", "text_budget")  # the amounts every policy takes (labels list them first)
@@ -34,186 +35,8 @@ LOOKAHEAD_RULES = ("union", "mix")
 IN_PLACE_MAX = 64  # decode-time evictions above this many slots per head compact instead (a chat's next turn, say)
 
 
-@dataclass
-class Selection:
-    """What one layer keeps: `indices` [B, Hk, K] into its current slots, ascending. When `keys`/`values`
-    ([B, Hk, K, d]) are given they replace the gathered entries (merging policies). `filler` [B, Hk, K] marks
-    slots a row holds only so that every row has K slots: they are masked out as padding is."""
-
-    indices: torch.Tensor
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    filler: torch.Tensor | None = None
-
-
-@dataclass
-class Eviction:
-    """What one layer drops while decoding: `slots` [B, Hk, E], E per row and head. The layer moves its last
-    surviving entries into the holes instead of copying every survivor (`Selection`), so the slots no longer
-    follow the sequence order: only for policies whose scores do not depend on it (`Policy.order_free`)."""
-
-    slots: torch.Tensor
-
-
-@dataclass
-class LayerStatistics:
-    """A per-layer statistic of the prompt, per prompt in the batch (VL-Cache's densities, CAKE's preferences):
-    what a layer-splitting allocator measures in each layer before it splits the budget."""
-
-    by_layer: dict[int, list[float]] = field(default_factory=dict)
-
-    def rows(self, layers: list[int]) -> list[list[float]]:
-        """Per prompt, the value of each of `layers`."""
-        return [list(r) for r in zip(*[self.by_layer[layer] for layer in layers])]
-
-
-@dataclass
-class LookaheadState:
-    """One layer waiting for generated rows (`lookahead`): steps seen, whether it was cut, the budget to cut to
-    when a layer-splitting allocator set it after the prefill."""
-
-    steps: int = 0
-    done: bool = False
-    plan: Plan | None = None
-
-
-@dataclass
-class EvictionState:
-    """What a decode-time method carries for one layer between steps: tokens appended since its last eviction."""
-
-    pending: int = 0
-
-
-@dataclass
-class Request:
-    """What a policy may reach beyond the layer in hand, for one request (one prompt batch).
-
-    - layers: indices of the compressible layers, in order.
-    - shared: one dict for the policy's cross-layer state (densities, preferences).
-    - view(l): a fresh view of layer l as it is now (no query rows), to re-select a layer that was already
-      compacted (CAKE's cascading) or to select every layer at once (VL-Cache).
-    """
-
-    layers: list[int]
-    shared: dict
-    view: Callable[[int], LayerView]
-
-
-@dataclass
-class LayerView:
-    """One decoder layer as a policy sees it, right after an attention forward.
-
-    - query [B, H, q, d]: the post-RoPE queries of the rows this forward computed (the whole prompt at prefill).
-    - keys / values [B, Hk, T, d]: the layer's cache after appending them (post-RoPE keys, as HF stores them).
-    - positions [B, Hk, T]: the original sequence position of every slot. slot_valid [B, Hk, T]: False at padding.
-    - layer: index in the model (and in the cache); depth / num_layers: rank among the compressible layers
-      (sliding-window layers are left out), which is what layer-adaptive budgets are spread over.
-    - new: query rows this forward computed. They are the last `new` slots, unless `query_positions` [B, new]
-      says which slots they are (image reuse recomputes a subset of a prompt whose other slots were spliced in).
-    - state: this layer's persistent dict for the request (a policy keeps one typed object in it: `Policy.layer_state`,
-      `LookaheadState`); shared: one dict shared by all layers of the request.
-    - slot_state: per-slot tensors [B, Hk, T] that the cache keeps aligned (gathered on compaction, zero-extended
-      on append), for scores that accumulate while decoding.
-    """
-
-    layer: int
-    depth: int
-    num_layers: int
-    query: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    scale: float
-    layout: Layout
-    positions: torch.Tensor
-    slot_valid: torch.Tensor
-    new: int
-    state: dict = field(default_factory=dict)
-    shared: dict = field(default_factory=dict)
-    slot_state: dict = field(default_factory=dict)
-    request: Request | None = None
-    query_positions: torch.Tensor | None = None
-    all_valid: bool = False  # known on the host: no padding and no filler slots (slot_valid is all True)
-
-    @property
-    def slots(self) -> int:
-        return self.keys.shape[2]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.keys.shape[1]
-
-    def query_slots(self, rows: slice | None = None) -> torch.Tensor:
-        """[B, R] slot index of the query rows (for causal masking)."""
-        if self.query_positions is not None:
-            s = self.query_positions
-            return s if rows is None else s[:, rows]
-        B, T = self.keys.shape[0], self.slots
-        s = torch.arange(T - self.new, T, device=self.keys.device)
-        if rows is not None:
-            s = s[rows]
-        return s.expand(B, -1)
-
-    def query_valid(self, rows: slice | None = None) -> torch.Tensor:
-        """[B, R] False for query rows that are padding."""
-        slots = self.query_slots(rows)
-        return self.slot_valid[:, 0].gather(1, slots.to(self.slot_valid.device))
-
-    def key_valid(self) -> torch.Tensor:
-        """[B, T] if every KV head holds the same slots' validity, else [B, Hk, T]."""
-        v = self.slot_valid
-        if self.all_valid:  # no device sync on every decode step of every layer
-            return v[:, 0]
-        return v[:, 0] if bool((v == v[:, :1]).all()) else v
-
-    def prompt_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """A prompt mask [B, n] moved to slot space [B, Hk, T]; slots of generated tokens are False."""
-        n = mask.shape[1]
-        pos = self.positions
-        inside = (pos >= 0) & (pos < n)  # filler slots (position -1) belong to no token
-        return mask.gather(1, pos.clamp(0, n - 1).flatten(1)).view_as(pos) & inside
-
-    def probs(self, rows: slice) -> torch.Tensor:
-        """Attention probabilities of some of this forward's query rows, [B, H, R, T] fp32 (small R only)."""
-        return kernels.attention_probs(
-            self.query[:, :, rows], self.keys, self.scale, self.query_slots(rows), self.key_valid()
-        )
-
-    def stats(self, rows: slice | None = None, **kw) -> kernels.AttentionStats:
-        """Tiled attention column statistics over this forward's query rows (all of them by default)."""
-        q = self.query if rows is None else self.query[:, :, rows]
-        return kernels.attention_stats(
-            q, self.keys, self.scale, self.query_slots(rows), self.key_valid(), self.query_valid(rows), **kw
-        )
-
-
-@dataclass
-class Plan:
-    """Budget of one layer in slot space: `forced` [B, T] slots that are always kept, and pools of candidates
-    (mask [B, T], how many to keep per row [B]) among which the best-scoring are kept."""
-
-    forced: torch.Tensor
-    pools: list[tuple[torch.Tensor, torch.Tensor]]
-
-    def kept(self) -> torch.Tensor:
-        """[B] slots kept per row (for a prompt-space plan; per head it is the same)."""
-        k = self.forced.sum(-1)
-        for _, n in self.pools:
-            k = k + n
-        return k
-
-    def to_slots(self, view: LayerView, keep_generated: bool = False) -> Plan:
-        """This prompt-space plan mapped onto the current slots of `view`'s layer ([B, Hk, T] masks): what a
-        policy needs to select again in a layer that was already compacted. Slots of generated tokens are in no
-        pool; with `keep_generated` they are forced (a cut after some decode steps keeps what was generated).
-        Only real slots are forced: padding and filler never are."""
-        forced = view.prompt_mask(self.forced)
-        if keep_generated:
-            forced = forced | (view.positions >= view.layout.length)
-        return Plan(forced & view.slot_valid, [(view.prompt_mask(m), k) for m, k in self.pools])
-
-
 @dataclass(kw_only=True)
-class Policy:
+class Policy(Lookahead):
     """Base of every policy. Budget settings shared by all:
 
     - budget: kept per layer, a ratio of the prompt in (0, 1] or a token count >= 1.
@@ -411,87 +234,7 @@ class Policy:
     def on_append(self, view: LayerView) -> dict[int, Selection] | None:
         return None
 
-    def lookahead_step(self, view: LayerView) -> dict[int, Selection] | None:
-        """Before a decode step's attention in this layer (`lookahead` only): add the new rows' attention to the
-        scoring rows'; on the g-th generated token, cut the layer to its budget (generated tokens are kept)."""
-        rows = view.probs(slice(None)).sum(2)  # [B, H, T]
-        gen = view.slot_state.get("lookahead_gen")
-        gen = rows if gen is None else gen + rows
-        st = lookahead_state(view)
-        st.steps += view.new
-        steps = st.steps
-        if steps < self.lookahead:
-            view.slot_state["lookahead_gen"] = gen
-            return None
-        return self.lookahead_cut(view, gen, steps)
-
-    def lookahead_cut(self, view: LayerView, gen: torch.Tensor, steps: int) -> dict[int, Selection]:
-        """Cut the layer by the prompt's scoring rows and `steps` generated (or drafted) rows, whose attention
-        summed over them is `gen` [B, H, T]; generated tokens are kept."""
-        sel = self.lookahead_select(view, self.lookahead_plan(view).to_slots(view, keep_generated=True), gen, steps)
-        view.slot_state.pop("lookahead")  # per query head: not kept aligned by compaction
-        view.slot_state.pop("lookahead_gen", None)
-        lookahead_state(view).done = True
-        return {view.layer: sel}
-
-    def lookahead_select(self, view: LayerView, plan: Plan, gen: torch.Tensor | None, steps: int) -> Selection:
-        """What a lookahead cut keeps within `plan` (slot space): by the prompt's scoring rows' mean attention
-        (`view.slot_state["lookahead"]`, [B, H, T]) and that of `steps` generated rows summed in `gen`, combined by
-        `lookahead_rule`; by the prompt's rows alone without generated ones."""
-        prompt = view.slot_state["lookahead"]
-        if gen is None or steps == 0:
-            return self.select(view, plan, self.ranked(view, prompt))
-        s, gen = self.lookahead_share, gen / steps
-        mix = (1.0 - s) * prompt + s * gen
-        lin = self.ranked(view, mix)
-        if self.lookahead_rule == "mix" or s in (0.0, 1.0):
-            return self.select(view, plan, lin)
-        if self.frame_min > 0:  # each frame's minimum by the mix, then the union for the rest
-            plan = self._with_frame_minimum(view, plan, lin)
-        Hk, T = view.kv_heads, view.slots
-        forced = per_head(plan.forced, Hk) & view.slot_valid
-        by_prompt, by_gen = self.ranked(view, prompt), self.ranked(view, gen)
-        strongest = kernels.group_reduce(mix, Hk, "max")  # what Ada-KV's per-head split follows
-        key = torch.full(lin.shape, float("inf"), dtype=torch.float64, device=lin.device)
-        pools = []
-        for mask, k in plan.pools:
-            pool = per_head(mask, Hk) & view.slot_valid & ~forced
-            rp, rg, rl = (_pool_rank(x, pool) for x in (by_prompt, by_gen, lin))
-            turn = torch.minimum(rg / s, rp / (1.0 - s))  # the turn at which either side would take the slot
-            # turns as dense ranks (distinct turns differ by >= 1, whatever the share), then the mix's rank breaks
-            # ties: one float64 key, exact for any cache a GPU holds
-            turn = torch.unique(turn, return_inverse=True)[1].double()
-            key = torch.where(pool, turn * (T + 1) + rl, key)
-            if self.head_budgets == "adaptive" and Hk > 1:
-                k = adaptive_head_budgets(strongest, pool, k, self.head_floor)
-            pools.append((pool, k))
-        scores = -rank_desc(-key).float()  # ranks (< 2^24) are exact in float32, which select_indices ranks in
-        return Selection(*select_indices(scores, forced, pools, view.slot_valid, with_filler=True))
-
-    def provisional_keep(self, view: LayerView, gen: torch.Tensor | None = None, steps: int = 0) -> torch.Tensor:
-        """[B, Hk, T] the prompt slots a lookahead cut by the rows so far would keep, real ones only: what a draft
-        step attends over (`lookahead_draft`)."""
-        sel = self.lookahead_select(view, self.lookahead_plan(view).to_slots(view), gen, steps)
-        kept = True if sel.filler is None else ~sel.filler
-        keep = torch.zeros_like(view.slot_valid).scatter_(-1, sel.indices, kept)
-        return keep & view.slot_valid & (view.positions < view.layout.length)
-
     # ------------------------------------------------------------------ pieces subclasses override
-
-    def observed(self, view: LayerView) -> tuple[torch.Tensor, torch.Tensor]:
-        """`looks_ahead` policies: ([B, H, T] the attention each slot receives from the prompt's scoring rows,
-        summed over them, per query head; [B] how many rows that is): the rows generated tokens join."""
-        raise NotImplementedError
-
-    def ranked(self, view: LayerView, sums: torch.Tensor) -> torch.Tensor:
-        """`looks_ahead` policies: [B, Hk, T] scores from `observed`'s sums (with the generated rows' added)."""
-        raise NotImplementedError
-
-    def lookahead_plan(self, view: LayerView) -> Plan:
-        """The prompt-space budget a lookahead cut keeps in this layer: what a layer-splitting allocator set after
-        the prefill (`LookaheadState.plan`), else `plan`."""
-        plan = lookahead_state(view).plan
-        return self.plan(view) if plan is None else plan
 
     def score(self, view: LayerView) -> torch.Tensor | None:
         """[B, Hk, T] importance of every slot (higher is kept first), or None to keep everything."""
@@ -692,12 +435,6 @@ class DecodeEvicting(Policy):
         return False
 
 
-def hold_for_lookahead(view: LayerView, sums: torch.Tensor, rows: torch.Tensor) -> None:
-    """Keep the prompt's scoring rows' mean attention [B, H, T] (`sums` over `rows` [B] rows) for the generated rows
-    to join (`Policy.lookahead_step`); the layer stays whole until then."""
-    view.slot_state["lookahead"] = sums / rows.clamp(min=1).view(-1, 1, 1).to(sums.dtype)
-
-
 def cut_to_plans(request: Request, plans: dict[int, Plan], seen: int, cut) -> dict[int, Selection]:
     """Cut each layer of `plans` (prompt-space budgets) to its plan, mapped onto the slots it holds now;
     `cut(view, plan)` gives the selection. While layers are still arriving (`seen` below all of them), a layer
@@ -709,58 +446,3 @@ def cut_to_plans(request: Request, plans: dict[int, Plan], seen: int, cut) -> di
             continue
         out[layer] = cut(view, plan.to_slots(view))  # the layer may hold fewer slots than the prompt by now
     return out
-
-
-def lookahead_state(view: LayerView) -> LookaheadState:
-    """The lookahead's state of `view`'s layer, made on first use."""
-    state = view.state.get("lookahead")
-    if state is None:
-        state = view.state["lookahead"] = LookaheadState()
-    return state
-
-
-def _pool_rank(scores: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """[B, Hk, T] float64 rank of each slot among `pool`'s by `scores` (0 = best; NaN last); meaningless outside."""
-    s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~pool, float("-inf"))
-    return rank_desc(s).double()
-
-
-def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T] -> [B, Hk, T] (a view); [B, Hk, T] is returned as is."""
-    return mask[:, None, :].expand(mask.shape[0], heads, mask.shape[-1]) if mask.ndim == 2 else mask
-
-
-def select_indices(
-    scores: torch.Tensor,
-    forced: torch.Tensor,
-    pools: list[tuple[torch.Tensor, torch.Tensor]],
-    slot_valid: torch.Tensor,
-    with_filler: bool = False,
-):
-    """Kept slots [B, Hk, K], ascending: the forced slots plus the top-k of each pool by score, per KV head.
-
-    scores [B, Hk, T]; forced and pool masks [B, T] or [B, Hk, T]; k [B] or [B, Hk]; slot_valid [B, Hk, T]. Rows of a
-    batch may keep different numbers of real tokens; every row then holds K = the largest count, the shorter rows
-    filling up with their padding slots, then with slots they did not choose. With `with_filler`, also returns
-    the [B, Hk, K] mask of those filler slots (kept only for shape, to be masked out).
-    """
-    B, Hk, T = scores.shape
-    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    keep = per_head(forced, Hk).clone()
-    for mask, k in pools:
-        m = per_head(mask, Hk)
-        rank = rank_desc(s.masked_fill(~m, float("-inf")))
-        keep |= m & (rank < k.view(B, -1, 1))
-    counts = keep.sum(-1)  # [B, Hk], equal across heads of a row
-    K = int(counts.max()) if counts.numel() else 0
-    if K == T:
-        idx = torch.arange(T, device=scores.device).expand(B, Hk, T).contiguous()
-    else:
-        # order: kept, then padding, then the rest by score; the first K of that order survive
-        group = torch.where(keep, 0, torch.where(slot_valid, 2, 1))
-        key = group * (T + 1) + rank_desc(s)
-        idx = torch.topk(key, K, dim=-1, largest=False).indices.sort(dim=-1).values
-    if not with_filler:
-        return idx
-    filler = ~keep.gather(-1, idx) & slot_valid.gather(-1, idx)
-    return idx, None, None, (filler if bool(filler.any()) else None)

@@ -1,5 +1,6 @@
 """Budget amounts (a ratio of tokens, float in (0, 1], or an absolute token count, int >= 1), their split over
-layers, and the ranking that picks the best candidates within one."""
+layers, and the ranking that picks the best candidates within one (`select_indices`: forced slots plus each pool's
+top-k, per KV head)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,50 @@ def rank_desc(scores: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return rank
+
+
+def pool_rank(scores: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """[B, Hk, T] float64 rank of each slot among `pool`'s by `scores` (0 = best; NaN last); meaningless outside."""
+    s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~pool, float("-inf"))
+    return rank_desc(s).double()
+
+
+def per_head(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T] -> [B, Hk, T] (a view); [B, Hk, T] is returned as is."""
+    return mask[:, None, :].expand(mask.shape[0], heads, mask.shape[-1]) if mask.ndim == 2 else mask
+
+
+def select_indices(
+    scores: torch.Tensor,
+    forced: torch.Tensor,
+    pools: list[tuple[torch.Tensor, torch.Tensor]],
+    slot_valid: torch.Tensor,
+    with_filler: bool = False,
+):
+    """Kept slots [B, Hk, K], ascending: the forced slots plus the top-k of each pool by score, per KV head.
+
+    scores [B, Hk, T]; forced and pool masks [B, T] or [B, Hk, T]; k [B] or [B, Hk]; slot_valid [B, Hk, T]. Rows of a
+    batch may keep different numbers of real tokens; every row then holds K = the largest count, the shorter rows
+    filling up with their padding slots, then with slots they did not choose. With `with_filler`, also returns
+    the [B, Hk, K] mask of those filler slots (kept only for shape, to be masked out).
+    """
+    B, Hk, T = scores.shape
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    keep = per_head(forced, Hk).clone()
+    for mask, k in pools:
+        m = per_head(mask, Hk)
+        rank = rank_desc(s.masked_fill(~m, float("-inf")))
+        keep |= m & (rank < k.view(B, -1, 1))
+    counts = keep.sum(-1)  # [B, Hk], equal across heads of a row
+    K = int(counts.max()) if counts.numel() else 0
+    if K == T:
+        idx = torch.arange(T, device=scores.device).expand(B, Hk, T).contiguous()
+    else:
+        # order: kept, then padding, then the rest by score; the first K of that order survive
+        group = torch.where(keep, 0, torch.where(slot_valid, 2, 1))
+        key = group * (T + 1) + rank_desc(s)
+        idx = torch.topk(key, K, dim=-1, largest=False).indices.sort(dim=-1).values
+    if not with_filler:
+        return idx
+    filler = ~keep.gather(-1, idx) & slot_valid.gather(-1, idx)
+    return idx, None, None, (filler if bool(filler.any()) else None)

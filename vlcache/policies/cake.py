@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from .base import DecodeEvicting, EvictionState, LayerStatistics, LayerView, Plan, Request
+from .base import DecodeEvicting
 from .h2o import last_real
+from .view import EvictionState, LayerStatistics, LayerView, Plan, Request
 
 
 def cake_allocate(total: int, prefs: list[float], cap: int) -> list[int]:

@@ -32,18 +32,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .base import (
-    LayerStatistics,
-    LayerView,
-    Plan,
-    Policy,
-    Request,
-    Selection,
-    cut_to_plans,
-    hold_for_lookahead,
-    lookahead_state,
-)
+from .base import Policy, cut_to_plans
+from .lookahead import hold_for_lookahead, lookahead_state
 from .parts import ALLOCATORS, MERGERS, SCHEDULES, SCORERS, register_scorer
+from .view import LayerStatistics, LayerView, Plan, Request, Selection
 
 __all__ = ["ALLOCATORS", "MERGERS", "SCHEDULES", "SCORERS", "Composed", "ComposedRequest", "register_scorer"]
 

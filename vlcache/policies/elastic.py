@@ -5,9 +5,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import DecodeEvicting, EvictionState, LayerView, Selection
+from .base import DecodeEvicting
 from .h2o import last_real
 from .streaming import first_real
+from .view import EvictionState, LayerView, Selection
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass
 
-from .base import LayerView, Policy
+from .base import Policy
+from .view import LayerView
 
 
 @dataclass(kw_only=True)

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import DecodeEvicting, EvictionState, LayerView, Plan
+from .base import DecodeEvicting
+from .view import EvictionState, LayerView, Plan
 
 
 @dataclass

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerView, Plan, Policy, Selection
+from .base import Policy
 from .h2o import last_real
+from .view import LayerView, Plan, Selection
 
 MERGES = ("pivot", "average", "weighted", "none")
 

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerView, Plan
 from .budget import apportion
 from .snapkv import SnapKV
+from .view import LayerView, Plan
 
 
 def pyramid(k: int, size: int, layers: int, beta: float) -> list[int]:

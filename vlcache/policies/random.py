@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerView, Policy
+from .base import Policy
+from .view import LayerView
 
 
 @dataclass(kw_only=True)

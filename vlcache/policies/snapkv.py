@@ -5,8 +5,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerView, Policy
+from .base import Policy
 from .h2o import last_real
+from .view import LayerView
 
 
 @dataclass(kw_only=True)

@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DecodeEvicting, LayerView, Plan
+from .base import DecodeEvicting
 from .h2o import HeldState
+from .view import LayerView, Plan
 
 
 def first_real(valid: torch.Tensor, n: int) -> torch.Tensor:

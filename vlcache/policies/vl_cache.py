@@ -5,9 +5,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from .base import LayerStatistics, LayerView, Plan, Policy, Request, cut_to_plans, hold_for_lookahead, lookahead_state
+from .base import Policy, cut_to_plans
 from .budget import apportion
 from .h2o import last_real
+from .lookahead import hold_for_lookahead, lookahead_state
+from .view import LayerStatistics, LayerView, Plan, Request
 
 
 @dataclass(kw_only=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ... import kernels
-from ..base import LayerStatistics, LayerView, Plan, Policy, Request
+from ..base import Policy
 from ..cake import CAKE, cake_plan, cake_shares
 from ..pyramidkv import PyramidKV, pyramid_plan
+from ..view import LayerStatistics, LayerView, Plan, Request
 from ..vl_cache import VLCache
 from . import register_allocator
 from .kinds import Allocator

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from ..base import LayerStatistics, LayerView, Plan, Policy, Request, Selection
+from ..base import Policy
+from ..view import LayerStatistics, LayerView, Plan, Request, Selection
 
 
 class Part:

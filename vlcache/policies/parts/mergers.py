@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..base import LayerView, Plan, Policy, Selection
+from ..base import Policy
 from ..elastic import ElasticCache
 from ..lookm import LOOKM
+from ..view import LayerView, Plan, Selection
 from . import register_merger
 from .kinds import Merger
 

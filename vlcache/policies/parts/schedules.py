@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from ..base import LayerView, Plan, Policy, Selection
+from ..base import Policy
 from ..cake import CAKE
 from ..elastic import ElasticCache
 from ..h2o import H2O
 from ..streaming import StreamingLLM
+from ..view import LayerView, Plan, Selection
 from . import register_schedule
 from .kinds import Schedule
 
