@@ -12,8 +12,9 @@ from util import prompt_for
 
 import vlcache
 from vlcache import testing
-from vlcache.hf import CompressibleLayer
+from vlcache.hf import CompressibleLayer, compiled_decode, static_cache
 from vlcache.hf import session as session_module
+from vlcache.hf.compat import cache_kwargs
 from vlcache.hf.static_cache import StaticLayer
 from vlcache.policies import H2O, make_policy, preset
 
@@ -391,3 +392,89 @@ def test_replayed_cuda_graph_steps_never_synchronise(name, monkeypatch):
     assert not slow, f"guarded steps did not replay: {slow}"
     assert counters["inductor"]["cudagraph_skips"] == skips, "CUDA graphs were skipped (TORCH_LOGS=perf_hints says why)"
     assert torch.equal(out, frozen)
+
+
+@pytest.mark.parametrize("name", ["h2o", "streamingllm", "cake", "elastic"])
+def test_a_decode_time_evictor_with_prune_at_decodes_as_eagerly(tiny_model, name):
+    """The layers after `prune_at` are left to themselves while decoding: compiled decode kept their query rows
+    anyway and never reset their counter, which ran off the end of its buffer at the second eviction."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    kw = {"prune_at": 0, "window": 4} if name == "cake" else {"prune_at": 0}
+    eager, _ = _run(model, inputs, _policy(name, **kw), False)
+    frozen, s = _run(model, inputs, _policy(name, **kw), True, capture=False)
+    assert torch.equal(frozen, eager) and s.decode.steps == NEW - 1
+
+
+def _chat(model, inputs, policy, compile_, follow: int):
+    """Two turns on one cache: 10 tokens, then `follow` more prompt tokens and 12 generated."""
+    with vlcache.compress(model, policy, compile=compile_) as s:
+        if compile_:
+            s.decode.capture = False
+        cache = s.new_cache()
+        first = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=10, min_new_tokens=10, **GREEDY)
+        ids = torch.cat([first, torch.arange(5, 5 + follow)[None]], 1)  # token ids only: the image is cached
+        second = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            cache=cache,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            **GREEDY,
+        )
+    return second, s
+
+
+@pytest.mark.parametrize("name", ["h2o", "streamingllm", "cake", "elastic"])
+def test_a_chats_next_turn_evicts_when_eager_decoding_would(tiny_model, name):
+    """The policy's count of tokens since its last eviction carries over from the first turn (and its short next
+    prompt adds to it); compiled decode restarted its own count at each freeze: H2O and CAKE then evicted at the
+    wrong steps without a word, StreamingLLM and Elastic Cache raised."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    kw = {"evict_every": 4, **({"window": 4} if name == "cake" else {})}
+    for follow in (1, 2):  # 10 + 1 and 10 + 2 tokens: 3 and 0 past the last eviction
+        eager, es = _chat(model, inputs, _policy(name, **kw), False, follow)
+        frozen, s = _chat(model, inputs, _policy(name, **kw), True, follow)
+        assert torch.equal(frozen, eager), follow
+        _same_slots(s, es)
+        assert s.decode.steps == 9 + NEW - 1  # both turns' steps went through the frozen cache
+
+
+def _same_slots(a, b):
+    """The two sessions' last caches hold the same positions in every compressible layer."""
+    for i in b.last_cache.compressible():
+        got, want = (r.last_cache.layers[i].slot_positions() for r in (a, b))
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values), i
+
+
+@pytest.mark.parametrize("name", ["h2o", "streamingllm"])
+def test_a_cache_that_grows_mid_generate_keeps_the_eviction_count(tiny_model, monkeypatch, name):
+    """Told too little room, the frozen cache is rebuilt mid-generate (after a flush of the pending steps): the
+    steps after it evict where eager decoding does, not `evict_every` steps after the rebuild."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    # room for 2 tokens at the exact capacity: full 2 steps after each rebuild, 1 short of an eviction
+    monkeypatch.setattr(session_module, "_room", lambda *a: 2)
+    monkeypatch.setattr(static_cache, "ROUND", 1)
+    rebuilds = []
+    monkeypatch.setattr(compiled_decode, "thaw", lambda cache: (rebuilds.append(1), static_cache.thaw(cache)))
+    eager, es = _run(model, inputs, _policy(name, evict_every=3), False, new=30)
+    frozen, s = _run(model, inputs, _policy(name, evict_every=3), True, new=30, capture=False)
+    assert rebuilds  # the cache was rebuilt mid-generate, one step short of an eviction
+    assert torch.equal(frozen, eager)
+    _same_slots(s, es)
+
+
+def test_generate_without_a_length_leaves_room_for_its_20_tokens(tiny_model):
+    """generate told neither max_new_tokens nor max_length adds 20 tokens to the prompt: the frozen cache was
+    sized for one (20 minus the prompt's length), and rebuilt mid-generate."""
+    assert session_module._room({}, testing.build("llava").generation_config, torch.zeros(1, 244)) == 20
+    assert session_module._room({"max_length": 250}, None, torch.zeros(1, 244)) == 6
+    assert session_module._room({"max_new_tokens": 3, "max_length": 250}, None, torch.zeros(1, 244)) == 3
+
+
+@pytest.mark.parametrize("bad", ["yes", "no", 1, None])
+def test_compile_takes_true_or_false_only(tiny_model, bad):
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        vlcache.attach(tiny_model("llava"), "snapkv", budget=0.5, compile=bad)

@@ -7,7 +7,8 @@ runs the compiled forward (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; th
 vision tower, the embeddings, the LM head and generate's own work stay eager: they are a handful of launches.
 
 A policy that acts while decoding (H2O, StreamingLLM, CAKE, Elastic Cache: `on_append`) runs eagerly between
-steps, every `evict_every` steps: the compiled step appends, attends and keeps its query rows; then each of those
+steps, every `evict_every` steps (counted on from the policy's own count at each freeze: a chat's next turn starts
+where its last left off): the compiled step appends, attends and keeps its query rows; then each of those
 steps' `on_append` is replayed in order over the cache as it stood at that step (the same calls, on the same
 tensors, as uncompiled decoding makes), so the result is the eager one. A policy with `decode_mass = True` is
 called once instead, with the k rows and the attention mass the compiled step summed for it
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..policies import Policy
-from .cache import CompressedCache, CompressibleLayer
+from .cache import CompressedCache
 from .compat import INSTALLED, get_cache
 from .model_parts import decoder, text_config
 from .static_cache import StaticLayer, freeze, full, thaw
@@ -89,7 +90,11 @@ class CompiledDecode:
             self.flush(cache)  # the steps since the last eviction go through the policy before the rebuild
             thaw(cache)
         if cache.static is None:
-            freeze(cache, cache.decode_room, self.heads, self.every, self.mass)
+            managed = self.managed(cache)
+            freeze(cache, cache.decode_room, self.heads, self.every, self.mass, managed)
+            if self.every and managed:  # in step with the policy's own count, left by a chat's turn or a rebuild
+                state = cache.layers[min(managed)].inner.state
+                cache.static.due = self.every - self.policy.appended_since_eviction(state)
         kwargs["attention_mask"] = cache.static.mask  # 4-D: transformers builds no mask, vlcache masks each layer
         if kwargs.get("position_ids") is None:
             ref = kwargs.get("inputs_embeds")
@@ -99,11 +104,17 @@ class CompiledDecode:
         self.steps += 1
         for layer in cache.layers:
             layer.advance()
-        if self.every:
+        if cache.static.due:
             cache.static.pending += 1
-            if cache.static.pending >= self.every:
+            if cache.static.pending >= cache.static.due:
                 self.evict(cache)
         return out
+
+    def managed(self, cache: CompressedCache) -> set[int]:
+        """The compressible layers the policy evicts in while decoding: all, or those up to `prune_at` (the layers
+        after it hold what it passed on and are left to themselves)."""
+        layers = cache.compressible()
+        return {li for li in layers if self.runner.prune_at is None or li <= self.runner.prune_at}
 
     def flush(self, cache: CompressedCache) -> None:
         """At the end of generate: the steps since the last eviction go through the policy too (they are not due to
@@ -126,11 +137,9 @@ class CompiledDecode:
 
     def evict(self, cache: CompressedCache) -> None:
         """The policy's `on_append` of the steps since the last call, eagerly (see the module docstring)."""
-        k, cache.static.pending = cache.static.pending, 0
+        k, cache.static.pending, cache.static.due = cache.static.pending, 0, self.every
         for li, layer in enumerate(cache.layers):
-            if not isinstance(layer, StaticLayer) or not isinstance(layer.inner, CompressibleLayer):
-                continue
-            if self.runner.prune_at is not None and li > self.runner.prune_at:
+            if not isinstance(layer, StaticLayer) or layer.rows is None:  # a layer the policy does not evict in
                 continue
             cache.layers[li] = layer.inner  # the policy and `apply` see an ordinary layer
             try:

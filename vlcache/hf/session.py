@@ -58,11 +58,16 @@ def _decode_backends(query: torch.Tensor):
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+DEFAULT_NEW_TOKENS = 20  # what generate adds to the prompt when told neither max_new_tokens nor max_length
+
+
 def _room(kwargs: dict, gc, ids) -> int:
-    """Tokens this generate may still append (what a frozen layer leaves room for)."""
+    """Tokens this generate may still append (what a frozen layer leaves room for; an overestimate only costs
+    capacity, an underestimate a rebuild of the frozen cache mid-generate)."""
     new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
     if new is None:
-        new = kwargs.get("max_length", getattr(gc, "max_length", None) or 20) - (0 if ids is None else ids.shape[-1])
+        limit = kwargs.get("max_length", getattr(gc, "max_length", None))
+        new = DEFAULT_NEW_TOKENS if limit is None else limit - (0 if ids is None else ids.shape[-1])
     return max(1, int(new))
 
 
@@ -72,6 +77,8 @@ class Session:
     def __init__(self, model, policy: Policy, processor=None, compile: bool = False):
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a vlcache Policy, got {type(policy).__name__}")
+        if not isinstance(compile, bool):  # compile="no" is truthy: it would turn compiled decode on
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         self.model = model
         self.policy = policy
         self.family = family_for(model.config, processor)  # raises for unsupported families, before touching anything

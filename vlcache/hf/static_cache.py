@@ -166,18 +166,23 @@ class StaticLayer(DynamicLayer):
 @dataclass
 class Frozen:
     """What a cache holds while frozen: the step token's validity, the dummy 4-D mask handed to the language model
-    (vlcache's attention masks every frozen layer itself; a 4-D mask makes transformers build none), and the steps
-    since the policy last evicted."""
+    (vlcache's attention masks every frozen layer itself; a 4-D mask makes transformers build none), the steps
+    since the freeze or the policy's last eviction (their query rows are kept), and the count of them at which the
+    next eviction is due (`evict_every`, less what the policy took in before the freeze)."""
 
     step_valid: torch.Tensor
     mask: torch.Tensor
     pending: int = 0
+    due: int = 0
     layers: list[int] = field(default_factory=list)
 
 
-def freeze(cache: CompressedCache, room: int, heads: int, rows: int = 0, mass: bool = False) -> None:
-    """Freeze every layer of `cache` with room for `room` more tokens; keep the last `rows` steps' queries (of
-    `heads` query heads), and (with `mass`) the attention mass each slot receives, for an eviction between steps."""
+def freeze(
+    cache: CompressedCache, room: int, heads: int, rows: int = 0, mass: bool = False, managed: set[int] | None = None
+) -> None:
+    """Freeze every layer of `cache` with room for `room` more tokens; in the layers the policy evicts in
+    (`managed`, default all), keep the last `rows` steps' queries (of `heads` query heads) and (with `mass`) the
+    attention mass each slot receives, for an eviction between steps."""
     if any(type(layer) is not CompressibleLayer and sliding_state(layer) is None for layer in cache.layers):
         kinds = sorted({type(layer).__name__ for layer in cache.layers})
         raise ValueError(f"compiled decode cannot freeze cache layers of kinds {kinds} (quantized layers are not)")
@@ -193,7 +198,7 @@ def freeze(cache: CompressedCache, room: int, heads: int, rows: int = 0, mass: b
             positions = torch.arange(seen - T, seen, device=first.device).expand(B, layer.keys.shape[1], T)
             valid = cache.position_valid(positions)
         static = StaticLayer(layer, capacity(T, room), positions, valid, seen, window, step_valid)
-        if isinstance(layer, CompressibleLayer) and rows:
+        if isinstance(layer, CompressibleLayer) and rows and (managed is None or i in managed):
             B, Hk, C, d = static.keys.shape
             static.rows = static.keys.new_zeros(B, heads, rows, d)
             if mass:

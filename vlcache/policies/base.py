@@ -234,6 +234,12 @@ class Policy(Lookahead):
     def on_append(self, view: LayerView) -> dict[int, Selection] | None:
         return None
 
+    def appended_since_eviction(self, state: dict) -> int:
+        """Tokens a layer (its `view.state`) took in since this policy last evicted there: compiled decode starts
+        its own count from it (a chat's next turn, a cache that grew), so it evicts at the steps eager decoding
+        would. 0 for a policy that does not evict while decoding."""
+        return 0
+
     # ------------------------------------------------------------------ pieces subclasses override
 
     def score(self, view: LayerView) -> torch.Tensor | None:
@@ -423,6 +429,10 @@ class DecodeEvicting(Policy):
         super().__post_init__()
         if isinstance(self.evict_every, bool) or not isinstance(self.evict_every, int) or self.evict_every < 1:
             raise ValueError(f"evict_every must be an integer >= 1, got {self.evict_every!r}")
+
+    def appended_since_eviction(self, state: dict) -> int:
+        held = state.get("policy")
+        return held.pending if held is not None else 0
 
     def eviction_due(self, view: LayerView) -> bool:
         """Whether this append evicts: once `evict_every` tokens have arrived since the last eviction (a chat's

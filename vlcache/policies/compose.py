@@ -77,6 +77,10 @@ class Composed(Policy):
     def evict_every(self) -> int:  # the schedule's, for compiled decode's batching of evictions
         return getattr(self._schedule.method, "evict_every", 1)
 
+    def appended_since_eviction(self, state: dict) -> int:
+        method = self._schedule.method
+        return method.appended_since_eviction(state) if method is not None else 0
+
     @property
     def decode_mass(self) -> bool:  # the schedule's method reads the mass compiled decode hands over (H2O, CAKE)
         return bool(getattr(self._schedule.method, "decode_mass", False))
