@@ -145,3 +145,14 @@ def test_read_frames_names_a_bad_sampling_argument(eight_frame_video, kwargs, me
     assert len(vlcache.read_frames(eight_frame_video, frames=3)) == 3  # good values still read
     assert len(vlcache.read_frames(eight_frame_video, frames=None)) == 8  # None: the default 8
     assert len(vlcache.read_frames(eight_frame_video, frames=None, target_fps=2, cap=3)) == 3
+
+
+def test_use_cache_false_is_refused_inside_compress(tiny_model):
+    """Without a cache every step recomputes the whole sequence: the session's cache took each step's whole
+    sequence again, and the tokens differed from plain generate even under Full()."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    with vlcache.compress(model, "full"):
+        with pytest.raises(ValueError, match="use_cache=False has no KV cache to compress"):
+            model.generate(**inputs, max_new_tokens=3, use_cache=False, do_sample=False)
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)  # the session still works

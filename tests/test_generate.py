@@ -190,6 +190,19 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
         assert batch[b, -10:].tolist() == alone[0, -10:].tolist()
 
 
+def test_frame_minimum_ties_fall_as_in_every_other_selection(tiny_model):
+    """SnapKV scores its window +inf, so a frame's top `frame_min` can tie: topk broke those ties in an order that
+    depended on the row's padding, and a padded row kept other slots than alone. Ties go to the lower position."""
+    model = tiny_model("llava")
+    rows = [prompt_for("llava"), ["x", testing.IMAGE, "what?"]]
+    policy = SnapKV(vision_budget=0.2, frame_min=2)
+    batch, session = _run(model, testing.make_inputs(model, rows).inputs, policy, max_new_tokens=6)
+    _assert_compressed(session)
+    for b, row in enumerate(rows):
+        alone = _generate(model, testing.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=6)
+        assert batch[b, -6:].tolist() == alone[0, -6:].tolist(), b
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", [SnapKV(budget=0.3), H2O(budget=0.3), StreamingLLM(budget=32)], ids=lambda p: p.name)
 def test_long_generation(tiny_model, policy):

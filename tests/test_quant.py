@@ -221,3 +221,20 @@ def test_reference_attention_masks_what_is_not_visible():
         q, k[:, :, vis].expand(1, 2, -1, 8), v[:, :, vis].expand(1, 2, -1, 8), scale=0.3
     )
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "vlcache"])
+def test_lookahead_waits_over_a_quantized_cache(tiny_model, name):
+    """While a layer waits for the generated rows, its quantized groups are rebuilt each step, and every per-slot
+    state follows its slots: the lookahead's waiting sums, one row per query head, were cut to the KV heads'
+    count and raised. Now the cut comes, at the same budget as without quantization."""
+    model = tiny_model("qwen2_vl")
+    inputs = testing.make_inputs(model, prompt_for("qwen2_vl")).inputs
+    runs = []
+    for bits in ({}, dict(vision_bits=4, text_bits=8, quant_residual=1, quant_group=4)):
+        with vlcache.compress(model, make_policy(name, budget=0.3, lookahead=2, **bits)) as s:
+            model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **GREEDY)
+        runs.append(s.prefill_stats)
+    plain, quantized = runs
+    assert [round(s.total) for s in quantized.layers] == [round(s.total) for s in plain.layers]
+    assert quantized.kv_bytes < 0.75 * plain.kv_bytes and plain.kv_ratio < 0.5  # tiny groups: scales weigh

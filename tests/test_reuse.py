@@ -341,3 +341,118 @@ def test_weights_digest_notices_training_in_place(tiny_model):
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     assert weights_digest(model) != before
+
+
+def test_linked_generate_honours_the_length_and_end_options(tiny_model):
+    """Linking picks the first token itself: generate's own stop and length rules applied only after it. Now an
+    end token first stops at once, min_new_tokens holds it back, and max_length / a GenerationConfig's
+    max_new_tokens set the length, as in plain generate (recompute="full" is exact)."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, PROMPT).inputs
+    n = inputs["input_ids"].shape[1]
+    plain = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    first, second = int(plain[0, n]), int(plain[0, n + 1])
+    cases = [
+        dict(max_new_tokens=8, eos_token_id=first, pad_token_id=0),  # ends at the first token
+        dict(max_new_tokens=8, min_new_tokens=3, eos_token_id=first, pad_token_id=0),  # not before 3
+        dict(max_new_tokens=8, eos_token_id=second, pad_token_id=0),
+        dict(max_length=n + 3),
+        dict(generation_config=GenerationConfig(max_new_tokens=3, do_sample=False)),
+    ]
+    store = ImageKVStore()
+    with vlcache.reuse(model, store, recompute="full") as r:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)  # stores the images
+        linked = [model.generate(**inputs, do_sample=False, **kw) for kw in cases]
+        assert r.last["reused"] == 2
+    for kw, got in zip(cases, linked):
+        want = model.generate(**inputs, do_sample=False, **kw)
+        assert torch.equal(got, want), kw
+    assert linked[0].shape[1] == n + 1 and linked[3].shape[1] == n + 3
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(do_sample=True), "do_sample=True"),
+        (dict(num_return_sequences=2, num_beams=2), "num_beams=2"),
+        (dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
+    ],
+)
+def test_options_on_the_first_token_are_refused_when_linking(tiny_model, kw, message):
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, PROMPT).inputs
+    with vlcache.reuse(model, ImageKVStore()):
+        with pytest.raises(ValueError, match=f"image reuse picks the first token.*{message}"):
+            model.generate(**inputs, max_new_tokens=3, **kw)
+
+
+def test_what_reuse_cannot_link_is_one_clear_error(tiny_model):
+    qwen = tiny_model("qwen2_vl")
+    mixed = testing.make_inputs(qwen, ["ab", testing.IMAGE, "cd", testing.Video(4), "what?"]).inputs
+    with vlcache.reuse(qwen, ImageKVStore()):
+        with pytest.raises(ValueError, match="image reuse links images only; this prompt has a video"):
+            qwen.generate(**mixed, max_new_tokens=2, do_sample=False)
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, PROMPT).inputs
+    with (
+        vlcache.compress(model, "snapkv", budget=0.3, lookahead=1, lookahead_draft=True),
+        vlcache.reuse(model, ImageKVStore()),
+    ):
+        with pytest.raises(ValueError, match="lookahead_draft drafts from the prompt's own forward"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_vl_cache_scores_a_linked_prompt(tiny_model):
+    """VL-Cache counted each scoring row's visible keys over the whole prompt, while a linked prompt recomputes
+    only some rows: it raised on the second, linked, generate. Now it cuts to its budget as it does cold."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, PROMPT).inputs
+    with vlcache.compress(model, "vlcache", vision_budget=0.2) as s, vlcache.reuse(model, ImageKVStore(), k=4) as r:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        cold = s.prefill_stats.kept("image")
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert r.last["reused"] == 2
+    assert s.prefill_stats.kept("image") == cold < s.prefill_stats.prompt["image"]
+
+
+def test_detaching_out_of_order_leaves_a_working_model(tiny_model):
+    """Compression attached, then reuse, then compression detached first: reuse's wrapper stayed, calling the
+    detached session, which then refused every generate. Now a detached wrapper passes its calls on, and once
+    both are detached the model is its plain self."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, PROMPT).inputs
+    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    session = vlcache.attach(model, "snapkv", budget=0.5)
+    reuse = ImageReuse(model, ImageKVStore(), recompute="full").attach()
+    session.detach()
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), plain)  # reuse alone, exact
+    reuse.detach()
+    assert "generate" not in model.__dict__
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), plain)
+
+
+def test_linked_generates_from_several_threads_take_turns(tiny_model):
+    """Linking hooks the shared language model and keeps per-request rope state: two threads at once swapped
+    each other's embeddings and gave wrong tokens without an error. Now they take turns."""
+    model = tiny_model("llava")
+    prompts = [testing.make_inputs(model, PROMPT).inputs, testing.make_inputs(model, ["xy", testing.IMAGE, "?"]).inputs]
+    want = [model.generate(**p, max_new_tokens=6, do_sample=False) for p in prompts]
+    wrong, errors = [], []
+
+    def ask(j):
+        try:
+            got = model.generate(**prompts[j % 2], max_new_tokens=6, do_sample=False)
+            if not torch.equal(got, want[j % 2]):
+                wrong.append(j)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    with vlcache.reuse(model, ImageKVStore(), recompute="full"):
+        threads = [threading.Thread(target=ask, args=(j,)) for j in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == [] and errors == []

@@ -18,12 +18,22 @@ def wrap_generate(model, wrapper):
     return inner, previous
 
 
-def unwrap_generate(model, previous) -> None:
-    """Undo `wrap_generate`: restore the wrapper that was there before, or the class's own method."""
+def unwrap_generate(model, previous, wrapper) -> None:
+    """Undo `wrap_generate(model, wrapper)`: restore the wrapper that was there before, or the class's own method,
+    passing over wrappers that were detached meanwhile. Where another wrapper sits on top (detached out of order),
+    it stays: it calls this one, whose owner, detached, passes every call on to what it wrapped."""
+    if model.__dict__.get("generate") != wrapper:
+        return
+    while previous is not None and _detached(previous):
+        previous = previous.__self__._previous
     if previous is None:
         model.__dict__.pop("generate", None)
     else:
         model.generate = previous
+
+
+def _detached(wrapper) -> bool:
+    return getattr(getattr(wrapper, "__self__", None), "_attached", True) is False
 
 
 def text_config(model):

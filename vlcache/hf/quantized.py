@@ -177,7 +177,9 @@ class QuantizedLayer(CompressibleLayer):
         src = src.gather(-1, perm)
         old = torch.where(src >= 0, inverse.gather(-1, src.clamp(min=0)), -1)
         for name, t in self.slot_state.items():
-            self.slot_state[name] = torch.where(old >= 0, t.gather(-1, old.clamp(min=0)), 0)
+            # per KV head, or per query head (lookahead's waiting sums): each query head follows its KV head's slots
+            idx = old if t.shape[1] == old.shape[1] else old.repeat_interleave(t.shape[1] // old.shape[1], dim=1)
+            self.slot_state[name] = torch.where(idx >= 0, t.gather(-1, idx.clamp(min=0)), 0)
         self.parts, self.window, self.perm, self.positions = parts, window, perm, pos.gather(-1, perm)
         self.has_dead = bool((pos == DEAD).any())
         self.keys, self.values = window.keys, window.values

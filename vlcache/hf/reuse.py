@@ -17,6 +17,7 @@ prompt as in a cold prefill, scored from the recomputed rows (which always inclu
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -33,6 +34,7 @@ from .model_parts import current_implementation, decoder, unwrap_generate, wrap_
 
 REUSE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 RECOMPUTE = ("first_k", "cacheblend", "full")
+DEFAULT_NEW_TOKENS = 20  # what generate adds to the prompt when told neither max_new_tokens nor max_length
 QWEN = ("qwen2_vl", "qwen2_5_vl")
 MODEL_INPUTS = (
     "input_ids",
@@ -99,12 +101,19 @@ class ImageReuse:
 
     def detach(self) -> None:
         if self._attached:
-            unwrap_generate(self.model, self._previous)
-            self._attached = False
+            self._attached = False  # a call that still reaches `generate` passes through (`unwrap_generate`)
+            unwrap_generate(self.model, self._previous, self.generate)
 
     # ------------------------------------------------------------------ generate
 
     def generate(self, *args, **kwargs):
+        if not self._attached:  # detached while another wrapper still calls it
+            return self._generate(*args, **kwargs)
+        # calls from several threads take turns: the recompute forward's hooks and the rope state are per model
+        with self.__dict__.setdefault("_generate_lock", threading.RLock()):
+            return self._generate_one(*args, **kwargs)
+
+    def _generate_one(self, *args, **kwargs):
         inputs = {k: kwargs.pop(k) for k in MODEL_INPUTS if k in kwargs}
         if args:
             inputs["input_ids"] = args[0]
@@ -119,12 +128,21 @@ class ImageReuse:
             return self._generate(**inputs, **cache_kwargs(given), **kwargs)  # a later chat turn: nothing to link
         if not layout.samples[0].images:
             return self._generate(**inputs, **(cache_kwargs(given) if given is not None else {}), **kwargs)
+        self._check_linkable(layout, kwargs)
         with torch.inference_mode():
             cache, logits = self.link(inputs, layout, cache=given)
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        eos = kwargs.get("eos_token_id", gc.eos_token_id)
+        eos = list(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        if eos and kwargs.get("min_new_tokens", gc.min_new_tokens):  # as generate does: no end before the minimum
+            logits = logits.clone()
+            logits[..., eos] = float("-inf")
         first = logits.argmax(-1, keepdim=True)  # greedy, like the generate call it replaces
-        max_new = kwargs.pop("max_new_tokens", None) or self.model.generation_config.max_new_tokens or 20
+        max_new = kwargs.pop("max_new_tokens", None) or gc.max_new_tokens
+        limit = kwargs.pop("max_length", None) or gc.max_length
+        max_new = max_new or (limit - ids.shape[1] if limit else DEFAULT_NEW_TOKENS)
         ids = torch.cat([ids, first.to(ids.device)], dim=1)
-        if max_new <= 1:
+        if max_new <= 1 or int(first) in eos:  # generate would stop here too
             return ids
         nxt = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if "mm_token_type_ids" in inputs:
@@ -133,6 +151,27 @@ class ImageReuse:
         if "min_new_tokens" in kwargs:
             kwargs["min_new_tokens"] = max(0, kwargs["min_new_tokens"] - 1)
         return self._generate(**nxt, **cache_kwargs(cache), max_new_tokens=max_new - 1, **kwargs)
+
+    # options that act on the first generated token, which linking picks itself (greedily, from the recompute
+    # forward's logits): refused rather than applied to the later tokens only
+    FIRST_TOKEN_OPTIONS = ("streamer", "output_scores", "output_logits", "return_dict_in_generate", "output_attentions")
+
+    def _check_linkable(self, layout, kwargs: dict) -> None:
+        if layout.samples[0].videos or "pixel_values_videos" in kwargs:
+            raise ValueError(
+                "image reuse links images only; this prompt has a video: generate it outside vlcache.reuse"
+            )
+        session = getattr(self.model, "_vlcache_session", None)
+        if session is not None and getattr(session.policy, "lookahead_draft", False):
+            raise ValueError("lookahead_draft drafts from the prompt's own forward, which image reuse skips: drop one")
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        for name, off in (("do_sample", False), ("num_beams", 1), ("num_return_sequences", 1)):
+            value = kwargs.get(name, getattr(gc, name, None))
+            if value is not None and value != off:
+                raise ValueError(f"image reuse picks the first token greedily: {name}={value!r} is not supported")
+        for name in self.FIRST_TOKEN_OPTIONS:
+            if kwargs.get(name):
+                raise ValueError(f"image reuse picks the first token itself: {name} is not supported with it")
 
     # ------------------------------------------------------------------ linking
 

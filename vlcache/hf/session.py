@@ -148,7 +148,8 @@ class Session:
         set_text_implementation(self.model, self._original_impl)
         if self.decode is not None:
             self.decode.detach()
-        unwrap_generate(self.model, self._previous)
+        self._attached = False  # from here a call that still reaches `generate` passes through (`unwrap_generate`)
+        unwrap_generate(self.model, self._previous, self.generate)
         self.model.__dict__.pop("_vlcache_session", None)
         self.model._vlcache_stats = self.stats or self.prefill_stats
         self.cache = None
@@ -170,6 +171,8 @@ class Session:
         # Calls from several threads take turns: the hooks keep the forward in flight in `self.cache`, so two
         # interleaved generates would compress each other's caches. setdefault on the instance dict is atomic,
         # so the first callers agree on one lock. Parallel requests need one model (and session) each.
+        if not self._attached:  # detached while another wrapper still calls it: nothing of this session applies
+            return self._generate(*args, **kwargs)
         with self.__dict__.setdefault("_generate_lock", threading.RLock()):
             return self._generate_one(*args, **kwargs)
 
@@ -177,13 +180,17 @@ class Session:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         if ids is not None and ids.shape[-1] == 0:
             raise ValueError("empty prompt: input_ids has no tokens")
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        if kwargs.get("use_cache", getattr(gc, "use_cache", True)) is False:
+            # without a cache every step recomputes the whole sequence: there is nothing to compress, and the
+            # session's cache would take each step's whole sequence again
+            raise ValueError("use_cache=False has no KV cache to compress: generate it outside vlcache.compress")
         cache = pop_cache(kwargs)  # either name, whatever the installed transformers calls it
         if cache is None:
             cache = self.new_cache()
         elif not isinstance(cache, CompressedCache):
             raise ValueError(f"inside vlcache.compress, pass {CACHE_KWARG}=session.new_cache() (or no cache at all)")
         kwargs[CACHE_KWARG] = cache
-        gc = kwargs.get("generation_config") or self.model.generation_config
         if kwargs.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None):
             raise ValueError(
                 "vlcache compresses after one prefill; chunked prefill (prefill_chunk_size) is not supported"

@@ -23,7 +23,7 @@ import torch
 
 from ..modality import Layout
 from ..quant.config import check_bits, check_settings
-from .budget import check_amount, per_head, resolve, select_indices
+from .budget import check_amount, per_head, rank_desc, resolve, select_indices
 from .heads import HEAD_BUDGETS, adaptive_head_budgets
 from .lookahead import Lookahead, hold_for_lookahead
 from .view import Eviction, EvictionState, LayerView, Plan, Request, Selection
@@ -363,9 +363,9 @@ class Policy(Lookahead):
             for span in sample.spans:
                 inside = (pos[b] >= span.start) & (pos[b] < span.end)  # [Hk, T]
                 m = min(self.frame_min, int(inside[0].sum()))
-                if m:
-                    top = scores[b].masked_fill(~inside, float("-inf")).topk(m, dim=-1).indices
-                    forced[b].scatter_(-1, top, True)
+                if m:  # ties to the lower position, as every other selection (topk's tie order is arbitrary)
+                    s = torch.nan_to_num(scores[b].float(), nan=float("-inf")).masked_fill(~inside, float("-inf"))
+                    forced[b] |= inside & (rank_desc(s) < m)
         added = forced & ~before
         pools = []
         for mask, k in plan.pools:

@@ -12,6 +12,8 @@ import torch
 
 from ..modality import Layout, Modality
 
+COSINE_SLACK = 1e-5  # fp32 cosines of identical tokens land up to a few ulps below 1.0
+
 
 def frame_sequences(layout: Layout, b: int) -> list[list[torch.Tensor]]:
     """Row b's runs of frames that can be compared place by place: for each video, its frames in order (tokens
@@ -66,7 +68,8 @@ def temporal_keep(
             for frame in run[1:]:
                 frame = frame.to(embeds.device)
                 x = embeds[b, frame]
-                same = (_unit(x) * ref).sum(-1) >= threshold  # [t]
+                # less a rounding margin: identical tokens' fp32 cosine can land a few ulps under 1.0
+                same = (_unit(x) * ref).sum(-1) >= threshold - COSINE_SLACK  # [t]
                 keep[b, frame[same]] = False
                 if mode == "mean":
                     # a place's running sum is written back to its reference when the reference changes

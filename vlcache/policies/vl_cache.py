@@ -100,7 +100,10 @@ class VLCache(Policy):
             chunk=self.chunk,
         )
         # share of causal entries the threshold filters to zero, averaged over heads; each prompt its own
-        causal = view.layout.valid.long().cumsum(-1)[:, r0:].float() * q_valid  # visible keys per row
+        # visible keys per row, at the rows' own slots (image reuse recomputes a subset of the prompt's rows)
+        cum = view.layout.valid.long().cumsum(-1).to(q_valid.device)
+        at = view.query_slots(rows).to(cum.device).clamp(max=cum.shape[1] - 1)
+        causal = cum.gather(1, at).float() * q_valid
         zero = ((causal[:, None, :] - st.density) * q_valid[:, None, :]).sum(-1)  # [B, H]
         sparsity = zero / causal.sum(-1, keepdim=True).clamp(min=1)
         return st.colsum, q_valid.sum(-1), (1.0 - sparsity.mean(1)).tolist()
