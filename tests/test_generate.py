@@ -13,7 +13,7 @@ from vlcache.hf import CompressedCache, CompressibleLayer
 from vlcache.hf.compat import cache_kwargs, get_cache
 from vlcache.hf.model_parts import decoder
 from vlcache.modality import layout_from_inputs
-from vlcache.policies import CAKE, H2O, Full, PyramidKV, Random, SnapKV, StreamingLLM
+from vlcache.policies import CAKE, H2O, ElasticCache, Full, PyramidKV, Random, SnapKV, StreamingLLM
 
 GREEDY = dict(do_sample=False)
 
@@ -188,6 +188,23 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
         alone, session = _run(model, testing.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=10)
         _assert_compressed(session, policy.name != "full")
         assert batch[b, -10:].tolist() == alone[0, -10:].tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_elastic_cache_deletes_at_each_rows_own_fixed_point(tiny_model, family):
+    """The fixed point was one slot index for the whole batch, and every row dropped as many slots as the row that
+    wanted most (its real tokens when it had no padding to give): a padded row drifted from the same prompt alone
+    after a few steps. Now the point counts each row's real slots, and a row's extra deletions are dead filler."""
+    model = tiny_model(family)
+    rows = [prompt_for(family), ["x", testing.IMAGE, "what?"]]
+    policy = ElasticCache(budget=0.6)
+    batch, session = _run(model, testing.make_inputs(model, rows).inputs, policy, max_new_tokens=8, min_new_tokens=8)
+    _assert_compressed(session)
+    for b, row in enumerate(rows):
+        alone = _generate(
+            model, testing.make_inputs(model, [row], seed=b).inputs, policy, max_new_tokens=8, min_new_tokens=8
+        )
+        assert batch[b, -8:].tolist() == alone[0, -8:].tolist(), b
 
 
 def test_frame_minimum_ties_fall_as_in_every_other_selection(tiny_model):

@@ -18,7 +18,7 @@ class ElasticLayer(EvictionState):
 
     fraction: torch.Tensor | None = None
     seen: torch.Tensor | None = None
-    point: int = 0
+    point: torch.Tensor | None = None  # [B] per row, counted in its real slots (a padded row's own post-prefill length)
 
 
 @dataclass(kw_only=True)
@@ -72,16 +72,16 @@ class ElasticCache(DecodeEvicting):
         """Hold the layer at the fraction of the tokens seen that the prefill's selection `sel` kept, deleting from
         the fixed point on."""
         real = view.layout.valid.sum(-1)
+        kept = view.slot_valid.gather(-1, sel.indices)[:, 0].sum(-1)  # [B] real tokens the prefill kept
         state = self.layer_state(view)
         if isinstance(self.budget, float):  # the paper's floor((1 - r) * T)
             state.fraction = torch.full(real.shape, self.budget, dtype=torch.float64, device=real.device)
         else:  # per-modality amounts: hold the fraction the prefill kept
-            kept = view.slot_valid.gather(-1, sel.indices)[:, 0].sum(-1)
             state.fraction = kept.double() / real.double()
         state.seen = real
-        length = sel.indices.shape[-1]
-        point = self.distance if self.distance >= 0 else length + self.distance
-        state.point = max(min(point, length - 1), min(self.start, length - 1))
+        # the fixed point counts each row's real slots, so a row in a padded batch deletes where it would alone
+        point = torch.full_like(kept, self.distance) if self.distance >= 0 else kept + self.distance
+        state.point = torch.maximum(point.clamp(max=kept - 1), (kept - 1).clamp(max=self.start))
 
     def merge_into_anchors(self, view: LayerView, sel: Selection, forced: torch.Tensor) -> Selection:
         """Fold every evicted token into the anchor nearest by position (anchors: kept and not forced)."""
@@ -116,19 +116,25 @@ class ElasticCache(DecodeEvicting):
         valid = view.slot_valid[:, 0]  # [B, T]
         T = view.slots
         slots = torch.arange(T, device=valid.device)
-        point = min(state.point, T - 1)
+        rank = valid.long().cumsum(-1) - 1  # each real slot's index among its row's real slots
         # deletable from the fixed point on: real and not protected (the choice is shared by all heads)
-        deletable = valid & ~view.prompt_mask(self.protected(view.layout))[:, 0] & (slots >= point)
+        deletable = valid & ~view.prompt_mask(self.protected(view.layout))[:, 0] & (rank >= state.point[:, None])
         want = torch.minimum((valid.sum(-1) - budget).clamp(min=0), deletable.sum(-1))  # [B]
-        room = deletable.sum(-1) + (~valid).sum(-1)  # every row must drop the same count, pads included
-        drop = min(int(want.max()), int(room.min()))
-        if drop == 0:
+        # every row gives up the same number of slots: each its `want` real tokens, topped up with its padding
+        # slots; a row that wants more than that number keeps its extra deletions as dead filler (masked, as
+        # padding is), so no row loses a real token it would keep alone
+        wanted, drop = (
+            int(x) for x in torch.stack([want.max(), torch.minimum(want.max(), (want + (~valid).sum(-1)).min())])
+        )
+        if wanted == 0:
             return None
         keep = torch.ones_like(valid)
+        filler = torch.zeros_like(valid)
         for b in range(valid.shape[0]):
-            # a row under its budget gives up padding slots rather than real tokens, so rows stay the same length
-            pads = (~valid[b]).nonzero().flatten()[: drop - min(int(want[b]), drop)]
-            keep[b, pads] = False
-            keep[b, deletable[b].nonzero().flatten()[: drop - len(pads)]] = False
+            real = deletable[b].nonzero().flatten()[: int(want[b])]
+            keep[b, real[:drop]] = False
+            filler[b, real[drop:]] = True
+            keep[b, (~valid[b]).nonzero().flatten()[: drop - len(real[:drop])]] = False
         idx = slots.expand_as(valid)[keep].view(valid.shape[0], T - drop)
-        return {view.layer: Selection(idx[:, None, :].expand(-1, view.kv_heads, -1).contiguous())}
+        idx, dead = (t[:, None, :].expand(-1, view.kv_heads, -1).contiguous() for t in (idx, filler.gather(-1, idx)))
+        return {view.layer: Selection(idx, filler=dead if bool(dead.any()) else None)}
