@@ -207,6 +207,27 @@ def test_elastic_cache_deletes_at_each_rows_own_fixed_point(tiny_model, family):
         assert batch[b, -8:].tolist() == alone[0, -8:].tolist(), b
 
 
+@pytest.mark.parametrize("cascading", [True, False])
+def test_cake_leaves_a_batch_row_that_fits_whole_as_it_does_alone(tiny_model, cascading):
+    """CAKE leaves a prompt that fits its budget plus its window untouched, but decided that for the whole batch:
+    next to a longer prompt, a short one was cut (and evicted from while decoding). Now each row is decided alone."""
+    model = tiny_model("qwen2_vl")
+    rows = [prompt_for("qwen2_vl"), ["x", testing.IMAGE, "what?"]]
+    policy = CAKE(budget=0.4, cascading=cascading)
+    short = testing.make_inputs(model, [rows[1]], seed=1).inputs
+    n = int(short["input_ids"].shape[1])
+    assert n <= int(0.4 * n) + policy.window < testing.make_inputs(model, [rows[0]]).inputs["input_ids"].shape[1]
+    batch, session = _run(model, testing.make_inputs(model, rows).inputs, policy, max_new_tokens=6, min_new_tokens=6)
+    _assert_compressed(session)
+    row = session.prefill_rows[1]  # the short row: every token kept in every layer
+    assert all(layer.kept["text"] + layer.kept["image"] == n for layer in row.layers)
+    for b, prompt in enumerate(rows):
+        alone = _generate(
+            model, testing.make_inputs(model, [prompt], seed=b).inputs, policy, max_new_tokens=6, min_new_tokens=6
+        )
+        assert batch[b, -6:].tolist() == alone[0, -6:].tolist(), b
+
+
 def test_frame_minimum_ties_fall_as_in_every_other_selection(tiny_model):
     """SnapKV scores its window +inf, so a frame's top `frame_min` can tie: topk broke those ties in an order that
     depended on the row's padding, and a padded row kept other slots than alone. Ties go to the lower position."""

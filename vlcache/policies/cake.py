@@ -63,6 +63,9 @@ def cake_plan(plan: Plan, shares: list[list[list[int]]], i: int) -> Plan:
     )
 
 
+NEVER = 1 << 62  # a hold no cache reaches
+
+
 @dataclass
 class CakeLayer(EvictionState):
     """A CAKE layer while decoding: held at `hold` [B] real tokens, the newest `window` always kept."""
@@ -135,12 +138,28 @@ class CAKE(DecodeEvicting):
 
     def fits(self, layout, total: torch.Tensor) -> bool:
         """Whether every prompt fits the budget `total` [B] plus the window: CAKE then leaves it whole."""
-        return bool((layout.valid.sum(-1) <= total + self.window).all())
+        return bool(self.fitting(layout, total).all())
+
+    def fitting(self, layout, total: torch.Tensor) -> torch.Tensor:
+        """[B] the prompts that fit the budget `total` [B] plus the window (each left whole, in a batch too)."""
+        return layout.valid.sum(-1) <= total + self.window
+
+    def plan(self, view: LayerView, **kw) -> Plan:
+        """The prompt-space plan; a prompt of a batch that fits whole is kept whole, as it would be alone."""
+        plan = super().plan(view, **kw)
+        fit = self.fitting(view.layout, self.total_budget(view.layout))
+        if not bool(fit.any()):
+            return plan
+        forced = plan.forced | (view.layout.valid & fit[:, None])
+        return Plan(forced, [(mask & ~fit[:, None], torch.where(fit, 0, k)) for mask, k in plan.pools])
 
     def start_decoding(self, view: LayerView, plan: Plan) -> None:
         """Hold the layer at what its prompt-space `plan` keeps while decoding, the newest `window` kept."""
         state = self.layer_state(view)
         state.hold = plan.kept()  # real tokens kept while decoding
+        # a prompt that fits whole is never evicted from, in a batch as alone (where CAKE leaves it untouched)
+        fit = self.fitting(view.layout, self.total_budget(view.layout))
+        state.hold = torch.where(fit.to(state.hold.device), NEVER, state.hold)
         state.window = min(self.window, int(self.total_budget(view.layout).min()))
 
     def layer_statistics(self, view: LayerView) -> tuple[list[float], torch.Tensor]:
