@@ -190,13 +190,18 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_model, family, policy):
         assert batch[b, -10:].tolist() == alone[0, -10:].tolist()
 
 
+SHORT_PAIR = [["a b c", testing.IMAGE, "tell me more about it please"], ["x", testing.IMAGE, "what?"]]
+
+
+@pytest.mark.parametrize("pair", ["long-short", "two-short"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_elastic_cache_deletes_at_each_rows_own_fixed_point(tiny_model, family):
-    """The fixed point was one slot index for the whole batch, and every row dropped as many slots as the row that
-    wanted most (its real tokens when it had no padding to give): a padded row drifted from the same prompt alone
-    after a few steps. Now the point counts each row's real slots, and a row's extra deletions are dead filler."""
+def test_elastic_cache_rows_of_a_padded_batch_decode_as_alone(tiny_model, family, pair):
+    """Three batch-wide shortcuts made a padded row drift from the same prompt alone: the fixed point was one slot
+    index for the whole batch; every row dropped as many slots as the row that wanted most (its real tokens when it
+    had no padding to give); and the prefill merged no row when one row had no anchor (two short prompts). Now
+    the point counts each row's real slots, a row's extra deletions are dead filler, and each row merges alone."""
     model = tiny_model(family)
-    rows = [prompt_for(family), ["x", testing.IMAGE, "what?"]]
+    rows = [prompt_for(family), ["x", testing.IMAGE, "what?"]] if pair == "long-short" else SHORT_PAIR
     policy = ElasticCache(budget=0.6)
     batch, session = _run(model, testing.make_inputs(model, rows).inputs, policy, max_new_tokens=8, min_new_tokens=8)
     _assert_compressed(session)

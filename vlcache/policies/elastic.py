@@ -89,7 +89,10 @@ class ElasticCache(DecodeEvicting):
         kept = torch.zeros_like(view.slot_valid).scatter_(-1, idx, True)
         evicted = view.slot_valid & ~kept
         is_anchor = ~forced[:, None, :].expand_as(kept).gather(-1, idx) & view.slot_valid.gather(-1, idx)  # [B, Hk, K]
-        if not bool(evicted.any()) or not bool(is_anchor.any(-1).all()):
+        # a row (or head) without anchors merges nothing; the others merge as they would alone (a batch-wide check
+        # left every row of a padded batch unmerged when one row had no anchor)
+        evicted = evicted & is_anchor.any(-1)[..., None]
+        if not bool(evicted.any()):
             return sel
         # anchors as positions, padded with +inf-like values so every row has the same count
         big = view.positions.max() + view.slots + 1
