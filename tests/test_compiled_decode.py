@@ -12,7 +12,7 @@ from util import prompt_for
 
 import vlcache
 from vlcache import testing
-from vlcache.hf import CompressibleLayer, compiled_decode, static_cache
+from vlcache.hf import CompressibleLayer, compiled_decode, model_parts, static_cache
 from vlcache.hf import session as session_module
 from vlcache.hf.compat import cache_kwargs
 from vlcache.hf.static_cache import StaticLayer
@@ -455,7 +455,7 @@ def test_a_cache_that_grows_mid_generate_keeps_the_eviction_count(tiny_model, mo
     model = tiny_model("llava")
     inputs = testing.make_inputs(model, prompt_for("llava")).inputs
     # room for 2 tokens at the exact capacity: full 2 steps after each rebuild, 1 short of an eviction
-    monkeypatch.setattr(session_module, "_room", lambda *a: 2)
+    monkeypatch.setattr(session_module, "new_tokens", lambda *a: 2)
     monkeypatch.setattr(static_cache, "ROUND", 1)
     rebuilds = []
     monkeypatch.setattr(compiled_decode, "thaw", lambda cache: (rebuilds.append(1), static_cache.thaw(cache)))
@@ -469,9 +469,9 @@ def test_a_cache_that_grows_mid_generate_keeps_the_eviction_count(tiny_model, mo
 def test_generate_without_a_length_leaves_room_for_its_20_tokens(tiny_model):
     """generate told neither max_new_tokens nor max_length adds 20 tokens to the prompt: the frozen cache was
     sized for one (20 minus the prompt's length), and rebuilt mid-generate."""
-    assert session_module._room({}, testing.build("llava").generation_config, torch.zeros(1, 244)) == 20
-    assert session_module._room({"max_length": 250}, None, torch.zeros(1, 244)) == 6
-    assert session_module._room({"max_new_tokens": 3, "max_length": 250}, None, torch.zeros(1, 244)) == 3
+    assert model_parts.new_tokens({}, testing.build("llava").generation_config, torch.zeros(1, 244)) == 20
+    assert model_parts.new_tokens({"max_length": 250}, None, torch.zeros(1, 244)) == 6
+    assert model_parts.new_tokens({"max_new_tokens": 3, "max_length": 250}, None, torch.zeros(1, 244)) == 3
 
 
 @pytest.mark.parametrize("bad", ["yes", "no", 1, None])

@@ -36,6 +36,19 @@ def _detached(wrapper) -> bool:
     return getattr(getattr(wrapper, "__self__", None), "_attached", True) is False
 
 
+DEFAULT_NEW_TOKENS = 20  # what generate adds to the prompt when told neither max_new_tokens nor max_length
+
+
+def new_tokens(kwargs: dict, gc, ids) -> int:
+    """How many tokens a generate call given `kwargs` (and generation config `gc`, prompt `ids`) may produce, at
+    least 1: its max_new_tokens, else its max_length less the prompt, else transformers' default of 20 more."""
+    new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
+    if new is None:
+        limit = kwargs.get("max_length", getattr(gc, "max_length", None))
+        new = DEFAULT_NEW_TOKENS if limit is None else limit - (0 if ids is None else ids.shape[-1])
+    return max(1, int(new))
+
+
 def text_config(model):
     return model.config.get_text_config(decoder=True)
 

@@ -30,11 +30,10 @@ from ..reuse.rope import rerotate
 from ..reuse.store import Chunk, ImageKVStore, chunk_key
 from .cache import CompressedCache, CompressibleLayer, DynamicCache
 from .compat import cache_kwargs, get_rope_index, pop_cache, set_rope_deltas
-from .model_parts import current_implementation, decoder, unwrap_generate, wrap_generate
+from .model_parts import current_implementation, decoder, new_tokens, unwrap_generate, wrap_generate
 
 REUSE_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 RECOMPUTE = ("first_k", "cacheblend", "full")
-DEFAULT_NEW_TOKENS = 20  # what generate adds to the prompt when told neither max_new_tokens nor max_length
 QWEN = ("qwen2_vl", "qwen2_5_vl")
 MODEL_INPUTS = (
     "input_ids",
@@ -128,19 +127,19 @@ class ImageReuse:
             return self._generate(**inputs, **cache_kwargs(given), **kwargs)  # a later chat turn: nothing to link
         if not layout.samples[0].images:
             return self._generate(**inputs, **(cache_kwargs(given) if given is not None else {}), **kwargs)
-        self._check_linkable(layout, kwargs)
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        self._check_linkable(layout, kwargs, gc)
         with torch.inference_mode():
             cache, logits = self.link(inputs, layout, cache=given)
-        gc = kwargs.get("generation_config") or self.model.generation_config
         eos = kwargs.get("eos_token_id", gc.eos_token_id)
         eos = list(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         if eos and kwargs.get("min_new_tokens", gc.min_new_tokens):  # as generate does: no end before the minimum
             logits = logits.clone()
             logits[..., eos] = float("-inf")
         first = logits.argmax(-1, keepdim=True)  # greedy, like the generate call it replaces
-        max_new = kwargs.pop("max_new_tokens", None) or gc.max_new_tokens
-        limit = kwargs.pop("max_length", None) or gc.max_length
-        max_new = max_new or (limit - ids.shape[1] if limit else DEFAULT_NEW_TOKENS)
+        max_new = new_tokens(kwargs, gc, ids)
+        for name in ("max_new_tokens", "max_length"):  # the later tokens' length is passed below
+            kwargs.pop(name, None)
         ids = torch.cat([ids, first.to(ids.device)], dim=1)
         if max_new <= 1 or int(first) in eos:  # generate would stop here too
             return ids
@@ -156,7 +155,7 @@ class ImageReuse:
     # forward's logits): refused rather than applied to the later tokens only
     FIRST_TOKEN_OPTIONS = ("streamer", "output_scores", "output_logits", "return_dict_in_generate", "output_attentions")
 
-    def _check_linkable(self, layout, kwargs: dict) -> None:
+    def _check_linkable(self, layout, kwargs: dict, gc) -> None:
         if layout.samples[0].videos or "pixel_values_videos" in kwargs:
             raise ValueError(
                 "image reuse links images only; this prompt has a video: generate it outside vlcache.reuse"
@@ -164,7 +163,6 @@ class ImageReuse:
         session = getattr(self.model, "_vlcache_session", None)
         if session is not None and getattr(session.policy, "lookahead_draft", False):
             raise ValueError("lookahead_draft drafts from the prompt's own forward, which image reuse skips: drop one")
-        gc = kwargs.get("generation_config") or self.model.generation_config
         for name, off in (("do_sample", False), ("num_beams", 1), ("num_return_sequences", 1)):
             value = kwargs.get(name, getattr(gc, name, None))
             if value is not None and value != off:

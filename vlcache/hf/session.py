@@ -31,6 +31,7 @@ from .model_parts import (
     attention_modules,
     check_reductions,
     decoder,
+    new_tokens,
     set_text_implementation,
     text_config,
     unwrap_generate,
@@ -56,19 +57,6 @@ def _decode_backends(query: torch.Tensor):
 
 
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-DEFAULT_NEW_TOKENS = 20  # what generate adds to the prompt when told neither max_new_tokens nor max_length
-
-
-def _room(kwargs: dict, gc, ids) -> int:
-    """Tokens this generate may still append (what a frozen layer leaves room for; an overestimate only costs
-    capacity, an underestimate a rebuild of the frozen cache mid-generate)."""
-    new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
-    if new is None:
-        limit = kwargs.get("max_length", getattr(gc, "max_length", None))
-        new = DEFAULT_NEW_TOKENS if limit is None else limit - (0 if ids is None else ids.shape[-1])
-    return max(1, int(new))
 
 
 class Session:
@@ -198,7 +186,9 @@ class Session:
         # what the caller gave generate, for the prompt's layout: from transformers 5.24 on, generate encodes the
         # images itself and hands the forward only their features, without the sizes that tell frames apart
         self._request_inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        cache.decode_room = _room(kwargs, gc, ids)
+        # what a frozen layer leaves room for: an overestimate only costs capacity, an underestimate a rebuild of
+        # the frozen cache mid-generate
+        cache.decode_room = new_tokens(kwargs, gc, ids)
         try:
             out = self._generate(*args, **kwargs)
         finally:

@@ -156,11 +156,11 @@ class CAKE(DecodeEvicting):
     def start_decoding(self, view: LayerView, plan: Plan) -> None:
         """Hold the layer at what its prompt-space `plan` keeps while decoding, the newest `window` kept."""
         state = self.layer_state(view)
+        total = self.total_budget(view.layout)
         state.hold = plan.kept()  # real tokens kept while decoding
         # a prompt that fits whole is never evicted from, in a batch as alone (where CAKE leaves it untouched)
-        fit = self.fitting(view.layout, self.total_budget(view.layout))
-        state.hold = torch.where(fit.to(state.hold.device), NEVER, state.hold)
-        state.window = min(self.window, int(self.total_budget(view.layout).min()))
+        state.hold = torch.where(self.fitting(view.layout, total).to(state.hold.device), NEVER, state.hold)
+        state.window = min(self.window, int(total.min()))
 
     def layer_statistics(self, view: LayerView) -> tuple[list[float], torch.Tensor]:
         """(preference per prompt, indicator [B, Hk, n]) from the last `window` prompt rows."""
