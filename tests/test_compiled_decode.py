@@ -478,3 +478,23 @@ def test_generate_without_a_length_leaves_room_for_its_20_tokens(tiny_model):
 def test_compile_takes_true_or_false_only(tiny_model, bad):
     with pytest.raises(ValueError, match="compile must be True or False"):
         vlcache.attach(tiny_model("llava"), "snapkv", budget=0.5, compile=bad)
+
+
+@pytest.mark.parametrize("name", ["h2o", "streamingllm", "cake", "elastic", "compose"])
+@pytest.mark.parametrize("amounts", [{"vision_budget": 0.3}, {"vision_budget": 0.3, "text_budget": 0.5}], ids=str)
+def test_per_modality_holds_decode_as_eagerly_and_a_vision_hold_never_stops_the_graph(
+    tiny_model, monkeypatch, name, amounts
+):
+    """A hold of the vision alone can never be exceeded (decoding adds only text): the frozen steps run on without
+    stopping for the policy; with a text hold too they stop, and evict what eager decoding evicts."""
+    model = tiny_model("llava")
+    inputs = testing.make_inputs(model, prompt_for("llava")).inputs
+    kw = {"window": 4} if name == "cake" else {"schedule": "h2o"} if name == "compose" else {}
+    eager, es = _run(model, inputs, make_policy(name, **amounts, **kw), False)
+    stops = []
+    evict = compiled_decode.CompiledDecode.evict
+    monkeypatch.setattr(compiled_decode.CompiledDecode, "evict", lambda self, c: stops.append(1) or evict(self, c))
+    frozen, s = _run(model, inputs, make_policy(name, **amounts, **kw), True, capture=False)
+    assert torch.equal(frozen, eager) and s.decode.steps == NEW - 1
+    _same_slots(s, es)
+    assert (len(stops) > 0) == ("text_budget" in amounts)

@@ -237,16 +237,28 @@ def test_presets_by_name():
         preset("snapkv", budget=0.1, beta=3)
 
 
+def _by_modality(stats):
+    return [(s.kept["image"] + s.kept["video"], s.kept["text"], s.kept["generated"]) for s in stats.layers]
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_vl"])
-def test_a_decode_schedule_in_generate(tiny_model, family):
+@pytest.mark.parametrize(
+    "amounts", [{"budget": 0.4}, {"vision_budget": 0.2}, {"vision_budget": 0.2, "text_budget": 0.5}]
+)
+def test_a_decode_schedule_in_generate(tiny_model, family, amounts):
     model = tiny_model(family)
     inputs = testing.make_inputs(model, prompt_for(family)).inputs
-    policy = make_policy("compose", vision_budget=0.2, scorer="vlcache", allocator="preference", schedule="h2o")
+    policy = make_policy("compose", **amounts, scorer="vlcache", allocator="preference", schedule="h2o")
     with vlcache.compress(model, policy) as session:
-        model.generate(**inputs, do_sample=False, max_new_tokens=6)
-    after_prefill = [s.total for s in session.prefill_stats.layers]
-    at_end = [s.total for s in session.stats.layers]
-    assert at_end == after_prefill  # held at the prefill's size through six generated tokens
+        model.generate(**inputs, do_sample=False, max_new_tokens=6)  # 5 decode steps append to the cache
+    after_prefill, at_end = _by_modality(session.prefill_stats), _by_modality(session.stats)
+    for (vision, text, _), (vision_end, text_end, generated) in zip(after_prefill, at_end):
+        if "budget" in amounts:  # held at the prefill's size in all, any modality leaving for the new tokens
+            assert vision_end + text_end + generated == vision + text and vision_end + text_end < vision + text
+        elif "text_budget" in amounts:  # each modality at its own: text entries (here the new) leave for the new
+            assert vision_end == vision and text_end + generated == text and generated < 5
+        else:  # the text is not held: nothing leaves, the generated tokens join
+            assert (vision_end, text_end, generated) == (vision, text, 5)
 
 
 @pytest.mark.parametrize(

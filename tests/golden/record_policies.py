@@ -67,8 +67,6 @@ def cases():
     for name, extras in EXTRA.items():
         for extra in extras:
             for amount in AMOUNTS:
-                if name == "elastic" and "budget" not in amount:
-                    continue  # Elastic Cache's decode-time fraction needs one budget
                 settings = {**amount, **extra}
                 out.append((f"{name}:{sorted(settings.items())}", name, settings))
     for name, settings in PRUNED:

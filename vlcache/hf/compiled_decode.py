@@ -112,9 +112,15 @@ class CompiledDecode:
 
     def managed(self, cache: CompressedCache) -> set[int]:
         """The compressible layers the policy evicts in while decoding: all, or those up to `prune_at` (the layers
-        after it hold what it passed on and are left to themselves)."""
+        after it hold what it passed on and are left to themselves), less those it can no longer evict from (a hold
+        of the vision alone, which decoding never adds to: the graph then runs on without stopping for them)."""
         layers = cache.compressible()
-        return {li for li in layers if self.runner.prune_at is None or li <= self.runner.prune_at}
+        return {
+            li
+            for li in layers
+            if (self.runner.prune_at is None or li <= self.runner.prune_at)
+            and self.policy.evicts_in(cache.layers[li].state)
+        }
 
     def flush(self, cache: CompressedCache) -> None:
         """At the end of generate: the steps since the last eviction go through the policy too (they are not due to

@@ -25,6 +25,7 @@ from ..modality import Layout
 from ..quant.config import check_bits, check_settings
 from .budget import check_amount, per_head, rank_desc, resolve, select_indices
 from .heads import HEAD_BUDGETS, adaptive_head_budgets
+from .hold import Hold, hold_of
 from .lookahead import Lookahead, hold_for_lookahead
 from .view import Eviction, EvictionState, LayerView, Plan, Request, Selection
 
@@ -43,7 +44,8 @@ class Policy(Lookahead):
     - vision_budget / text_budget: separate amounts for vision tokens and text tokens, instead of `budget`;
       a modality without an amount is kept whole. An amount bounds what the method itself never evicts in that
       modality too (SnapKV's observation window, StreamingLLM's sinks reaching into a video); protected tokens
-      are kept whatever the amount.
+      are kept whatever the amount. Decode-time methods hold each modality at its own while decoding (hold.py):
+      generated tokens are text, so a vision amount alone evicts nothing after the prefill.
     - protect: token groups never evicted, from ("markers", "question"); () lets everything compete.
     - frame_min: every image and video frame keeps at least this many of its best-scoring tokens (0: off), so
       no frame disappears entirely; they count against the budget.
@@ -240,6 +242,11 @@ class Policy(Lookahead):
         would. 0 for a policy that does not evict while decoding."""
         return 0
 
+    def evicts_in(self, state: dict) -> bool:
+        """Whether decoding may still evict from a layer (its `view.state`): compiled decode leaves the graph only
+        for such layers. False for a policy that does not act while decoding."""
+        return False
+
     # ------------------------------------------------------------------ pieces subclasses override
 
     def score(self, view: LayerView) -> torch.Tensor | None:
@@ -373,33 +380,45 @@ class Policy(Lookahead):
             pools.append((mk & ~forced, (k.view(-1, 1) - (added & mk).sum(-1)).clamp(min=0)))
         return Plan(forced, pools)
 
-    def growth_budget(self, view: LayerView, plan: Plan) -> torch.Tensor:
-        """[B] real tokens a decode-time method holds the cache at: what the prefill kept, or a token-count budget
-        larger than the prompt (then the cache first grows up to it). A ratio is fixed by the prompt length."""
-        kept = plan.kept()
-        if isinstance(self.budget, int):
-            kept = kept.clamp(min=self.budget)
-        return kept
+    def growth_budget(self, view: LayerView, plan: Plan) -> Hold:
+        """What a decode-time method holds the layer at (hold.py): the real tokens the prompt-space `plan` keeps, in
+        all or per modality; a token-count amount larger than what it keeps lets the cache first grow up to it. A
+        ratio is fixed by the prompt length."""
+        return hold_of(self, view, plan)
 
-    def keep_at_budget(self, view: LayerView, budget: torch.Tensor, scores: torch.Tensor, forced: torch.Tensor):
-        """Decode-time eviction: if a row holds more than `budget` [B] real tokens, keep the `forced` slots
-        ([B, Hk, T]) and the best-scoring others, down to the budget."""
+    def keep_at_budget(self, view: LayerView, hold: Hold | torch.Tensor, scores: torch.Tensor, forced: torch.Tensor):
+        """Decode-time eviction: where a row holds more real tokens than `hold` allows (a `Hold`, in all or per
+        modality, or [B] real tokens in all), keep the `forced` slots ([B, Hk, T]) and the best-scoring others of
+        that group, down to its size; the entries of a modality no amount holds are kept."""
         valid = view.slot_valid
-        if bool((valid[:, 0].sum(-1) <= budget).all()):
+        if isinstance(hold, torch.Tensor):
+            hold = Hold(total=hold)
+        groups = hold.groups(view)
+        if not groups:
             return None
-        forced = forced & valid
-        k = (budget.view(-1, 1) - forced.sum(-1)).clamp(min=0)  # [B, Hk]
-        pool = valid & ~forced
+        over = torch.stack([(mask[:, 0].sum(-1) > held).any() for mask, held in groups])
+        if not bool(over.any()):
+            return None
+        unheld = hold.unheld(view)
+        forced = (forced | unheld if unheld is not None else forced) & valid
+        pools = []
+        for mask, held in groups:
+            k = (held.view(-1, 1) - (forced & mask).sum(-1)).clamp(min=0)  # [B, Hk]
+            pool = mask & ~forced
+            pools.append((pool, torch.minimum(k, pool.sum(-1))))
         if self.order_free:
             # the steady state drops as many slots as tokens arrived (one a step), the same number in every row
-            # and head: drop the lowest-scoring ones in place rather than copy the whole layer every step. Ties
-            # may fall otherwise than in select_indices (H2O's sums hardly tie, StreamingLLM's positions never).
-            drop = pool.sum(-1) - k
-            low, e = torch.stack([drop.min(), drop.max()]).tolist()  # one device sync, not two
-            if 0 < e <= IN_PLACE_MAX and low == e:
+            # and head, from one group: drop its lowest-scoring ones in place rather than copy the whole layer
+            # every step. Ties may fall otherwise than in select_indices (H2O's sums hardly tie, StreamingLLM's
+            # positions never).
+            drops = torch.stack([pool.sum(-1) - k for pool, k in pools])  # [G, B, Hk]
+            low, high = (x.tolist() for x in (drops.flatten(1).amin(-1), drops.flatten(1).amax(-1)))  # one sync
+            dropping = [g for g in range(len(pools)) if high[g] > 0]
+            if len(dropping) == 1 and 0 < high[dropping[0]] <= IN_PLACE_MAX and low[dropping[0]] == high[dropping[0]]:
+                pool = pools[dropping[0]][0]
                 s = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~pool, float("inf"))
-                return {view.layer: Eviction(s.topk(e, dim=-1, largest=False).indices)}
-        return {view.layer: Selection(*select_indices(scores, forced, [(pool, k)], valid, with_filler=True))}
+                return {view.layer: Eviction(s.topk(high[dropping[0]], dim=-1, largest=False).indices)}
+        return {view.layer: Selection(*select_indices(scores, forced, pools, valid, with_filler=True))}
 
 
 @dataclass(kw_only=True)
@@ -433,6 +452,10 @@ class DecodeEvicting(Policy):
     def appended_since_eviction(self, state: dict) -> int:
         held = state.get("policy")
         return held.pending if held is not None else 0
+
+    def evicts_in(self, state: dict) -> bool:
+        held = state.get("policy")
+        return held is None or held.evicts  # (None: not started, so not known to be idle)
 
     def eviction_due(self, view: LayerView) -> bool:
         """Whether this append evicts: once `evict_every` tokens have arrived since the last eviction (a chat's

@@ -7,6 +7,7 @@ import torch
 from .. import kernels
 from .base import DecodeEvicting
 from .h2o import last_real
+from .hold import Hold, hold_of
 from .view import EvictionState, LayerStatistics, LayerView, Plan, Request
 
 
@@ -63,15 +64,18 @@ def cake_plan(plan: Plan, shares: list[list[list[int]]], i: int) -> Plan:
     )
 
 
-NEVER = 1 << 62  # a hold no cache reaches
-
-
 @dataclass
 class CakeLayer(EvictionState):
-    """A CAKE layer while decoding: held at `hold` [B] real tokens, the newest `window` always kept."""
+    """A CAKE layer while decoding: held at `hold` (in all or per modality), the newest `window` slots ranked first
+    and the newest `recent` [B] tokens always kept (the window, or less where a text hold is smaller)."""
 
-    hold: torch.Tensor | None = None
+    hold: Hold | None = None
     window: int = 0
+    recent: torch.Tensor | None = None
+
+    @property
+    def evicts(self) -> bool:
+        return self.hold is not None and self.hold.evicts
 
 
 @dataclass
@@ -94,8 +98,9 @@ class CAKE(DecodeEvicting):
     `budget` is the average per-layer cache size S (window included); the model keeps L x (S - window) outside the
     windows. With `cascading` (default), after each layer's prefill every layer seen so far is re-cut to its
     share among the layers seen so far, so the cache never holds more than that total (plus the windows and the
-    layer being computed) during prefill. While decoding each layer stays at its size: as a token arrives, the
-    entry the new token attends to least (pooled, window excluded) leaves.
+    layer being computed) during prefill. While decoding each layer stays at its size (per modality under
+    per-modality amounts: hold.py): as a token arrives, the entry the new token attends to least (pooled, window
+    excluded) leaves.
 
     - window (32), gamma (200), kernel (5): the observation window, the variance weight, the pooling width.
     - tau1, tau2 (1.0, 1.0): preference = entropy^(1/tau1) * variance^(1/tau2) (the code tunes them per model).
@@ -157,10 +162,13 @@ class CAKE(DecodeEvicting):
         """Hold the layer at what its prompt-space `plan` keeps while decoding, the newest `window` kept."""
         state = self.layer_state(view)
         total = self.total_budget(view.layout)
-        state.hold = plan.kept()  # real tokens kept while decoding
         # a prompt that fits whole is never evicted from, in a batch as alone (where CAKE leaves it untouched)
-        state.hold = torch.where(self.fitting(view.layout, total).to(state.hold.device), NEVER, state.hold)
+        state.hold = hold_of(self, view, plan, grow=False).never_in(self.fitting(view.layout, total))
         state.window = min(self.window, int(total.min()))
+        state.recent = torch.full_like(total, state.window)
+        room = state.hold.room(view, self.protected(view.layout))
+        if room is not None:  # the window fits beside the protected tokens, or the hold is never met
+            state.recent = torch.minimum(state.recent, room)
 
     def layer_statistics(self, view: LayerView) -> tuple[list[float], torch.Tensor]:
         """(preference per prompt, indicator [B, Hk, n]) from the last `window` prompt rows."""
@@ -216,14 +224,14 @@ class CAKE(DecodeEvicting):
             view = request.view(layer)
             mine = cake_plan(plan, shares, i)
             self.start_decoding(view, mine)
-            if bool((view.slot_valid[:, 0].sum(-1) > self.layer_state(view).hold).any()):
+            if bool((view.slot_valid[:, 0].sum(-1) > mine.kept()).any()):  # (a prompt that fits keeps all)
                 out[layer] = self.select(view, mine.to_slots(view), view.slot_state["cake"])
         return out
 
     def on_append(self, view: LayerView):
         hold = self.layer_state(view).hold
-        if hold is None or not self.eviction_due(view):  # the prompt was not compressed, or no eviction yet
-            return None
+        if hold is None or not hold.evicts or not self.eviction_due(view):  # the prompt was not compressed, the
+            return None  # amounts hold the vision alone (decoding never adds to it), or no eviction yet
         T = view.slots
         w = min(self.layer_state(view).window, T)
         last = view.state.get("decode_mass_last")  # compiled decode: the latest row's mass, per KV head
@@ -235,6 +243,8 @@ class CAKE(DecodeEvicting):
         scores = torch.cat([scores, torch.full_like(row[..., T - w :], float("inf"))], dim=-1)
         if last is None:
             scores = kernels.group_reduce(scores, view.kv_heads, self.agg)
-        recent = view.positions >= view.positions.amax(-1, keepdim=True) + 1 - w
+        newest = view.positions.amax(-1, keepdim=True) + 1
+        n = self.layer_state(view).recent.to(newest.device).clamp(max=w)
+        recent = view.positions >= newest - n.view(-1, 1, 1)
         forced = recent | view.prompt_mask(self.protected(view.layout))
         return self.keep_at_budget(view, hold, scores, forced)

@@ -81,6 +81,9 @@ class Composed(Policy):
         method = self._schedule.method
         return method.appended_since_eviction(state) if method is not None else 0
 
+    def evicts_in(self, state: dict) -> bool:
+        return self._schedule.evicts and self._schedule.method.evicts_in(state)
+
     @property
     def decode_mass(self) -> bool:  # the schedule's method reads the mass compiled decode hands over (H2O, CAKE)
         return bool(getattr(self._schedule.method, "decode_mass", False))

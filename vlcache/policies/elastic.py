@@ -19,6 +19,11 @@ class ElasticLayer(EvictionState):
     fraction: torch.Tensor | None = None
     seen: torch.Tensor | None = None
     point: torch.Tensor | None = None  # [B] per row, counted in its real slots (a padded row's own post-prefill length)
+    held: str = "all"  # what the fraction is of: "all" tokens, "text" only (per-modality amounts), "none" (unbounded)
+
+    @property
+    def evicts(self) -> bool:
+        return self.seen is not None and self.held != "none"
 
 
 @dataclass(kw_only=True)
@@ -30,7 +35,8 @@ class ElasticCache(DecodeEvicting):
 
     Decoding: the cache holds the kept fraction of the tokens seen. Whenever it is over, the entry at a fixed
     point P = (cache length after prefill) + `distance` is deleted (the first unprotected one from P on), so
-    everything before P stays and what follows behaves as a queue.
+    everything before P stays and what follows behaves as a queue. Under per-modality amounts the fraction is of
+    the text seen and only text entries are deleted; with no `text_budget`, nothing is.
 
     `budget` is the kept fraction (the paper's 1 - r; its default r = 0.2 is budget=0.8) or a token count.
 
@@ -70,18 +76,30 @@ class ElasticCache(DecodeEvicting):
 
     def start_decoding(self, view: LayerView, sel: Selection) -> None:
         """Hold the layer at the fraction of the tokens seen that the prefill's selection `sel` kept, deleting from
-        the fixed point on."""
+        the fixed point on. With per-modality amounts the fraction is of the text alone (generated tokens are text;
+        vision never grows while decoding), and text given no amount is not held: nothing is deleted."""
         real = view.layout.valid.sum(-1)
-        kept = view.slot_valid.gather(-1, sel.indices)[:, 0].sum(-1)  # [B] real tokens the prefill kept
+        held_slots = view.slot_valid.gather(-1, sel.indices)[:, 0]  # [B, K] real tokens the prefill kept
+        kept = held_slots.sum(-1)
         state = self.layer_state(view)
-        if isinstance(self.budget, float):  # the paper's floor((1 - r) * T)
-            state.fraction = torch.full(real.shape, self.budget, dtype=torch.float64, device=real.device)
-        else:  # per-modality amounts: hold the fraction the prefill kept
-            state.fraction = kept.double() / real.double()
-        state.seen = real
         # the fixed point counts each row's real slots, so a row in a padded batch deletes where it would alone
         point = torch.full_like(kept, self.distance) if self.distance >= 0 else kept + self.distance
         state.point = torch.maximum(point.clamp(max=kept - 1), (kept - 1).clamp(max=self.start))
+        if self.budget is not None:
+            state.held = "all"
+            if isinstance(self.budget, float):  # the paper's floor((1 - r) * T)
+                state.fraction = torch.full(real.shape, self.budget, dtype=torch.float64, device=real.device)
+            state.seen = real
+            return
+        if self.text_budget is None:
+            state.held, state.seen = "none", real
+            return
+        text = view.layout.text.sum(-1)
+        vision = view.prompt_mask(view.layout.vision).gather(-1, sel.indices)[:, 0]
+        kept_text = (held_slots & ~vision).sum(-1)
+        state.held, state.seen = "text", text
+        if not isinstance(self.text_budget, int):
+            state.fraction = kept_text.double() / text.clamp(min=1).double()
 
     def merge_into_anchors(self, view: LayerView, sel: Selection, forced: torch.Tensor) -> Selection:
         """Fold every evicted token into the anchor nearest by position (anchors: kept and not forced)."""
@@ -109,20 +127,26 @@ class ElasticCache(DecodeEvicting):
         state = self.layer_state(view)
         if state.seen is None:  # the prompt was left whole
             return None
-        seen = state.seen = state.seen + view.new  # every appended token is real (generate extends with ones)
-        if not self.eviction_due(view):
+        seen = state.seen = state.seen + view.new  # every appended token is real (generate extends with ones); text
+        if not self.eviction_due(view) or state.held == "none":
             return None
-        if isinstance(self.budget, int):
-            budget = torch.full_like(seen, self.budget)
+        amount = self.budget if state.held == "all" else self.text_budget
+        if isinstance(amount, int):
+            budget = torch.full_like(seen, amount)
         else:
             budget = torch.floor(state.fraction * seen.double()).long()
         valid = view.slot_valid[:, 0]  # [B, T]
         T = view.slots
         slots = torch.arange(T, device=valid.device)
         rank = valid.long().cumsum(-1) - 1  # each real slot's index among its row's real slots
-        # deletable from the fixed point on: real and not protected (the choice is shared by all heads)
+        # deletable from the fixed point on: real and not protected (the choice is shared by all heads), and text
+        # where only the text is held
         deletable = valid & ~view.prompt_mask(self.protected(view.layout))[:, 0] & (rank >= state.point[:, None])
-        want = torch.minimum((valid.sum(-1) - budget).clamp(min=0), deletable.sum(-1))  # [B]
+        counted = valid
+        if state.held == "text":
+            counted = valid & ~view.prompt_mask(view.layout.vision)[:, 0]
+            deletable = deletable & counted
+        want = torch.minimum((counted.sum(-1) - budget).clamp(min=0), deletable.sum(-1))  # [B]
         # every row gives up the same number of slots: each its `want` real tokens, topped up with its padding
         # slots; a row that wants more than that number keeps its extra deletions as dead filler (masked, as
         # padding is), so no row loses a real token it would keep alone

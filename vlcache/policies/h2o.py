@@ -6,15 +6,21 @@ import torch
 
 from .. import kernels
 from .base import DecodeEvicting
+from .hold import Hold
 from .view import EvictionState, LayerView, Plan
 
 
 @dataclass
 class HeldState(EvictionState):
-    """A layer held at a size while decoding: `budget` [B] real tokens, of which the newest `recent` [B] (H2O)."""
+    """A layer held at a size while decoding: `budget` (in all or per modality), of which the newest `recent` [B]
+    (H2O)."""
 
-    budget: torch.Tensor | None = None
+    budget: Hold | None = None
     recent: torch.Tensor | None = None
+
+    @property
+    def evicts(self) -> bool:
+        return self.budget is not None and self.budget.evicts
 
 
 def last_real(valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -30,7 +36,8 @@ class H2O(DecodeEvicting):
 
     Prefill scores are attention column sums over every prompt row, computed in row tiles (no n x n matrix).
     While decoding, each new token's attention row is added to the scores and, once over budget, the
-    non-recent entry with the lowest score is evicted (greedy, one per step), so the cache stays at budget.
+    non-recent entry with the lowest score is evicted (greedy, one per step), so the cache stays at budget (per
+    modality under per-modality amounts: hold.py; the recent window shrinks to fit beside the protected tokens).
 
     - recent (0.5): share of the budget kept as the most recent tokens (the paper's 10% + 10%).
     - agg ("mean"): how the query heads of a GQA group combine into their KV head's score.
@@ -98,10 +105,16 @@ class H2O(DecodeEvicting):
         return self._ranked(view, sums)
 
     def start_decoding(self, view: LayerView, plan: Plan) -> None:
-        """Hold the layer at what its prompt-space `plan` keeps, the newest `recent` share of the budget kept."""
+        """Hold the layer at what its prompt-space `plan` keeps (in all or per modality), the newest `recent` share of
+        the budget kept."""
         state = self.layer_state(view)
         state.budget = self.growth_budget(view, plan)
         state.recent = self._recent(self.total_budget(view.layout))
+        room = state.budget.room(view, self.protected(view.layout))
+        if (
+            room is not None
+        ):  # the window (of generated text) fits beside the protected tokens, or the hold is never met
+            state.recent = torch.minimum(state.recent, room)
 
     def on_prefill(self, view: LayerView):
         scores = self.observe(view)
@@ -113,8 +126,9 @@ class H2O(DecodeEvicting):
         return self._ranked(view, view.slot_state["h2o"])  # on_prefill's accumulated attention of this layer
 
     def on_append(self, view: LayerView):
-        if self.layer_state(view).budget is None:  # the prompt was left whole (a composition's allocator)
-            return None
+        budget = self.layer_state(view).budget
+        if budget is None or not budget.evicts:  # the prompt was left whole (a composition's allocator), or the
+            return None  # amounts hold the vision alone, which decoding never adds to: no scores needed
         acc = view.slot_state["h2o"] + self._sums(view)
         view.slot_state["h2o"] = acc
         if self.normalize:

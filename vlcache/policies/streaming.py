@@ -18,7 +18,8 @@ def first_real(valid: torch.Tensor, n: int) -> torch.Tensor:
 class StreamingLLM(DecodeEvicting):
     """Keeps the first `sinks` tokens and the most recent ones up to the budget, needing no attention scores.
 
-    While decoding the cache stays at that size: as each token arrives the oldest non-sink entry leaves.
+    While decoding the cache stays at that size: as each token arrives the oldest non-sink entry leaves (of the
+    text, under per-modality amounts: see hold.py).
     Keys keep their original positions (the paper's pos-shift re-rotation is for streams past the trained
     context, which VLM prompts are not).
 
@@ -54,7 +55,8 @@ class StreamingLLM(DecodeEvicting):
         return {view.layer: self.select(view, plan, self.score(view))}
 
     def on_append(self, view: LayerView):
-        if not self.eviction_due(view) or self.layer_state(view).budget is None:  # (None: the prompt left whole)
+        budget = self.layer_state(view).budget
+        if budget is None or not budget.evicts or not self.eviction_due(view):  # (None: the prompt left whole)
             return None
         forced = view.prompt_mask(self.protected(view.layout) | first_real(view.layout.valid, self.sinks))
         return self.keep_at_budget(view, self.layer_state(view).budget, self.score(view), forced)

@@ -62,6 +62,11 @@ class EvictionState:
 
     pending: int = 0
 
+    @property
+    def evicts(self) -> bool:
+        """Whether the layer can still be evicted from while decoding (methods whose hold may rule it out say so)."""
+        return True
+
 
 @dataclass
 class Request:

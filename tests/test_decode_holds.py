@@ -1,0 +1,107 @@
+"""Decode-time methods hold each modality at its own amount while decoding (policies/hold.py): a modality given
+no amount loses nothing after the prefill, one given an amount stays at what the prefill kept of it, and neither
+is evicted to make room for the other. A padded batch of two prompts, four layers, twelve decode steps."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
+
+from record_policies import IDS, MASK  # noqa: E402
+from util import IMG_ID, layout_from_ids, real_positions, run_policy  # noqa: E402
+
+from vlcache.policies import make_policy  # noqa: E402
+
+LAYERS, STEPS = 4, 12
+METHODS = {
+    "h2o": {},
+    "h2o:recent": {"recent": 0.9},  # a window larger than the text hold: capped to it, or the hold is never met
+    "streamingllm": {},
+    "cake": {"window": 4},
+    "cake:window": {"window": 24},
+    "elastic": {"distance": 3},
+    "h2o:every": {"evict_every": 3},
+    "compose:h2o": {"scorer": "snapkv", "schedule": "h2o", "part_settings": {"window": 4}},
+    "compose:streamingllm": {"scorer": "vlcache", "schedule": "streamingllm"},
+    "compose:cake": {"scorer": "vlcache", "allocator": "preference", "schedule": "cake"},
+    "compose:elastic": {"scorer": "h2o", "schedule": "elastic"},
+}
+
+
+def _policy(label, **amounts):
+    return make_policy(label.split(":")[0], **METHODS[label], **amounts)
+
+
+def _split(layout, cache, li):
+    """Per row, (vision positions, text positions) that layer `li` holds (head 0; generated tokens are text)."""
+    vision = layout.vision & layout.valid
+    out = []
+    for b, heads in enumerate(real_positions(cache, li)):
+        is_vision = [p < layout.length and bool(vision[b, p]) for p in heads[0]]
+        out.append(tuple([p for p, v in zip(heads[0], is_vision) if v == want] for want in (True, False)))
+    return out
+
+
+def _run(policy, layout, steps=STEPS):
+    after = {}
+
+    def snapshot(cache):
+        after.update({li: _split(layout, cache, li) for li in range(LAYERS)})
+
+    cache = run_policy(policy, layout, layers=LAYERS, decode=steps, on_prefill=snapshot)
+    return after, {li: _split(layout, cache, li) for li in range(LAYERS)}
+
+
+@pytest.mark.parametrize("label", list(METHODS))
+def test_a_vision_amount_alone_evicts_nothing_while_decoding(label):
+    layout = layout_from_ids(IDS, MASK)
+    after, end = _run(_policy(label, vision_budget=0.2), layout)
+    n = layout.length
+    for li in range(LAYERS):
+        for (vision, text), (vision_end, text_end) in zip(after[li], end[li]):
+            assert vision_end == vision  # what the cut kept of the images, untouched
+            assert text_end == text + list(range(n, n + STEPS))  # every text entry kept, the generated ones added
+
+
+@pytest.mark.parametrize("label", list(METHODS))
+def test_each_modality_stays_at_its_own_amount(label):
+    layout = layout_from_ids(IDS, MASK)
+    policy = _policy(label, vision_budget=0.2, text_budget=0.5)
+    after, end = _run(policy, layout)
+    every = METHODS[label].get("evict_every", 1)
+    for li in range(LAYERS):
+        for b, ((vision, text), (vision_end, text_end)) in enumerate(zip(after[li], end[li])):
+            assert vision_end == vision  # no vision entry leaves for a generated token
+            if label.endswith("elastic"):  # the kept fraction of the text seen: the prompt's and the generated
+                seen = int(layout.text[b].sum())
+                assert len(text_end) == int(len(text) / seen * (seen + STEPS))
+            else:  # held at what the prefill kept of the text (evicting every k steps: up to k - 1 over)
+                assert len(text) <= len(text_end) <= len(text) + (STEPS % every)
+            assert len(text_end) < len(text) + STEPS  # and the text did lose entries to the generated ones
+
+
+@pytest.mark.parametrize("label", ["h2o", "streamingllm", "cake", "elastic"])
+def test_a_text_prompt_under_a_vision_amount_stays_whole(label):
+    ids = torch.tensor([list(range(10, 49))])  # no image (9) or marker (8) token
+    layout = layout_from_ids(ids)
+    assert not (ids == IMG_ID).any()
+    after, end = _run(_policy(label, vision_budget=0.1), layout)
+    for li in range(LAYERS):
+        assert end[li][0] == ([], list(range(39 + STEPS)))
+
+
+@pytest.mark.parametrize("label", ["h2o", "streamingllm", "cake", "elastic"])
+def test_one_budget_still_holds_the_total(label):
+    # the single `budget` is the papers' cache size: the layer's total is held, entries of any modality leaving
+    layout = layout_from_ids(IDS, MASK)
+    after, end = _run(_policy(label, budget=0.3), layout)
+    for li in range(LAYERS):
+        for b, ((vision, text), (vision_end, text_end)) in enumerate(zip(after[li], end[li])):
+            if label == "elastic":
+                seen = int(layout.valid[b].sum())
+                assert len(vision_end) + len(text_end) == int(0.3 * (seen + STEPS))
+            else:
+                assert len(vision_end) + len(text_end) == len(vision) + len(text)
