@@ -10,8 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 
-from record_policies import IDS, MASK  # noqa: E402
-from util import IMG_ID, layout_from_ids, real_positions, run_policy  # noqa: E402
+from record_policies import IDS, MASK, cases  # noqa: E402
+from util import IMG_ID, MARK_ID, layout_from_ids, real_positions, rows_alone_and_batched, run_policy  # noqa: E402
 
 from vlcache.policies import make_policy  # noqa: E402
 
@@ -105,3 +105,36 @@ def test_one_budget_still_holds_the_total(label):
                 assert len(vision_end) + len(text_end) == int(0.3 * (seen + STEPS))
             else:
                 assert len(vision_end) + len(text_end) == len(vision) + len(text)
+
+
+# a short prompt with a long (protected) question beside a long one with a short question: the short row keeps more
+# than the long one and its padding, so the long row fills up with slots it did not choose (filler)
+SHORT = [1, MARK_ID] + [IMG_ID] * 8 + [MARK_ID] + list(range(10, 49))
+LONG = [1, MARK_ID] + [IMG_ID] * 54 + [MARK_ID] + [10, 11, 12]
+
+
+@pytest.mark.parametrize("label", list(METHODS))
+@pytest.mark.parametrize(
+    "amounts", [{"budget": 0.5}, {"vision_budget": 0.2}, {"vision_budget": 0.2, "text_budget": 0.5}], ids=str
+)
+def test_a_row_of_a_padded_batch_is_held_as_alone(label, amounts):
+    """Elastic Cache took a row's filler slots for anchors and for kept tokens: the long row held 47 entries in the
+    batch and 19 alone (per-modality amounts), or as many but others (budget)."""
+    alone, batched = rows_alone_and_batched(lambda: _policy(label, **amounts), [SHORT, LONG], layers=LAYERS)
+    assert batched == alone
+
+
+GOLDEN_ROWS = [IDS[b][MASK[b].bool()].tolist() for b in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, settings",
+    [(n, s) for _, n, s in cases() if n in ("h2o", "streamingllm", "cake", "elastic")],
+    ids=[label for label, n, _ in cases() if n in ("h2o", "streamingllm", "cake", "elastic")],
+)
+def test_every_recorded_decode_case_holds_a_padded_row_as_alone(name, settings):
+    """The golden batch's two prompts, every recorded setting of the decode-time methods: CAKE pooled its decode
+    scores across a row's dead filler slots and shared one window over the batch (8 of these drifted)."""
+    alone, batched = rows_alone_and_batched(lambda: make_policy(name, **settings), GOLDEN_ROWS, layers=4, decode=7)
+    assert batched == alone

@@ -191,6 +191,14 @@ def test_every_policy_runs_with_quantization(tiny_model, family, name):
     # (a quantized layer may add dead slots, at position -1, to fill its groups)
     a, b = ({li: [sorted(set(h) - {-1}) for h in p[0].tolist()] for li, p in r.prefill_positions.items()} for r in runs)
     assert a == b
+    # after decoding too: a method that evicts nothing while decoding holds the same entries (the generated tokens
+    # added, some of them quantized by now); one that evicts ranks over dequantized keys and may choose otherwise
+    if not runs[0].policy.decodes:
+        a, b = (
+            {i: [sorted(set(h) - {-1}) for h in r.last_cache.layers[i].slot_positions()[0].tolist()] for i in a}
+            for r in runs
+        )
+        assert a == b
 
 
 def test_quantized_left_padded_batch_equals_each_prompt_alone(tiny_model):

@@ -148,3 +148,46 @@ def real_positions(cache, li):
 def kept_positions(cache, layer=0):
     """[B, Hk, K] original positions held by a layer."""
     return cache.layers[layer].slot_positions()
+
+
+def rows_alone_and_batched(policy_factory, rows, *, layers=2, heads=4, kv_heads=2, d=8, decode=5, seed=0):
+    """Run each prompt of `rows` (lists of token ids, see `layout_from_ids`) alone and all of them as one left-padded
+    batch, every row seeing the same q/k/v in both (drawn per row, the batch's padding zeros), through the prefill
+    and `decode` steps. Returns (alone, batched): per row, per layer, per KV head the sorted positions held, counted
+    from the row's first real token (generated tokens follow its prompt)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        return (
+            torch.randn(1, heads, n, d, generator=g),
+            torch.randn(1, kv_heads, n, d, generator=g),
+            torch.randn(1, kv_heads, n, d, generator=g),
+        )
+
+    prompt = [[draw(len(r)) for _ in range(layers)] for r in rows]
+    steps = [[[draw(1) for _ in range(layers)] for _ in range(decode)] for _ in rows]
+
+    def run(which):
+        n = max(len(rows[i]) for i in which)
+        ids = torch.tensor([[0] * (n - len(rows[i])) + list(rows[i]) for i in which])
+        mask = torch.tensor([[0] * (n - len(rows[i])) + [1] * len(rows[i]) for i in which])
+
+        def pad(t):
+            return torch.cat([t.new_zeros(*t.shape[:2], n - t.shape[2], t.shape[3]), t], 2)
+
+        qkv = [tuple(torch.cat([pad(prompt[i][li][j]) for i in which]) for j in range(3)) for li in range(layers)]
+
+        def step(s, li):
+            return tuple(torch.cat([steps[i][s][li][j] for i in which]) for j in range(3))
+
+        cache = run_policy(
+            policy_factory(), layout_from_ids(ids, mask), layers=layers, heads=heads, kv_heads=kv_heads, d=d,
+            qkv=qkv, decode=decode, decode_qkv=step,
+        )  # fmt: skip
+        out = []
+        for b, i in enumerate(which):
+            off = n - len(rows[i])
+            out.append([[[p - off for p in h] for h in real_positions(cache, li)[b]] for li in range(layers)])
+        return out
+
+    return [run([i])[0] for i in range(len(rows))], run(list(range(len(rows))))

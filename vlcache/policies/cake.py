@@ -66,16 +66,20 @@ def cake_plan(plan: Plan, shares: list[list[list[int]]], i: int) -> Plan:
 
 @dataclass
 class CakeLayer(EvictionState):
-    """A CAKE layer while decoding: held at `hold` (in all or per modality), the newest `window` slots ranked first
-    and the newest `recent` [B] tokens always kept (the window, or less where a text hold is smaller)."""
+    """A CAKE layer while decoding: held at `hold` (in all or per modality), the newest `window` [B] entries ranked
+    first and the newest `recent` [B] tokens always kept (the window, or less where a text hold is smaller)."""
 
     hold: Hold | None = None
-    window: int = 0
+    window: torch.Tensor | None = None
     recent: torch.Tensor | None = None
 
     @property
     def evicts(self) -> bool:
         return self.hold is not None and self.hold.evicts
+
+    def leave_whole(self, rows: torch.Tensor) -> None:
+        if self.hold is not None:
+            self.hold = self.hold.never_in(rows)
 
 
 @dataclass
@@ -152,11 +156,7 @@ class CAKE(DecodeEvicting):
     def plan(self, view: LayerView, **kw) -> Plan:
         """The prompt-space plan; a prompt of a batch that fits whole is kept whole, as it would be alone."""
         plan = super().plan(view, **kw)
-        fit = self.fitting(view.layout, self.total_budget(view.layout))
-        if not bool(fit.any()):
-            return plan
-        forced = plan.forced | (view.layout.valid & fit[:, None])
-        return Plan(forced, [(mask & ~fit[:, None], torch.where(fit, 0, k)) for mask, k in plan.pools])
+        return plan.keep_whole(view.layout, self.fitting(view.layout, self.total_budget(view.layout)))
 
     def start_decoding(self, view: LayerView, plan: Plan) -> None:
         """Hold the layer at what its prompt-space `plan` keeps while decoding, the newest `window` kept."""
@@ -164,8 +164,8 @@ class CAKE(DecodeEvicting):
         total = self.total_budget(view.layout)
         # a prompt that fits whole is never evicted from, in a batch as alone (where CAKE leaves it untouched)
         state.hold = hold_of(self, view, plan, grow=False).never_in(self.fitting(view.layout, total))
-        state.window = min(self.window, int(total.min()))
-        state.recent = torch.full_like(total, state.window)
+        state.window = total.clamp(max=self.window)  # per row: a short prompt's beside a long one's as alone
+        state.recent = state.window.clone()
         room = state.hold.room(view, self.protected(view.layout))
         if room is not None:  # the window fits beside the protected tokens, or the hold is never met
             state.recent = torch.minimum(state.recent, room)
@@ -228,23 +228,37 @@ class CAKE(DecodeEvicting):
                 out[layer] = self.select(view, mine.to_slots(view), view.slot_state["cake"])
         return out
 
+    def pooled(self, row: torch.Tensor, valid: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """[B, X, T] decode-time scores of the slots: the attention `row` avg-pooled along each row's real slots in
+        order, the newest `w` [B, X, 1] of them first (inf). Pooled over the real slots alone, as a prompt alone
+        holds them: in a padded batch a row's dead filler slots sit between its tokens (zero attention) and would
+        shift its neighbours' averages; the zero padding at the ends is the one pooling itself adds."""
+        T = row.shape[-1]
+        slots = torch.arange(T, device=row.device)
+        order = torch.where(valid, slots, T + slots).argsort(-1)  # real slots first, in slot (= position) order
+        index = slots.expand_as(row)
+        outside = index >= valid.sum(-1, keepdim=True) - w  # the window and the dead slots
+        packed = row.float().gather(-1, order).masked_fill(outside, 0.0)
+        pooled = kernels.pool1d(packed, self.kernel, "avg").masked_fill(outside, float("inf"))
+        return torch.empty_like(pooled).scatter_(-1, order, pooled)
+
     def on_append(self, view: LayerView):
         hold = self.layer_state(view).hold
         if hold is None or not hold.evicts or not self.eviction_due(view):  # the prompt was not compressed, the
             return None  # amounts hold the vision alone (decoding never adds to it), or no eviction yet
-        T = view.slots
-        w = min(self.layer_state(view).window, T)
+        state = self.layer_state(view)
+        valid = view.slot_valid
+        w = torch.minimum(state.window.to(valid.device).view(-1, 1, 1), valid.sum(-1, keepdim=True))  # [B, Hk, 1]
         last = view.state.get("decode_mass_last")  # compiled decode: the latest row's mass, per KV head
         if last is None:
             row = view.probs(slice(None)).mean(2)  # the new rows' attention, [B, H, T]
-        else:
-            row = last  # the group's mean already, and pooling commutes with it
-        scores = kernels.pool1d(row[..., : T - w], self.kernel, "avg")
-        scores = torch.cat([scores, torch.full_like(row[..., T - w :], float("inf"))], dim=-1)
-        if last is None:
+            group = row.shape[1] // view.kv_heads
+            scores = self.pooled(row, valid.repeat_interleave(group, 1), w.repeat_interleave(group, 1))
             scores = kernels.group_reduce(scores, view.kv_heads, self.agg)
+        else:  # the group's mean already, and pooling commutes with it
+            scores = self.pooled(last, valid, w)
         newest = view.positions.amax(-1, keepdim=True) + 1
-        n = self.layer_state(view).recent.to(newest.device).clamp(max=w)
-        recent = view.positions >= newest - n.view(-1, 1, 1)
+        n = torch.minimum(state.recent.to(newest.device).view(-1, 1, 1), w)
+        recent = view.positions >= newest - n
         forced = recent | view.prompt_mask(self.protected(view.layout))
         return self.keep_at_budget(view, hold, scores, forced)

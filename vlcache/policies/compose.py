@@ -190,7 +190,7 @@ class Composed(Policy):
         if statistic is None:  # a per-layer rule: the layer's budget is known now
             plan = self._allocator.layer_plan(self, view)
             sel = self._cut(view, plan, first)
-            self._schedule.start(self, view, plan, sel)
+            self._start(view, plan, sel)
             return {view.layer: sel}
         view.slot_state["compose"] = first  # moved with the slots by every cut
         if self.cascading:
@@ -215,6 +215,14 @@ class Composed(Policy):
     def on_append(self, view: LayerView):
         return self._schedule.on_append(self, view)
 
+    def _start(self, view: LayerView, plan: Plan, sel: Selection | None) -> None:
+        """The schedule takes over the layer after its cut; a prompt the allocator left whole in a batch is never
+        evicted from while decoding, as it is alone (where the whole request is left)."""
+        self._schedule.start(self, view, plan, sel)
+        rows = self._allocator.whole_rows(self, view.layout)
+        if self._schedule.evicts and rows is not None and bool(rows.any()):
+            self._schedule.leave_whole(view, rows)
+
     def plans(self, request: Request, seen: int) -> dict[int, Plan]:
         """Prompt-space budgets of the first `seen` layers, the model-wide total split by the allocator."""
         return self._allocator.plans(self, request, self.request_state(request.shared).statistics, seen)
@@ -225,5 +233,5 @@ class Composed(Policy):
         plans = self.plans(request, seen)
         out = cut_to_plans(request, plans, seen, lambda view, plan: self._cut(view, plan, view.slot_state["compose"]))
         for layer, plan in plans.items():
-            self._schedule.start(self, request.view(layer), plan, out.get(layer))
+            self._start(request.view(layer), plan, out.get(layer))
         return out

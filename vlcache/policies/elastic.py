@@ -21,9 +21,14 @@ class ElasticLayer(EvictionState):
     point: torch.Tensor | None = None  # [B] per row, counted in its real slots (a padded row's own post-prefill length)
     held: str = "all"  # what the fraction is of: "all" tokens, "text" only (per-modality amounts), "none" (unbounded)
 
+    never: torch.Tensor | None = None  # [B] rows an allocator left whole: nothing deleted from them
+
     @property
     def evicts(self) -> bool:
         return self.seen is not None and self.held != "none"
+
+    def leave_whole(self, rows: torch.Tensor) -> None:
+        self.never = rows if self.never is None else self.never | rows
 
 
 @dataclass(kw_only=True)
@@ -79,7 +84,9 @@ class ElasticCache(DecodeEvicting):
         the fixed point on. With per-modality amounts the fraction is of the text alone (generated tokens are text;
         vision never grows while decoding), and text given no amount is not held: nothing is deleted."""
         real = view.layout.valid.sum(-1)
-        held_slots = view.slot_valid.gather(-1, sel.indices)[:, 0]  # [B, K] real tokens the prefill kept
+        held_slots = view.slot_valid.gather(-1, sel.indices)[:, 0]  # [B, K] real tokens the prefill kept (not filler)
+        if sel.filler is not None:
+            held_slots = held_slots & ~sel.filler[:, 0]
         kept = held_slots.sum(-1)
         state = self.layer_state(view)
         # the fixed point counts each row's real slots, so a row in a padded batch deletes where it would alone
@@ -102,11 +109,13 @@ class ElasticCache(DecodeEvicting):
             state.fraction = kept_text.double() / text.clamp(min=1).double()
 
     def merge_into_anchors(self, view: LayerView, sel: Selection, forced: torch.Tensor) -> Selection:
-        """Fold every evicted token into the anchor nearest by position (anchors: kept and not forced)."""
+        """Fold every evicted token into the anchor nearest by position (anchors: kept and not forced). A filler slot
+        (held only so every row of a padded batch has K) is no anchor and its token counts as evicted, as alone."""
         idx = sel.indices  # [B, Hk, K]
-        kept = torch.zeros_like(view.slot_valid).scatter_(-1, idx, True)
+        real = view.slot_valid.gather(-1, idx) if sel.filler is None else view.slot_valid.gather(-1, idx) & ~sel.filler
+        kept = torch.zeros_like(view.slot_valid).scatter_(-1, idx, real)
         evicted = view.slot_valid & ~kept
-        is_anchor = ~forced[:, None, :].expand_as(kept).gather(-1, idx) & view.slot_valid.gather(-1, idx)  # [B, Hk, K]
+        is_anchor = ~forced[:, None, :].expand_as(kept).gather(-1, idx) & real  # [B, Hk, K]
         # a row (or head) without anchors merges nothing; the others merge as they would alone (a batch-wide check
         # left every row of a padded batch unmerged when one row had no anchor)
         evicted = evicted & is_anchor.any(-1)[..., None]
@@ -121,7 +130,7 @@ class ElasticCache(DecodeEvicting):
         anchor_column = torch.where(is_anchor, column, idx.shape[-1]).sort(-1).values.clamp(max=idx.shape[-1] - 1)
         assign = anchor_column.gather(-1, assign_anchor)
         keys, values = kernels.merge_kv(view.keys, view.values, idx, evicted, assign, "average")
-        return Selection(idx, keys, values)
+        return Selection(idx, keys, values, sel.filler)
 
     def on_append(self, view: LayerView):
         state = self.layer_state(view)
@@ -135,33 +144,34 @@ class ElasticCache(DecodeEvicting):
             budget = torch.full_like(seen, amount)
         else:
             budget = torch.floor(state.fraction * seen.double()).long()
-        valid = view.slot_valid[:, 0]  # [B, T]
-        T = view.slots
+        valid = view.slot_valid  # [B, Hk, T]
+        B, Hk, T = valid.shape
         slots = torch.arange(T, device=valid.device)
-        rank = valid.long().cumsum(-1) - 1  # each real slot's index among its row's real slots
-        # deletable from the fixed point on: real and not protected (the choice is shared by all heads), and text
-        # where only the text is held
-        deletable = valid & ~view.prompt_mask(self.protected(view.layout))[:, 0] & (rank >= state.point[:, None])
+        rank = valid.long().cumsum(-1) - 1  # each real slot's index among its row's (and head's) real slots
+        # deletable from the fixed point on: real and not protected, and text where only the text is held. Per KV
+        # head: Elastic Cache's own cut is one choice for every head, a composition's scorer may choose per head
+        deletable = valid & ~view.prompt_mask(self.protected(view.layout)) & (rank >= state.point.view(-1, 1, 1))
         counted = valid
         if state.held == "text":
-            counted = valid & ~view.prompt_mask(view.layout.vision)[:, 0]
+            counted = valid & ~view.prompt_mask(view.layout.vision)
             deletable = deletable & counted
-        want = torch.minimum((counted.sum(-1) - budget).clamp(min=0), deletable.sum(-1))  # [B]
-        # every row gives up the same number of slots: each its `want` real tokens, topped up with its padding
-        # slots; a row that wants more than that number keeps its extra deletions as dead filler (masked, as
-        # padding is), so no row loses a real token it would keep alone
+        want = torch.minimum((counted.sum(-1) - budget.view(-1, 1)).clamp(min=0), deletable.sum(-1))  # [B, Hk]
+        if state.never is not None:
+            want = want.masked_fill(state.never.to(want.device).view(-1, 1), 0)
+        # every row and head gives up the same number of slots: each its `want` real tokens, topped up with its
+        # padding (and dead) slots; one that wants more than that number keeps its extra deletions as dead filler
+        # (masked, as padding is), so no row loses a real token it would keep alone
         wanted, drop = (
             int(x) for x in torch.stack([want.max(), torch.minimum(want.max(), (want + (~valid).sum(-1)).min())])
         )
         if wanted == 0:
             return None
-        keep = torch.ones_like(valid)
-        filler = torch.zeros_like(valid)
-        for b in range(valid.shape[0]):
-            real = deletable[b].nonzero().flatten()[: int(want[b])]
-            keep[b, real[:drop]] = False
-            filler[b, real[drop:]] = True
-            keep[b, (~valid[b]).nonzero().flatten()[: drop - len(real[:drop])]] = False
-        idx = slots.expand_as(valid)[keep].view(valid.shape[0], T - drop)
-        idx, dead = (t[:, None, :].expand(-1, view.kv_heads, -1).contiguous() for t in (idx, filler.gather(-1, idx)))
+        order = deletable.long().cumsum(-1)  # 1 for the first deletable slot, 2 for the next, ...
+        wanted_out = deletable & (order <= want[..., None])
+        dropped = wanted_out & (order <= drop)
+        filler = wanted_out & (order > drop)
+        top_up = (drop - want).clamp(min=0)[..., None]
+        dropped = dropped | (~valid & ((~valid).long().cumsum(-1) <= top_up))
+        idx = slots.expand_as(valid)[~dropped].view(B, Hk, T - drop)
+        dead = filler.gather(-1, idx)
         return {view.layer: Selection(idx, filler=dead if bool(dead.any()) else None)}

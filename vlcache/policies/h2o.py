@@ -22,6 +22,10 @@ class HeldState(EvictionState):
     def evicts(self) -> bool:
         return self.budget is not None and self.budget.evicts
 
+    def leave_whole(self, rows: torch.Tensor) -> None:
+        if self.budget is not None:
+            self.budget = self.budget.never_in(rows)
+
 
 def last_real(valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """[B, T] the last n[b] positions of each row (left padding: the real tokens end every row)."""

@@ -67,6 +67,11 @@ class EvictionState:
         """Whether the layer can still be evicted from while decoding (methods whose hold may rule it out say so)."""
         return True
 
+    def leave_whole(self, rows: torch.Tensor) -> None:
+        """Never evict from the prompts `rows` [B] (bool) while decoding: an allocator left them whole, as it would
+        each of them alone."""
+        raise NotImplementedError(f"{type(self).__name__} cannot leave rows whole")
+
 
 @dataclass
 class Request:
@@ -184,6 +189,13 @@ class Plan:
         for _, n in self.pools:
             k = k + n
         return k
+
+    def keep_whole(self, layout, rows: torch.Tensor) -> Plan:
+        """This prompt-space plan with the prompts `rows` [B] (bool) kept whole (CAKE leaves one that fits)."""
+        if not bool(rows.any()):
+            return self
+        forced = self.forced | (layout.valid & rows[:, None])
+        return Plan(forced, [(mask & ~rows[:, None], torch.where(rows, 0, k)) for mask, k in self.pools])
 
     def to_slots(self, view: LayerView, keep_generated: bool = False) -> Plan:
         """This prompt-space plan mapped onto the current slots of `view`'s layer ([B, Hk, T] masks): what a

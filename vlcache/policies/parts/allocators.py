@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ... import kernels
 from ..base import Policy
 from ..cake import CAKE, cake_plan, cake_shares
@@ -57,9 +59,10 @@ class Preference(Allocator):
 
     def plans(self, policy: Policy, request: Request, stats: LayerStatistics, seen: int) -> dict[int, Plan]:
         layers = request.layers[:seen]
-        base = policy.plan(request.view(request.layers[0]))
+        view = request.view(request.layers[0])
+        base = policy.plan(view).keep_whole(view.layout, self.whole_rows(policy, view.layout))
         shares = cake_shares(base, stats.rows(layers), len(request.layers))
         return {layer: cake_plan(base, shares, i) for i, layer in enumerate(layers)}
 
-    def leaves_whole(self, policy: Policy, view: LayerView) -> bool:
-        return self.method.fits(view.layout, policy.total_budget(view.layout))
+    def whole_rows(self, policy: Policy, layout) -> torch.Tensor:
+        return self.method.fitting(layout, policy.total_budget(layout))

@@ -44,9 +44,15 @@ class Allocator(Part):
         """A layer-splitting rule: the prompt-space budgets of the first `seen` layers from their statistics."""
         raise NotImplementedError
 
+    def whole_rows(self, policy: Policy, layout) -> torch.Tensor | None:
+        """[B] (bool) the prompts this rule leaves uncompressed (CAKE leaves one that fits its budget plus its
+        window), each as it would alone; None: none."""
+        return None
+
     def leaves_whole(self, policy: Policy, view: LayerView) -> bool:
-        """Whether this prompt is left uncompressed (CAKE leaves a prompt that fits its budget plus its window)."""
-        return False
+        """Whether every prompt of the batch is left uncompressed (then nothing is cut)."""
+        rows = self.whole_rows(policy, view.layout)
+        return rows is not None and bool(rows.all())
 
 
 class Merger(Part):
@@ -70,6 +76,9 @@ class Schedule(Part):
 
     def start(self, policy: Policy, view: LayerView, plan: Plan, sel: Selection | None) -> None:
         """The layer's final prefill cut: `plan` the prompt-space budget it was cut to, `sel` what it kept."""
+
+    def leave_whole(self, view: LayerView, rows: torch.Tensor) -> None:
+        """Never evict from the prompts `rows` [B] (bool) of `view`'s layer: the allocator left them whole."""
 
     def on_append(self, policy: Policy, view: LayerView) -> dict | None:
         """After a decode step's attention: selections or evictions, or None (`policy.keep_at_budget` does the

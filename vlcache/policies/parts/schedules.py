@@ -28,6 +28,9 @@ class _Holding(Schedule):
     def start(self, policy: Policy, view: LayerView, plan: Plan, sel: Selection | None) -> None:
         self.method.start_decoding(view, plan)
 
+    def leave_whole(self, view: LayerView, rows: torch.Tensor) -> None:
+        self.method.layer_state(view).leave_whole(rows)
+
     def on_append(self, policy: Policy, view: LayerView):
         return self.method.on_append(view)
 
