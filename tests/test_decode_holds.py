@@ -46,19 +46,31 @@ def _split(layout, cache, li):
 
 
 def _run(policy, layout, steps=STEPS):
+    """(after the prefill, after `steps` decode steps, the recent window): per layer, per row, (vision, text)
+    positions held; the window is the newest tokens per row the method keeps whatever the hold (0: none)."""
     after = {}
 
     def snapshot(cache):
         after.update({li: _split(layout, cache, li) for li in range(LAYERS)})
 
     cache = run_policy(policy, layout, layers=LAYERS, decode=steps, on_prefill=snapshot)
-    return after, {li: _split(layout, cache, li) for li in range(LAYERS)}
+    windows = {}
+    for li in range(LAYERS):
+        state = cache.layers[li].state.get("policy")
+        w = getattr(state, "recent", None)
+        w = getattr(state, "window", None) if w is None else w
+        windows[li] = [0] * layout.batch_size if w is None else w.tolist()
+    return after, {li: _split(layout, cache, li) for li in range(LAYERS)}, windows
+
+
+def _protected(layout, b, text_only=True):
+    return int(((layout.marker | layout.question) & (layout.text if text_only else layout.valid))[b].sum())
 
 
 @pytest.mark.parametrize("label", list(METHODS))
 def test_a_vision_amount_alone_evicts_nothing_while_decoding(label):
     layout = layout_from_ids(IDS, MASK)
-    after, end = _run(_policy(label, vision_budget=0.2), layout)
+    after, end, _ = _run(_policy(label, vision_budget=0.2), layout)
     n = layout.length
     for li in range(LAYERS):
         for (vision, text), (vision_end, text_end) in zip(after[li], end[li]):
@@ -70,17 +82,20 @@ def test_a_vision_amount_alone_evicts_nothing_while_decoding(label):
 def test_each_modality_stays_at_its_own_amount(label):
     layout = layout_from_ids(IDS, MASK)
     policy = _policy(label, vision_budget=0.2, text_budget=0.5)
-    after, end = _run(policy, layout)
-    every = METHODS[label].get("evict_every", 1)
+    after, end, windows = _run(policy, layout)
+    n = layout.length
     for li in range(LAYERS):
         for b, ((vision, text), (vision_end, text_end)) in enumerate(zip(after[li], end[li])):
             assert vision_end == vision  # no vision entry leaves for a generated token
             if label.endswith("elastic"):  # the kept fraction of the text seen: the prompt's and the generated
                 seen = int(layout.text[b].sum())
                 assert len(text_end) == int(len(text) / seen * (seen + STEPS))
-            else:  # held at what the prefill kept of the text (evicting every k steps: up to k - 1 over)
-                assert len(text) <= len(text_end) <= len(text) + (STEPS % every)
-            assert len(text_end) < len(text) + STEPS  # and the text did lose entries to the generated ones
+            else:
+                # held at what the prefill kept of the text, or at the protected tokens and the recent window
+                # where those outgrow it (12 steps: every evict_every here has just evicted)
+                newest = min(windows[li][b], STEPS)
+                assert len(text_end) == max(len(text), _protected(layout, b) + newest)
+                assert set(range(n + STEPS - newest, n + STEPS)) <= set(text_end)  # the window is all there
 
 
 @pytest.mark.parametrize("label", ["h2o", "streamingllm", "cake", "elastic"])
@@ -88,7 +103,7 @@ def test_a_text_prompt_under_a_vision_amount_stays_whole(label):
     ids = torch.tensor([list(range(10, 49))])  # no image (9) or marker (8) token
     layout = layout_from_ids(ids)
     assert not (ids == IMG_ID).any()
-    after, end = _run(_policy(label, vision_budget=0.1), layout)
+    after, end, _ = _run(_policy(label, vision_budget=0.1), layout)
     for li in range(LAYERS):
         assert end[li][0] == ([], list(range(39 + STEPS)))
 
@@ -97,14 +112,41 @@ def test_a_text_prompt_under_a_vision_amount_stays_whole(label):
 def test_one_budget_still_holds_the_total(label):
     # the single `budget` is the papers' cache size: the layer's total is held, entries of any modality leaving
     layout = layout_from_ids(IDS, MASK)
-    after, end = _run(_policy(label, budget=0.3), layout)
+    after, end, windows = _run(_policy(label, budget=0.3), layout)
     for li in range(LAYERS):
         for b, ((vision, text), (vision_end, text_end)) in enumerate(zip(after[li], end[li])):
             if label == "elastic":
                 seen = int(layout.valid[b].sum())
                 assert len(vision_end) + len(text_end) == int(0.3 * (seen + STEPS))
-            else:
-                assert len(vision_end) + len(text_end) == len(vision) + len(text)
+            else:  # (or at the protected tokens and the recent window, where those outgrow it)
+                want = max(len(vision) + len(text), _protected(layout, b, False) + min(windows[li][b], STEPS))
+                assert len(vision_end) + len(text_end) == want
+
+
+@pytest.mark.parametrize("label", ["h2o", "streamingllm", "cake", "compose:h2o"])
+@pytest.mark.parametrize(
+    "amounts",
+    [{"vision_budget": 0.05, "text_budget": 0.5, "frame_min": 2}, {"vision_budget": 0.2, "text_budget": 0.5}],
+    ids=str,
+)
+def test_each_head_keeps_what_its_cut_left(label, amounts):
+    """The hold counts what each KV head holds after the prefill: frame_min's forced tokens (beyond the plan's
+    share) and Ada-KV's per-head split used to be cut back to the plan's per-row count at the first eviction,
+    emptying frames and taking vision from the heads that kept more."""
+    layout = layout_from_ids(IDS, MASK)
+    extra = {"head_budgets": "adaptive"} if "frame_min" not in amounts else {}
+    heads_after = {}
+
+    def snapshot(cache):
+        heads_after.update({li: real_positions(cache, li) for li in range(LAYERS)})
+
+    cache = run_policy(_policy(label, **amounts, **extra), layout, layers=LAYERS, decode=STEPS, on_prefill=snapshot)
+    vision = layout.vision & layout.valid
+    for li in range(LAYERS):
+        for b, heads in enumerate(real_positions(cache, li)):
+            for h, pos in enumerate(heads):
+                before = [p for p in heads_after[li][b][h] if vision[b, p]]
+                assert [p for p in pos if p < layout.length and vision[b, p]] == before, (li, b, h)
 
 
 # a short prompt with a long (protected) question beside a long one with a short question: the short row keeps more

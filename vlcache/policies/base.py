@@ -380,30 +380,33 @@ class Policy(Lookahead):
             pools.append((mk & ~forced, (k.view(-1, 1) - (added & mk).sum(-1)).clamp(min=0)))
         return Plan(forced, pools)
 
-    def growth_budget(self, view: LayerView, plan: Plan) -> Hold:
-        """What a decode-time method holds the layer at (hold.py): the real tokens the prompt-space `plan` keeps, in
-        all or per modality; a token-count amount larger than what it keeps lets the cache first grow up to it. A
-        ratio is fixed by the prompt length."""
-        return hold_of(self, view, plan)
+    def growth_budget(self) -> Hold:
+        """What a decode-time method holds a layer at (hold.py): what the prefill left there, in all or per modality,
+        per KV head; a token-count amount larger than that lets the cache first grow up to it. A ratio is fixed by
+        the prompt length."""
+        return hold_of(self)
 
     def keep_at_budget(self, view: LayerView, hold: Hold | torch.Tensor, scores: torch.Tensor, forced: torch.Tensor):
-        """Decode-time eviction: where a row holds more real tokens than `hold` allows (a `Hold`, in all or per
-        modality, or [B] real tokens in all), keep the `forced` slots ([B, Hk, T]) and the best-scoring others of
-        that group, down to its size; the entries of a modality no amount holds are kept."""
+        """Decode-time eviction: where a row (and KV head) holds more real tokens than `hold` allows (a `Hold`, in all
+        or per modality, or [B] real tokens in all), keep the `forced` slots ([B, Hk, T]) and the best-scoring others
+        of that group, down to its size (forced slots are kept even past it); the entries of a modality no amount
+        holds are kept."""
         valid = view.slot_valid
         if isinstance(hold, torch.Tensor):
-            hold = Hold(total=hold)
-        groups = hold.groups(view)
+            groups = [(valid, hold.view(-1, 1))]
+            unheld = None
+        else:
+            groups = hold.groups(view)
+            unheld = hold.unheld(view)
         if not groups:
             return None
-        over = torch.stack([(mask[:, 0].sum(-1) > held).any() for mask, held in groups])
+        over = torch.stack([(mask.sum(-1) > held).any() for mask, held in groups])
         if not bool(over.any()):
             return None
-        unheld = hold.unheld(view)
         forced = (forced | unheld if unheld is not None else forced) & valid
         pools = []
         for mask, held in groups:
-            k = (held.view(-1, 1) - (forced & mask).sum(-1)).clamp(min=0)  # [B, Hk]
+            k = (held - (forced & mask).sum(-1)).clamp(min=0)  # [B, Hk]
             pool = mask & ~forced
             pools.append((pool, torch.minimum(k, pool.sum(-1))))
         if self.order_free:

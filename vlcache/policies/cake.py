@@ -67,11 +67,10 @@ def cake_plan(plan: Plan, shares: list[list[list[int]]], i: int) -> Plan:
 @dataclass
 class CakeLayer(EvictionState):
     """A CAKE layer while decoding: held at `hold` (in all or per modality), the newest `window` [B] entries ranked
-    first and the newest `recent` [B] tokens always kept (the window, or less where a text hold is smaller)."""
+    first and always kept."""
 
     hold: Hold | None = None
     window: torch.Tensor | None = None
-    recent: torch.Tensor | None = None
 
     @property
     def evicts(self) -> bool:
@@ -159,16 +158,13 @@ class CAKE(DecodeEvicting):
         return plan.keep_whole(view.layout, self.fitting(view.layout, self.total_budget(view.layout)))
 
     def start_decoding(self, view: LayerView, plan: Plan) -> None:
-        """Hold the layer at what its prompt-space `plan` keeps while decoding, the newest `window` kept."""
+        """Hold the layer at what its cut leaves while decoding (`plan`: the prompt-space budget it was cut to; the
+        hold counts the layer itself), the newest `window` kept."""
         state = self.layer_state(view)
         total = self.total_budget(view.layout)
         # a prompt that fits whole is never evicted from, in a batch as alone (where CAKE leaves it untouched)
-        state.hold = hold_of(self, view, plan, grow=False).never_in(self.fitting(view.layout, total))
+        state.hold = hold_of(self, grow=False).never_in(self.fitting(view.layout, total))
         state.window = total.clamp(max=self.window)  # per row: a short prompt's beside a long one's as alone
-        state.recent = state.window.clone()
-        room = state.hold.room(view, self.protected(view.layout))
-        if room is not None:  # the window fits beside the protected tokens, or the hold is never met
-            state.recent = torch.minimum(state.recent, room)
 
     def layer_statistics(self, view: LayerView) -> tuple[list[float], torch.Tensor]:
         """(preference per prompt, indicator [B, Hk, n]) from the last `window` prompt rows."""
@@ -258,7 +254,6 @@ class CAKE(DecodeEvicting):
         else:  # the group's mean already, and pooling commutes with it
             scores = self.pooled(last, valid, w)
         newest = view.positions.amax(-1, keepdim=True) + 1
-        n = torch.minimum(state.recent.to(newest.device).view(-1, 1, 1), w)
-        recent = view.positions >= newest - n
+        recent = view.positions >= newest - w
         forced = recent | view.prompt_mask(self.protected(view.layout))
         return self.keep_at_budget(view, hold, scores, forced)

@@ -22,6 +22,7 @@ class ElasticLayer(EvictionState):
     held: str = "all"  # what the fraction is of: "all" tokens, "text" only (per-modality amounts), "none" (unbounded)
 
     never: torch.Tensor | None = None  # [B] rows an allocator left whole: nothing deleted from them
+    floor: torch.Tensor | None = None  # [B] what the prefill kept (of the text, per modality): a count holds no less
 
     @property
     def evicts(self) -> bool:
@@ -93,7 +94,7 @@ class ElasticCache(DecodeEvicting):
         point = torch.full_like(kept, self.distance) if self.distance >= 0 else kept + self.distance
         state.point = torch.maximum(point.clamp(max=kept - 1), (kept - 1).clamp(max=self.start))
         if self.budget is not None:
-            state.held = "all"
+            state.held, state.floor = "all", kept
             if isinstance(self.budget, float):  # the paper's floor((1 - r) * T)
                 state.fraction = torch.full(real.shape, self.budget, dtype=torch.float64, device=real.device)
             state.seen = real
@@ -104,7 +105,7 @@ class ElasticCache(DecodeEvicting):
         text = view.layout.text.sum(-1)
         vision = view.prompt_mask(view.layout.vision).gather(-1, sel.indices)[:, 0]
         kept_text = (held_slots & ~vision).sum(-1)
-        state.held, state.seen = "text", text
+        state.held, state.seen, state.floor = "text", text, kept_text
         if not isinstance(self.text_budget, int):
             state.fraction = kept_text.double() / text.clamp(min=1).double()
 
@@ -140,8 +141,8 @@ class ElasticCache(DecodeEvicting):
         if not self.eviction_due(view) or state.held == "none":
             return None
         amount = self.budget if state.held == "all" else self.text_budget
-        if isinstance(amount, int):
-            budget = torch.full_like(seen, amount)
+        if isinstance(amount, int):  # the count, or what the prefill kept where that is more (protected tokens)
+            budget = state.floor.clamp(min=amount)
         else:
             budget = torch.floor(state.fraction * seen.double()).long()
         valid = view.slot_valid  # [B, Hk, T]

@@ -41,7 +41,7 @@ class H2O(DecodeEvicting):
     Prefill scores are attention column sums over every prompt row, computed in row tiles (no n x n matrix).
     While decoding, each new token's attention row is added to the scores and, once over budget, the
     non-recent entry with the lowest score is evicted (greedy, one per step), so the cache stays at budget (per
-    modality under per-modality amounts: hold.py; the recent window shrinks to fit beside the protected tokens).
+    modality under per-modality amounts, per KV head: hold.py).
 
     - recent (0.5): share of the budget kept as the most recent tokens (the paper's 10% + 10%).
     - agg ("mean"): how the query heads of a GQA group combine into their KV head's score.
@@ -109,16 +109,11 @@ class H2O(DecodeEvicting):
         return self._ranked(view, sums)
 
     def start_decoding(self, view: LayerView, plan: Plan) -> None:
-        """Hold the layer at what its prompt-space `plan` keeps (in all or per modality), the newest `recent` share of
-        the budget kept."""
+        """Hold the layer at what its cut leaves (in all or per modality, hold.py), the newest `recent` share of the
+        budget kept (`plan`, the prompt-space budget it was cut to, is not needed: the hold counts the layer)."""
         state = self.layer_state(view)
-        state.budget = self.growth_budget(view, plan)
+        state.budget = self.growth_budget()
         state.recent = self._recent(self.total_budget(view.layout))
-        room = state.budget.room(view, self.protected(view.layout))
-        if (
-            room is not None
-        ):  # the window (of generated text) fits beside the protected tokens, or the hold is never met
-            state.recent = torch.minimum(state.recent, room)
 
     def on_prefill(self, view: LayerView):
         scores = self.observe(view)

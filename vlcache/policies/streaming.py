@@ -46,8 +46,9 @@ class StreamingLLM(DecodeEvicting):
         return first_real(view.layout.valid, self.sinks)
 
     def start_decoding(self, view: LayerView, plan: Plan) -> None:
-        """Hold the layer at what its prompt-space `plan` keeps."""
-        self.layer_state(view).budget = self.growth_budget(view, plan)
+        """Hold the layer at what its cut leaves (`plan`, the prompt-space budget it was cut to: the hold counts the
+        layer itself)."""
+        self.layer_state(view).budget = self.growth_budget()
 
     def on_prefill(self, view: LayerView):
         plan = self.plan(view)
