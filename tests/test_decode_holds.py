@@ -180,3 +180,31 @@ def test_every_recorded_decode_case_holds_a_padded_row_as_alone(name, settings):
     scores across a row's dead filler slots and shared one window over the batch (8 of these drifted)."""
     alone, batched = rows_alone_and_batched(lambda: make_policy(name, **settings), GOLDEN_ROWS, layers=4, decode=7)
     assert batched == alone
+
+
+@pytest.mark.parametrize("label", ["h2o", "streamingllm", "compose:h2o", "elastic"])
+@pytest.mark.parametrize("amounts", [{"budget": 90}, {"vision_budget": 0.2, "text_budget": 40}], ids=str)
+def test_a_count_above_the_prompt_lets_the_cache_grow_up_to_it(label, amounts):
+    # the golden rows have 70 and 76 tokens, 24 and 30 of them text: the cut keeps them (or their text) whole and
+    # decoding adds to them until the count
+    layout = layout_from_ids(IDS, MASK)
+    steps = 30
+    _, end, _ = _run(_policy(label, **amounts), layout, steps=steps)
+    group = "text" if "text_budget" in amounts else "total"
+    for li in range(LAYERS):
+        for b, (vision, text) in enumerate(end[li]):
+            prompt = int((layout.text if group == "text" else layout.valid)[b].sum())
+            held = len(text) if group == "text" else len(vision) + len(text)
+            assert held == min(prompt + steps, amounts.get("budget", amounts.get("text_budget")))
+
+
+def test_a_layer_given_less_than_a_count_by_a_splitting_rule_stays_at_its_share():
+    """A count below the prompt is the model's budget, which a pyramid splits over layers: each layer stays at its
+    share while decoding (the count used to lift every layer back up to it, undoing the pyramid)."""
+    layout = layout_from_ids(IDS, MASK)
+    policy = make_policy("compose", budget=30, protect=(), scorer="h2o", allocator="pyramid", schedule="h2o")
+    after, end, _ = _run(policy, layout)
+    sizes = [[len(v) + len(t) for v, t in after[li]] for li in range(LAYERS)]
+    assert len({tuple(s) for s in sizes}) > 1 and min(min(s) for s in sizes) < 30  # a pyramid, some layer below 30
+    for li in range(LAYERS):
+        assert [len(v) + len(t) for v, t in end[li]] == sizes[li]

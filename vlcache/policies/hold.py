@@ -3,7 +3,8 @@ while decoding: a number of real tokens in all, or one per modality when the pol
 
 The numbers are what the prefill left in the layer, counted per row and KV head at the first decode step: whatever
 made the cut (its plan, `frame_min`'s forced tokens, Ada-KV's per-head split, a cascading re-cut, merging), each
-head stays at what it holds. A token-count amount larger than that lets the cache first grow up to the count.
+head stays at what it holds. A token-count amount larger than the prompt (or its modality) lets the cache first
+grow up to the count.
 
 Per modality, a modality given no amount is not held at all: it keeps every entry, and as generated tokens are
 text, an unbounded text side grows by one entry per step. Vision entries never grow while decoding, so a vision
@@ -68,11 +69,17 @@ class Hold:
         """Count what the prefill left of each group in `view`'s layer (its prompt entries), once."""
         if self.counts is not None:
             return
-        prompt = (view.positions >= 0) & (view.positions < view.layout.length)
+        layout = view.layout
+        prompt = (view.positions >= 0) & (view.positions < layout.length)
+        sizes = {"total": layout.valid, "vision": layout.vision & layout.valid, "text": layout.text}
         self.counts = {}
         for g, mask in self.masks(view).items():
             n = (mask & prompt).sum(-1)  # [B, Hk]
-            self.counts[g] = n.clamp(min=self.grow[g]) if g in self.grow else n
+            if g in self.grow:  # a count above the prompt's: the cache grows up to it (a layer given less than the
+                # count by a layer-splitting rule, in a longer prompt, stays at its share)
+                short = sizes[g].sum(-1).to(n.device) < self.grow[g]
+                n = torch.where(short.view(-1, 1), n.clamp(min=self.grow[g]), n)
+            self.counts[g] = n
 
     def groups(self, view: LayerView) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(real slots [B, Hk, T], the most of them kept [B, Hk]) of each held group of `view`'s layer."""
